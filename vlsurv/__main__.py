@@ -1,0 +1,5 @@
+import sys
+
+from vlsurv.cli import main
+
+sys.exit(main())
