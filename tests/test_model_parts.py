@@ -1,0 +1,113 @@
+"""Projector, residual adapter, survival heads and DeepHit cuts (no decoder needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vlsurv.config import ConfigError, from_dict
+from vlsurv.model.projector import ProjectorError, build_projector
+from vlsurv.model.survival import (
+    DeepHitCuts,
+    ResidualAdapter,
+    SurvivalBranch,
+    SurvivalConfig,
+    SurvivalConfigError,
+    deephit_risk,
+    deephit_survival,
+)
+from vlsurv.model.vlm import ModelConfig
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])
+def test_projector_maps_last_axis(kind):
+    projector = build_projector(kind, 16, 32)
+    assert projector(torch.randn(2, 5, 16)).shape == (2, 5, 32)
+
+
+def test_unknown_projector_is_rejected():
+    with pytest.raises(ProjectorError, match="expected one of .*'linear'.*got 'conv'"):
+        build_projector("conv", 16, 32)
+
+
+def test_residual_adapter_mixes_mlp_and_identity():
+    torch.manual_seed(0)
+    adapter = ResidualAdapter(16, ratio=0.2, reduction=4)
+    assert adapter.mlp[0].out_features == 4
+    z = torch.randn(3, 16)
+    expected = 0.2 * torch.relu(adapter.mlp[2](torch.relu(adapter.mlp[0](z)))) + 0.8 * z
+    torch.testing.assert_close(adapter(z), expected)
+
+
+def test_survival_heads_have_the_documented_shapes():
+    z = torch.randn(3, 16)
+    deepsurv = SurvivalBranch(16, SurvivalConfig(head="deepsurv"))(z)
+    assert deepsurv.log_risk.shape == (3,) and deepsurv.logits is None and deepsurv.z_surv.shape == (3, 16)
+    deephit = SurvivalBranch(16, SurvivalConfig(head="deephit", num_bins=5))(z)
+    assert deephit.logits.shape == (3, 6) and deephit.log_risk is None
+
+
+def test_cuts_are_quantiles_of_event_times_only():
+    time = [1.0, 2.0, 3.0, 4.0, 100.0, 200.0]
+    event = [1, 1, 1, 1, 0, 0]
+    cuts = DeepHitCuts.from_times(time, event, num_bins=2)
+    assert cuts.cuts.tolist() == [2.5, 4.0]
+
+
+def test_bin_index_matches_pycox_label_transform():
+    cuts = DeepHitCuts([10.0, 20.0, 30.0])
+    time = np.array([0.5, 10.0, 10.1, 20.0, 29.0, 30.0, 31.0, 1000.0])
+    expected = np.minimum(np.searchsorted(cuts.cuts.numpy(), time), 2)
+    assert cuts.bin_index(torch.tensor(time)).tolist() == expected.tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+
+
+def test_cut_errors_name_the_problem(tmp_path):
+    with pytest.raises(SurvivalConfigError, match="no event"):
+        DeepHitCuts.from_times([1.0, 2.0], [0, 0], 2)
+    with pytest.raises(SurvivalConfigError, match="only 1 distinct quantiles .* lower it"):
+        DeepHitCuts.from_times([5.0, 5.0, 5.0], [1, 1, 1], 3)
+    with pytest.raises(SurvivalConfigError, match="strictly increasing"):
+        DeepHitCuts([3.0, 1.0])
+    (tmp_path / DeepHitCuts.FILE_NAME).write_text("{}")
+    with pytest.raises(SurvivalConfigError, match="deephit_cuts.json: expected JSON"):
+        DeepHitCuts.load(tmp_path)
+
+
+def test_cuts_round_trip_exactly(tmp_path):
+    cuts = DeepHitCuts.from_times(np.random.default_rng(0).exponential(300.0, 50), np.ones(50), 7)
+    cuts.save(tmp_path)
+    assert torch.equal(DeepHitCuts.load(tmp_path).cuts, cuts.cuts)
+
+
+def test_deephit_risk_and_survival_curve_by_hand():
+    cuts = DeepHitCuts([10.0, 20.0])
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    logits = probs.log()
+    torch.testing.assert_close(deephit_survival(logits), torch.tensor([[0.5, 0.2], [0.9, 0.8]]))
+    expected_time = torch.tensor([0.5 * 10 + 0.3 * 20 + 0.2 * 20, 0.1 * 10 + 0.1 * 20 + 0.8 * 20])
+    torch.testing.assert_close(deephit_risk(logits, cuts, "expected_time"), -expected_time)
+    torch.testing.assert_close(
+        deephit_risk(logits, cuts, "cif_at_horizon", horizon=15.0), torch.tensor([0.5, 0.1])
+    )
+    with pytest.raises(SurvivalConfigError, match="3 columns; expected 3 cuts"):
+        deephit_risk(logits, DeepHitCuts([1.0, 2.0, 3.0]), "expected_time")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"projector": "conv"}, "model.projector: expected one of"),
+        ({"quantization": "2bit"}, "model.quantization: expected one of"),
+        ({"dtype": "int8"}, "model.dtype: expected one of"),
+        ({"pool": "answer"}, "model.pool: expected one of"),
+        ({"num_image_tokens": 0}, "model.num_image_tokens: expected >= 1"),
+        ({"survival": {"head": "cox"}}, "survival.head: expected one of"),
+        ({"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}}, "survival.horizon: required"),
+        ({"survival": {"adapter_ratio": 1.5}}, r"survival.adapter_ratio: expected a value in \[0, 1\]"),
+        ({"lora": {"rank": 8}}, "unknown key lora.rank"),
+    ],
+)
+def test_model_config_rejects_bad_values(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(ModelConfig, data, source="model.yaml")

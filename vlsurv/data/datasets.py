@@ -1,0 +1,192 @@
+"""Training and validation samples: VQA pairs joined with the manifest (clinical row, time, event, split).
+
+- ``read_vqa(path)``: the VQA JSONL (``{scan_id, question_id, question, answer}`` per line) as a list of dicts.
+- ``training_samples``: one ``Sample`` per VQA pair of a split's scans (stage 1 and stage 2 training).
+- ``scan_question_samples``: every scan of a split x every question of the set, with the reference answer when the
+  VQA file has one (else ``answer=None``: prompt only); validation uses them for the mean six-question risk.
+- ``SampleDataset(samples, tokens, processor)``: item = the processor's encoding (1-D ``input_ids``,
+  ``attention_mask``, ``labels``, ``prompt_mask`` of one length L) + ``image_tokens`` (T, C) + ``time`` and
+  ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``. ``collate`` pads (right) to (B, L) and stacks
+  ``image_tokens`` (B, T, C), ``time`` (B,) float32 and ``event`` (B,) long.
+
+This module imports no model or encoder code: ``tokens`` is any object with ``get(scan_id) -> (T, C)`` and
+``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a ``VLMProcessor``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+VQA_KEYS = ("scan_id", "question_id", "question", "answer")
+
+
+class DatasetError(ValueError):
+    """A VQA file, manifest or cache that cannot give training samples (the message names file, row and field)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One (scan, question) pair; ``answer`` None = prompt only; ``time``/``event`` NaN/-1 without survival data."""
+
+    scan_id: str
+    patient_id: str
+    question_id: str
+    question: str
+    answer: str | None
+    clinical: str
+    time: float
+    event: int
+
+
+def read_vqa(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a VQA JSONL file; a bad line raises DatasetError naming the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"data.vqa {path}: file does not exist; expected a JSONL file from qa_extraction to-vqa")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path} line {number}: expected a JSON object with keys {list(VQA_KEYS)}")
+        for key in VQA_KEYS:
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise DatasetError(f"{path} line {number}: field {key!r} missing or empty; expected a string")
+        rows.append({key: row[key] for key in VQA_KEYS})
+    if not rows:
+        raise DatasetError(f"{path}: no VQA rows; expected one JSON object per line")
+    return rows
+
+
+def _survival(row: Mapping, require_survival: bool) -> tuple[float, int]:
+    if not require_survival:
+        return math.nan, -1
+    return float(row["time"]), int(row["event"])
+
+
+def _split_rows(manifest: pd.DataFrame, split: str, tokens, where: str) -> pd.DataFrame:
+    rows = manifest[manifest["split"].astype(str) == split]
+    if rows.empty:
+        raise DatasetError(f"{where}: no scan has split == {split!r}; expected at least one")
+    missing = [s for s in rows["scan_id"].astype(str) if s not in tokens]
+    if missing:
+        raise DatasetError(
+            f"{where}: {len(missing)} {split} scans are not in the feature cache (first: {missing[:3]}); "
+            "encode them with `vlsurv encode`"
+        )
+    return rows
+
+
+def training_samples(
+    manifest: pd.DataFrame,
+    vqa: Sequence[Mapping[str, str]],
+    split: str,
+    tokens,
+    clinical: Callable[[Mapping], str],
+    require_survival: bool,
+    where: str = "manifest",
+) -> list[Sample]:
+    """Every VQA pair whose scan is in ``split``; VQA rows of scans outside the split are left out."""
+    rows = _split_rows(manifest, split, tokens, where)
+    by_scan = {str(r["scan_id"]): r for r in rows.to_dict("records")}
+    samples = []
+    for pair in vqa:
+        row = by_scan.get(pair["scan_id"])
+        if row is None:
+            continue
+        time, event = _survival(row, require_survival)
+        samples.append(
+            Sample(
+                scan_id=pair["scan_id"],
+                patient_id=str(row["patient_id"]),
+                question_id=pair["question_id"],
+                question=pair["question"],
+                answer=pair["answer"],
+                clinical=clinical(row),
+                time=time,
+                event=event,
+            )
+        )
+    if not samples:
+        raise DatasetError(f"{where}: no VQA pair belongs to a {split!r} scan; expected at least one")
+    return samples
+
+
+def scan_question_samples(
+    manifest: pd.DataFrame,
+    vqa: Sequence[Mapping[str, str]],
+    questions: Sequence,
+    split: str,
+    tokens,
+    clinical: Callable[[Mapping], str],
+    require_survival: bool,
+    where: str = "manifest",
+) -> list[Sample]:
+    """Each scan of ``split`` x each question (objects with ``id`` and ``text``), answered from the VQA file."""
+    rows = _split_rows(manifest, split, tokens, where)
+    answers = {(pair["scan_id"], pair["question_id"]): pair["answer"] for pair in vqa}
+    samples = []
+    for row in rows.to_dict("records"):
+        scan_id = str(row["scan_id"])
+        time, event = _survival(row, require_survival)
+        sentence = clinical(row)
+        for question in questions:
+            samples.append(
+                Sample(
+                    scan_id=scan_id,
+                    patient_id=str(row["patient_id"]),
+                    question_id=question.id,
+                    question=question.text,
+                    answer=answers.get((scan_id, question.id)),
+                    clinical=sentence,
+                    time=time,
+                    event=event,
+                )
+            )
+    return samples
+
+
+class SampleDataset(Dataset):
+    """Encoded samples with their image tokens; see the module docstring for the item layout."""
+
+    def __init__(self, samples: Sequence[Sample], tokens, processor) -> None:
+        self.samples = list(samples)
+        self.tokens = tokens
+        self.processor = processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item = self.processor.encode(sample.clinical, sample.question, sample.answer)
+        item["image_tokens"] = self.tokens.get(sample.scan_id)
+        item["time"] = torch.tensor(sample.time, dtype=torch.float32)
+        item["event"] = torch.tensor(sample.event, dtype=torch.long)
+        item["scan_id"] = sample.scan_id
+        item["patient_id"] = sample.patient_id
+        item["question_id"] = sample.question_id
+        return item
+
+    def collate(self, items: Sequence[dict]) -> dict:
+        """Right-padded batch: (B, L) sequences, (B, T, C) image tokens, (B,) time and event, id lists."""
+        batch = self.processor.collate(list(items), padding_side="right")
+        for key in ("scan_id", "patient_id", "question_id"):
+            batch[key] = [item[key] for item in items]
+        return batch
+
+    def patients(self) -> list[str]:
+        """The patient id of every sample, in sample order."""
+        return [s.patient_id for s in self.samples]

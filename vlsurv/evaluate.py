@@ -1,0 +1,369 @@
+"""`vlsurv evaluate`: survival metrics with bootstrap CIs, calibration, KM plot, BERTScore, report.html.
+
+Inputs: ``OUT/predictions.csv`` (scan_id, risk, risk_<question_id>...), ``OUT/answers.jsonl``
+(scan_id, question_id, question, answer, risk; optional), ``OUT/survival_curves.csv`` (scan_id,
+``S@<time>``...; DeepHit, optional), the manifest (time, event, split per scan) and optionally the
+VQA file (scan_id, question_id, question, answer) with the report-derived reference answers.
+
+Rows evaluated: the prediction rows outside the manifest's train split (all of them when every
+row is a train row), or those of ``--split``. The manifest's train split supplies the censoring
+distribution of Uno's C and td-AUC, and, when the predictions include train rows, the Breslow
+baseline that turns a DeepSurv log-risk into 1 - S(h | x) for calibration (else the baseline is
+fitted in-sample on the evaluated rows, and metrics.json says so). With survival curves the
+calibration uses the curves instead. A horizon outside the follow-up is an error, or is skipped
+and recorded with ``--skip-invalid-horizons``. Uno's C is truncated at the longest valid horizon
+(at the last training time when no horizon is valid). For DeepHit, write survival_curves.csv: a
+Breslow baseline on -E[T] would not be a calibrated model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlsurv import metrics as M
+from vlsurv import metrics_text
+from vlsurv.config import from_dict, save_config
+
+
+class EvaluationError(ValueError):
+    """Evaluation inputs that do not fit together (the message names the file, row and field)."""
+
+
+@dataclass
+class EvaluationConfig:
+    """Options of ``vlsurv evaluate`` (saved as EVAL/config.yaml)."""
+
+    horizons: tuple[float, ...] = (365.0, 1095.0, 1825.0)
+    bootstrap: int = 1000
+    bertscore_model: str | None = None
+    bertscore_layers: int | None = None
+    bertscore_samples: int = 500
+    seed: int = 0
+    split: str | None = None
+    skip_invalid_horizons: bool = False
+    n_examples: int = 6
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """predictions.csv -> DataFrame(scan_id str, risk float, risk_<question_id> float...)."""
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist (expected predictions.csv written by `vlsurv predict`)")
+    frame = pd.read_csv(path, dtype={"scan_id": str})
+    missing = [c for c in ("scan_id", "risk") if c not in frame.columns]
+    if missing:
+        raise EvaluationError(f"{path}: missing column(s) {missing}; found {list(frame.columns)}")
+    if frame.empty:
+        raise EvaluationError(f"{path} has no rows")
+    for column in [c for c in frame.columns if c == "risk" or c.startswith("risk_")]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = ~np.isfinite(values.to_numpy(dtype=float))
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise EvaluationError(
+                f"{path} line {row + 2} (scan_id {frame.scan_id[row]}), field {column}: "
+                f"expected a finite number, got {frame[column][row]!r}"
+            )
+        frame[column] = values.astype(float)
+    duplicated = frame.scan_id[frame.scan_id.duplicated()].unique().tolist()
+    if duplicated:
+        raise EvaluationError(f"{path}: scan_id repeated: {duplicated[:5]}")
+    return frame
+
+
+def read_jsonl(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A JSON-lines file whose objects all carry the ``required`` fields; ids read as strings."""
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EvaluationError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+        absent = [f for f in required if not isinstance(row, dict) or f not in row]
+        if absent:
+            raise EvaluationError(f"{path} line {number}: missing field(s) {absent}")
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else list(required))
+    for field in ("scan_id", "question_id"):
+        if field in frame:
+            frame[field] = frame[field].astype(str)
+    return frame
+
+
+def read_survival_curves(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """survival_curves.csv -> (DataFrame indexed by scan_id with (N, K) S values, times (K,))."""
+    frame = pd.read_csv(path, dtype={"scan_id": str})
+    columns = [c for c in frame.columns if c != "scan_id"]
+    if "scan_id" not in frame.columns or not columns or not all(c.startswith("S@") for c in columns):
+        raise EvaluationError(f"{path}: expected columns scan_id, S@<time>...; found {list(frame.columns)}")
+    try:
+        times = np.array([float(c[2:]) for c in columns])
+    except ValueError as err:
+        raise EvaluationError(f"{path}: a column name is not S@<number>: {columns}") from err
+    values = frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    if not np.all(np.isfinite(values) & (values >= 0) & (values <= 1)):
+        row = int(np.argmax(~np.all(np.isfinite(values) & (values >= 0) & (values <= 1), axis=1)))
+        raise EvaluationError(
+            f"{path} line {row + 2} (scan_id {frame.scan_id[row]}): expected survival probabilities in [0, 1]"
+        )
+    order = np.argsort(times)
+    return pd.DataFrame(values[:, order], index=frame.scan_id), times[order]
+
+
+def _load_manifest(path: Path) -> pd.DataFrame:
+    from vlsurv.data.manifest import load_manifest
+
+    manifest = load_manifest(path, require_survival=True, check_files=False)
+    manifest = manifest.assign(scan_id=manifest.scan_id.astype(str))
+    return manifest
+
+
+def _match(predictions: pd.DataFrame, manifest: pd.DataFrame, pred_path: Path, manifest_path: Path):
+    unknown = sorted(set(predictions.scan_id) - set(manifest.scan_id))
+    if unknown:
+        raise EvaluationError(
+            f"{len(unknown)} of {len(predictions)} scan ids in {pred_path} are not in the manifest "
+            f"{manifest_path}, e.g. {', '.join(unknown[:5])}; predict and evaluate with the same manifest"
+        )
+    return predictions.merge(manifest[["scan_id", "patient_id", "time", "event", "split"]], on="scan_id")
+
+
+def _valid_horizons(cfg: EvaluationConfig, rows: pd.DataFrame, train: pd.DataFrame, notes: list[str]):
+    valid, skipped = [], {}
+    for horizon in cfg.horizons:
+        try:
+            M.check_horizon(horizon, rows.time, rows.event, train.time)
+            valid.append(float(horizon))
+        except M.MetricError as err:
+            if not cfg.skip_invalid_horizons:
+                raise EvaluationError(
+                    f"{err}; pass --horizons inside the follow-up, or --skip-invalid-horizons to skip it"
+                ) from err
+            skipped[f"{horizon:g}"] = str(err)
+            notes.append(f"horizon {horizon:g} skipped: {err}")
+    return valid, skipped
+
+
+def _risk_at_horizons(rows, train_rows, curves, horizons, notes):
+    """(N, H) probabilities 1 - S(h | x) and a description of where they came from."""
+    if curves is not None:
+        frame, times = curves
+        return M.curve_risk_at(frame.loc[rows.scan_id].to_numpy(), times, horizons), "survival curves"
+    if train_rows.empty:
+        train_rows, source = rows, f"Breslow baseline fitted in-sample on the {len(rows)} evaluated rows"
+        notes.append("no train-split predictions: " + source)
+    else:
+        source = f"Breslow baseline fitted on {len(train_rows)} train-split predictions"
+    probability = M.breslow_risk_at(train_rows.time, train_rows.event, train_rows.risk, rows.risk, horizons)
+    return probability, source
+
+
+def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
+    """Mean BERTScore of a seeded sample of (generated answer, report-derived answer) pairs."""
+    answers, vqa = inputs.answers, inputs.vqa
+    pairs = answers[answers.scan_id.isin(set(inputs.rows.scan_id))].merge(
+        vqa[["scan_id", "question_id", "answer"]], on=["scan_id", "question_id"], suffixes=("", "_reference")
+    )
+    if pairs.empty:
+        raise EvaluationError("no (scan_id, question_id) of the evaluated answers is in the VQA file")
+    picked = np.random.default_rng(cfg.seed).choice(len(pairs), min(cfg.bertscore_samples, len(pairs)), False)
+    sample = pairs.iloc[np.sort(picked)]
+    candidates, references = sample.answer.astype(str).tolist(), sample.answer_reference.astype(str).tolist()
+    score = metrics_text.bertscore(candidates, references, cfg.bertscore_model, cfg.bertscore_layers)
+    return {"bertscore_f1": float(score.f1.mean()), "bertscore_precision": float(score.precision.mean()),
+            "bertscore_recall": float(score.recall.mean()), "bertscore_pairs": len(sample),
+            "bertscore_model": score.model, "bertscore_layer": score.num_layers}
+
+
+@dataclass
+class EvaluationInputs:
+    """Everything read and checked before any metric runs."""
+
+    rows: pd.DataFrame  # evaluated rows: scan_id, risk, risk_<question_id>..., patient_id, time, event, split
+    train: pd.DataFrame  # manifest rows whose time/event give the censoring distribution
+    train_rows: pd.DataFrame  # train-split predictions (for the Breslow baseline); may be empty
+    answers: pd.DataFrame | None
+    curves: tuple[pd.DataFrame, np.ndarray] | None
+    vqa: pd.DataFrame | None
+    notes: list[str]
+
+
+def load_inputs(
+    predictions: Path, manifest: Path, vqa: Path | None, cfg: EvaluationConfig
+) -> EvaluationInputs:
+    """Read predictions, answers, curves, manifest and VQA; pick the evaluated rows; check they fit."""
+    pred_path = predictions / "predictions.csv" if predictions.is_dir() else predictions
+    table = _load_manifest(manifest)
+    merged = _match(read_predictions(pred_path), table, pred_path, manifest)
+    if cfg.split is not None:
+        rows = merged[merged.split == cfg.split]
+        if rows.empty:
+            raise EvaluationError(f"no prediction in {pred_path} belongs to the manifest split {cfg.split!r}")
+    else:
+        rows = merged[merged.split != "train"] if (merged.split != "train").any() else merged
+    rows = rows.reset_index(drop=True)
+    if not rows.event.any():
+        raise EvaluationError(
+            f"all {len(rows)} evaluated patients are censored (event = 0 in {manifest}): "
+            "no survival metric is defined"
+        )
+    notes: list[str] = []
+    train = table[table.split == "train"]
+    if train.empty:
+        train = rows
+        notes.append("the manifest has no train split: censoring estimated on the evaluated rows")
+    answers_path, curves_path = pred_path.parent / "answers.jsonl", pred_path.parent / "survival_curves.csv"
+    answer_fields = ("scan_id", "question_id", "answer")
+    answers = read_jsonl(answers_path, answer_fields) if answers_path.is_file() else None
+    curves = read_survival_curves(curves_path) if curves_path.is_file() else None
+    absent = sorted(set(rows.scan_id) - set(curves[0].index)) if curves is not None else []
+    if absent:
+        raise EvaluationError(f"{curves_path} lacks {len(absent)} evaluated scan ids, e.g. {absent[:5]}")
+    if vqa is not None and answers is None:
+        raise EvaluationError(f"BERTScore against {vqa} needs {answers_path} (generated answers)")
+    return EvaluationInputs(
+        rows=rows, train=train, answers=answers, curves=curves, notes=notes,
+        train_rows=merged[(merged.split == "train") & ~merged.scan_id.isin(set(rows.scan_id))],
+        vqa=None if vqa is None else read_jsonl(vqa, answer_fields),
+    )
+
+
+def _concordance(cfg: EvaluationConfig, inputs: EvaluationInputs, tau: float) -> dict:
+    """Harrell's and Uno's C with percentile bootstrap CIs (same seeded resamples)."""
+    rows, train = inputs.rows, inputs.train
+    time, event, risk = rows.time.to_numpy(float), rows.event.to_numpy(int), rows.risk.to_numpy(float)
+    train_time, train_event = train.time.to_numpy(float), train.event.to_numpy(int)
+
+    def uno(t, e, r):
+        return M.uno_c(train_time, train_event, t, e, r, tau)
+
+    harrell = M.bootstrap_ci(M.concordance_index, time, event, risk, n=cfg.bootstrap, seed=cfg.seed)
+    uno_ci = M.bootstrap_ci(uno, time, event, risk, n=cfg.bootstrap, seed=cfg.seed)
+    return {"c_index": harrell.estimate, "c_index_ci": harrell.as_list(), "uno_c": uno_ci.estimate,
+            "uno_c_ci": uno_ci.as_list(), "uno_c_tau": tau,
+            "bootstrap": {"resamples": cfg.bootstrap, "skipped_c_index": harrell.n_skipped,
+                          "skipped_uno_c": uno_ci.n_skipped, "seed": cfg.seed}}
+
+
+def evaluate_predictions(
+    predictions: str | Path,
+    manifest: str | Path,
+    out: str | Path,
+    vqa: str | Path | None = None,
+    config: EvaluationConfig | None = None,
+) -> dict:
+    """Compute every metric; write EVAL/metrics.json, km.png, calibration.png, report.html; return metrics."""
+    from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
+
+    cfg = config or EvaluationConfig()
+    if cfg.bertscore_model is not None:
+        metrics_text.resolve_bertscore_model(cfg.bertscore_model)
+    inputs = load_inputs(Path(predictions), Path(manifest), None if vqa is None else Path(vqa), cfg)
+    rows, train, notes = inputs.rows, inputs.train, inputs.notes
+    time, event, risk = rows.time.to_numpy(float), rows.event.to_numpy(int), rows.risk.to_numpy(float)
+    horizons, skipped = _valid_horizons(cfg, rows, train, notes)
+    results: dict = {"n": len(rows), "n_events": int(event.sum()),
+                     "splits": rows.split.value_counts().to_dict()}
+    results.update(_concordance(cfg, inputs, max(horizons) if horizons else float(train.time.max())))
+    results.update(horizons=horizons, skipped_horizons=skipped, td_auc={}, td_auc_mean=None,
+                   per_question_c_index=_per_question_c_index(rows, notes))
+    if inputs.curves is not None:
+        results.update(_integrated_brier(inputs.curves, rows, train, notes))
+    split = M.logrank_split(time, event, risk)
+    results["logrank_p"] = split.p_value
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    km_png = plot_kaplan_meier(time, event, split.high_risk, split.p_value, out / "km.png")
+    images = {"Kaplan-Meier: high vs low risk (median split)": km_png}
+    if horizons:
+        auc, mean_auc = M.time_dependent_auc(train.time, train.event, time, event, risk, horizons)
+        results["td_auc_mean"] = mean_auc
+        results["td_auc"] = {f"{h:g}": v for h, v in auc.items()}
+        probability, source = _risk_at_horizons(rows, inputs.train_rows, inputs.curves, horizons, notes)
+        tables = {h: M.calibration_table(time, event, probability[:, i], h) for i, h in enumerate(horizons)}
+        results["calibration"] = {f"{h:g}": t.to_dict("records") for h, t in tables.items()}
+        results["calibration_source"] = source
+        images["Calibration: predicted vs observed risk"] = plot_calibration(tables, out / "calibration.png")
+    results.update(bertscore_f1=None, bertscore_precision=None, bertscore_recall=None)
+    if inputs.vqa is not None:
+        results.update(_bertscore(cfg, inputs))
+    results["notes"] = notes
+    save_config(cfg, out / "config.yaml")
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_plain))
+    examples = example_scans(rows, inputs.answers, inputs.vqa, cfg.n_examples)
+    write_report(out / "report.html", results, images, examples, notes)
+    return results
+
+
+def _plain(value):
+    """JSON fallback for numpy scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.json")
+
+
+def _per_question_c_index(rows: pd.DataFrame, notes: list[str]) -> dict:
+    """Harrell's C of each question's own risk; None (with a note) where it is undefined."""
+    values = {}
+    for column in [c for c in rows.columns if c.startswith("risk_")]:
+        try:
+            values[column[len("risk_") :]] = M.concordance_index(rows.time, rows.event, rows[column])
+        except M.MetricError as err:
+            values[column[len("risk_") :]] = None
+            notes.append(f"{column}: {err}")
+    return values
+
+
+def _integrated_brier(curves, rows: pd.DataFrame, train: pd.DataFrame, notes: list[str]) -> dict:
+    """IBS over the curve times inside the follow-up (IPCW from the train split), or None with a note."""
+    frame, times = curves
+    start, end = rows.time.min(), min(rows.time.max(), train.time.max())
+    inside = (times >= start) & (times < end)
+    if inside.sum() < 2:
+        notes.append(f"integrated Brier score skipped: fewer than 2 curve times in [{start:g}, {end:g})")
+        return {"integrated_brier_score": None}
+    survival = frame.loc[rows.scan_id].to_numpy()[:, inside]
+    score = M.integrated_brier_score(train.time, train.event, rows.time, rows.event, survival, times[inside])
+    return {"integrated_brier_score": score, "integrated_brier_range": [times[inside][0], times[inside][-1]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`vlsurv evaluate`: metrics, plots and report.html for the output of `vlsurv predict`."""
+    parser = argparse.ArgumentParser(prog="vlsurv evaluate", description=main.__doc__)
+    parser.add_argument("--predictions", required=True, help="folder (or predictions.csv) written by predict")
+    parser.add_argument("--manifest", required=True, help="cohort manifest with time, event, split")
+    parser.add_argument("--vqa", help="VQA JSONL with report-derived reference answers (enables BERTScore)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--horizons", type=float, nargs="+", default=[365.0, 1095.0, 1825.0],
+                        help="time-dependent AUC / calibration horizons, in the manifest's time unit")
+    parser.add_argument("--skip-invalid-horizons", action="store_true",
+                        help="skip (and record) horizons outside the follow-up instead of failing")
+    parser.add_argument("--split", help="evaluate only the prediction rows of this manifest split")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--bertscore-model", help="local HF model folder (default: the packaged MiniLM)")
+    parser.add_argument("--bertscore-layers", type=int, help="BERTScore layer (default: the model's last)")
+    parser.add_argument("--bertscore-samples", type=int, default=500, help="pairs sampled for BERTScore")
+    parser.add_argument("--examples", type=int, default=6, help="example scans shown in report.html")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the BERTScore sample")
+    args = parser.parse_args(argv)
+    options = {"horizons": args.horizons, "bootstrap": args.bootstrap,
+               "bertscore_model": args.bertscore_model,
+               "bertscore_layers": args.bertscore_layers, "bertscore_samples": args.bertscore_samples,
+               "seed": args.seed, "split": args.split, "skip_invalid_horizons": args.skip_invalid_horizons,
+               "n_examples": args.examples}
+    cfg = from_dict(EvaluationConfig, options, source="command line")
+    results = evaluate_predictions(args.predictions, args.manifest, args.out, args.vqa, cfg)
+    low, high = results["c_index_ci"]
+    print(f"n={results['n']} events={results['n_events']} C-index {results['c_index']:.3f} "
+          f"[{low:.3f}, {high:.3f}] Uno's C {results['uno_c']:.3f} log-rank p {results['logrank_p']:.3g} "
+          f"-> {Path(args.out) / 'report.html'}")
+    return 0

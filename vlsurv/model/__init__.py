@@ -1,0 +1,21 @@
+"""The vision-language survival model: projector, processor, LoRA decoder, survival branch."""
+
+from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
+from vlsurv.model.projector import build_projector
+from vlsurv.model.survival import DeepHitCuts, ResidualAdapter, SurvivalBranch, SurvivalConfig, SurvivalOutput
+from vlsurv.model.vlm import LoRAConfig, ModelConfig, VisionLanguageSurvivalModel, VLMOutput
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "DeepHitCuts",
+    "LoRAConfig",
+    "ModelConfig",
+    "ResidualAdapter",
+    "SurvivalBranch",
+    "SurvivalConfig",
+    "SurvivalOutput",
+    "VLMOutput",
+    "VLMProcessor",
+    "VisionLanguageSurvivalModel",
+    "build_projector",
+]

@@ -1,0 +1,134 @@
+"""A tiny Llama decoder + byte-level BPE tokenizer, saved as a normal Hugging Face directory.
+
+Used by the tests and the demo in place of RadLlama: ``build_tiny_decoder(out_dir, texts)`` trains a
+byte-level BPE tokenizer with ``tokenizers`` on ``texts`` (plus the special tokens the processor needs:
+``<pad>``, ``<s>``, ``</s>``, ``<image>``), builds a randomly initialised ``LlamaForCausalLM`` from a
+``LlamaConfig`` sized to that vocabulary, and saves both with ``save_pretrained`` so that
+``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vlsurv.model.processor import IMAGE_TOKEN
+
+PAD_TOKEN = "<pad>"
+BOS_TOKEN = "<s>"
+EOS_TOKEN = "</s>"
+SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+
+
+class TinyDecoderError(ValueError):
+    """Bad arguments for the tiny decoder factory."""
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``texts``; every byte is in the alphabet, so nothing is unknown."""
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise TinyDecoderError("build_tiny_decoder: texts is empty; expected at least one non-blank text")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token=PAD_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        extra_special_tokens=[IMAGE_TOKEN],
+    )
+
+
+def build_tiny_decoder(
+    out_dir: str | Path,
+    texts: Iterable[str],
+    num_layers: int = 2,
+    hidden_size: int = 128,
+    intermediate_size: int | None = None,
+    num_heads: int = 4,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    chat_template: str | None = None,
+) -> Path:
+    """Write a tiny ``LlamaForCausalLM`` (safetensors) and its tokenizer to ``out_dir``; return the path.
+
+    ``vocab_size`` is the BPE target; the model's vocabulary is the trained tokenizer's length.
+    ``chat_template`` (a Jinja string) is stored on the tokenizer when given.
+    """
+    if hidden_size % num_heads:
+        raise TinyDecoderError(
+            f"build_tiny_decoder: hidden_size {hidden_size} is not divisible by num_heads {num_heads}"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(texts, vocab_size)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _read_texts(paths: list[str]) -> list[str]:
+    texts = []
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise TinyDecoderError(f"--texts {path}: file does not exist")
+        texts.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    return texts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlsurv build-tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="output directory (a Hugging Face model folder)")
+    parser.add_argument(
+        "--texts", nargs="+", required=True, help="text files; each non-blank line is one text"
+    )
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_decoder(
+        args.out,
+        _read_texts(args.texts),
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        vocab_size=args.vocab_size,
+        seed=args.seed,
+    )
+    print(f"tiny decoder written to {out}")
+    return 0

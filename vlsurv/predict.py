@@ -1,0 +1,215 @@
+"""`vlsurv predict`: six answers and a risk per scan (the paper's prompt ensemble), written as they are done.
+
+For each scan of the manifest's split: the clinical sentence (``clinical_sentence(row, template)``), the
+image tokens from the feature cache, and the questions of ``prompts/questions/<set>.yaml``. Scans are batched
+and scored with the shared-prefix path (``vlsurv.model.ensemble.score_shared_prefix``): the clinical sentence
+and image tokens run once per scan, the decoder's KV cache is repeated over the questions. The scan's risk is
+the mean of its question risks.
+
+Outputs in OUT (appended scan by scan; a rerun skips the scan_ids already in predictions.csv):
+- ``predictions.csv``: scan_id, risk, risk_<question_id> per question;
+- ``answers.jsonl``: one line per (scan, question): scan_id, question_id, question, answer, risk;
+- ``survival_curves.csv`` (DeepHit): scan_id, ``S@<cut time>`` per cut, mean over the questions;
+- ``predict_config.yaml``: the resolved options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from vlsurv.config import from_dict, save_config
+from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
+from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel
+
+PREDICTIONS, ANSWERS, CURVES = "predictions.csv", "answers.jsonl", "survival_curves.csv"
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+class PredictError(ValueError):
+    """Inputs or earlier outputs that `vlsurv predict` cannot work with."""
+
+
+@dataclass
+class PredictConfig:
+    """Options of `vlsurv predict` (``pool`` None = the model's configured pool)."""
+
+    model: str = ""
+    manifest: str = ""
+    cache: str = ""
+    out: str = ""
+    pool: str | None = None
+    generate: bool = True
+    questions: str = "lung"
+    split: str = "test"
+    batch_scans: int = 8
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.pool is not None and self.pool not in POOLS:
+            raise PredictError(f"pool: expected one of {POOLS}, got {self.pool!r}")
+        if self.split not in SPLIT_CHOICES:
+            raise PredictError(f"split: expected one of {SPLIT_CHOICES}, got {self.split!r}")
+        if self.batch_scans < 1:
+            raise PredictError(f"batch_scans: expected >= 1, got {self.batch_scans}")
+        DecodeOptions(self.generate, self.max_new_tokens, self.do_sample, self.temperature)
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def _select_scans(config: PredictConfig, cache) -> pd.DataFrame:
+    from vlsurv.data.manifest import load_manifest
+
+    manifest = load_manifest(config.manifest, require_survival=False, check_files=False)
+    rows = manifest if config.split == "all" else manifest[manifest["split"] == config.split]
+    if rows.empty:
+        raise PredictError(f"{config.manifest}: no scan in split {config.split!r}")
+    absent = [s for s in rows["scan_id"].astype(str) if s not in cache]
+    if absent:
+        raise PredictError(
+            f"feature cache {config.cache}: {len(absent)} scans of {config.manifest} (split {config.split!r}) are "
+            f"not cached, first {absent[:3]}; run `vlsurv encode` on this manifest"
+        )
+    return rows
+
+
+def _resume(out: Path, header: list[str]) -> set[str]:
+    """scan_ids finished by an earlier run; drops their partial answer/curve lines of unfinished scans."""
+    path = out / PREDICTIONS
+    if not path.is_file():
+        for name in (ANSWERS, CURVES):
+            (out / name).unlink(missing_ok=True)
+        return set()
+    done = pd.read_csv(path, dtype={"scan_id": str})
+    if list(done.columns) != header:
+        raise PredictError(
+            f"{path}: columns {list(done.columns)} differ from this run's {header} (another question set?); "
+            "use a new --out"
+        )
+    finished = set(done["scan_id"])
+    answers = out / ANSWERS
+    if answers.is_file():
+        lines = [line for line in answers.read_text().splitlines() if json.loads(line)["scan_id"] in finished]
+        answers.write_text("".join(line + "\n" for line in lines))
+    curves = out / CURVES
+    if curves.is_file():
+        frame = pd.read_csv(curves, dtype={"scan_id": str})
+        frame[frame["scan_id"].isin(finished)].to_csv(curves, index=False)
+    return finished
+
+
+def _append_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new:
+            writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _write_batch(out: Path, scans: list[ScanInput], questions, result: EnsembleOutput, cuts, header) -> None:
+    """Answers and curves first, predictions.csv last: a scan counts as done once its prediction row exists."""
+    with (out / ANSWERS).open("a") as handle:
+        for scan, risks, answers in zip(scans, result.risks.tolist(), result.answers):
+            for question, risk, answer in zip(questions, risks, answers):
+                record = {
+                    "scan_id": scan.scan_id,
+                    "question_id": question.id,
+                    "question": question.text,
+                    "answer": answer,
+                    "risk": risk,
+                }
+                handle.write(json.dumps(record) + "\n")
+    if result.survival_curves is not None:
+        curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in cuts.cuts.tolist()]
+        curves = result.survival_curves.mean(1).tolist()
+        _append_csv(out / CURVES, curve_header, [[s.scan_id, *c] for s, c in zip(scans, curves)])
+    scan_risks = result.risks.mean(1).tolist()
+    rows = [[s.scan_id, r, *q] for s, r, q in zip(scans, scan_risks, result.risks.tolist())]
+    _append_csv(out / PREDICTIONS, header, rows)
+
+
+def predict(
+    config: PredictConfig, model: VisionLanguageSurvivalModel | None = None, progress: bool = True
+) -> Path:
+    """Run the prompt ensemble over the manifest's split; returns the output folder (see module docstring)."""
+    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.encoders.cache import FeatureCache
+    from vlsurv.prompts import load_questions
+
+    device = _device(config.device)
+    if model is None:
+        model = VisionLanguageSurvivalModel.from_pretrained(config.model)
+        if model.config.quantization == "none":
+            model.to(device)
+    model.eval()
+    cache = FeatureCache(config.cache)
+    rows = _select_scans(config, cache)
+    questions = load_questions(config.questions)
+    pool = config.pool or model.config.pool
+    options = DecodeOptions(config.generate, config.max_new_tokens, config.do_sample, config.temperature)
+    cuts = model.require_cuts() if model.config.survival.head == "deephit" else None
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "predict_config.yaml")
+    header = ["scan_id", "risk"] + [f"risk_{q.id}" for q in questions]
+    done = _resume(out, header)
+    todo = [row for _, row in rows.iterrows() if str(row["scan_id"]) not in done]
+    generator = torch.Generator(device=model.language_model.get_input_embeddings().weight.device)
+    generator.manual_seed(config.seed)
+    texts = [q.text for q in questions]
+    with tqdm(
+        total=len(rows), initial=len(rows) - len(todo), desc="predict", unit="scan", disable=not progress
+    ) as bar:
+        for start in range(0, len(todo), config.batch_scans):
+            batch = todo[start : start + config.batch_scans]
+            scans = [
+                ScanInput(
+                    str(row["scan_id"]),
+                    clinical_sentence(row.to_dict(), model.config.clinical_template),
+                    cache.get(str(row["scan_id"])),
+                )
+                for row in batch
+            ]
+            result = score_shared_prefix(model, scans, texts, pool, options, generator)
+            _write_batch(out, scans, questions, result, cuts, header)
+            bar.update(len(batch))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlsurv predict", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model folder written by save_pretrained (training)")
+    parser.add_argument("--manifest", required=True, help="cohort manifest (CSV or JSONL)")
+    parser.add_argument("--cache", required=True, help="feature cache folder (vlsurv encode)")
+    parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    parser.add_argument("--pool", choices=POOLS, default=None, help="pooling for risk (default: the model's)")
+    parser.add_argument(
+        "--generate", action=argparse.BooleanOptionalAction, default=True, help="generate answers"
+    )
+    parser.add_argument("--questions", default="lung", help="question set name or YAML path")
+    parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
+    parser.add_argument("--batch-scans", type=int, default=8, help="scans per batch (x questions sequences)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample answers instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+    config = from_dict(PredictConfig, {k: v for k, v in vars(args).items()}, source="command line")
+    out = predict(config)
+    print(f"predictions written to {out / PREDICTIONS}")
+    return 0
