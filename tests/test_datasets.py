@@ -1,0 +1,183 @@
+"""VQA + manifest + feature cache -> training samples; also builds the tiny training inputs other train tests use.
+
+``build_tiny_inputs(root)`` makes a synthetic cohort (``make_cohort``), a VQA file written from its findings, and a
+feature cache encoded with the tiny Merlin-architecture encoder (4 tokens x 256 per scan).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from vlsurv.data.datasets import (
+    DatasetError,
+    SampleDataset,
+    read_vqa,
+    scan_question_samples,
+    training_samples,
+)
+
+N_PATIENTS = 24
+IMAGE_TOKENS, IMAGE_DIM = 4, 256
+
+
+def _answer(question_id: str, f: dict) -> str:
+    """A short answer from the ground-truth findings of one scan."""
+    def has(key):
+        return bool(f[key])
+
+    if question_id == "tumor":
+        return f"A {f['tumor_size_mm']:.0f} mm mass in the {f['tumor_lobe']}." if has("tumor") else "No primary mass."
+    if question_id == "lymph_nodes":
+        return f"Enlarged {f['node_station']} node, {f['node_size_mm']:.0f} mm." if has("lymph_nodes") else (
+            "No enlarged lymph nodes.")
+    if question_id == "pleura":
+        return f"{f['effusion_side']} pleural effusion." if has("pleura") else "No pleural effusion."
+    if question_id == "metastases":
+        return f"Metastases: {f['metastasis_sites']}." if has("metastases") else "No distant metastases."
+    if question_id == "vessels":
+        return f"The {f['vessel']} is involved." if has("vessels") else "Major vessels are not involved."
+    return f"{f['bone_lesion_type']} lesion of the {f['bone_site']}." if has("bone") else "No bone lesions."
+
+
+def build_tiny_inputs(root: Path, n: int = N_PATIENTS, seed: int = 0) -> dict[str, Path]:
+    """{manifest, vqa, cache} for a tiny cohort under ``root``."""
+    from vlsurv.data.synthetic import make_cohort
+    from vlsurv.data.transforms import PreprocessConfig
+    from vlsurv.encoders.cache import encode_manifest
+    from vlsurv.encoders.merlin import MerlinImageEncoder
+    from vlsurv.prompts import load_questions
+
+    manifest = make_cohort(n, seed, root / "cohort", shape=(48, 48, 32))
+    findings = pd.read_csv(root / "cohort" / "findings.csv").to_dict("records")
+    rows = [
+        {"scan_id": f["scan_id"], "question_id": q.id, "question": q.text, "answer": _answer(q.id, f)}
+        for f in findings
+        for q in load_questions("lung")
+    ]
+    vqa = root / "vqa.jsonl"
+    vqa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
+    encode_manifest(manifest, root / "cache", MerlinImageEncoder.tiny(), preprocess, progress=False)
+    return {"manifest": manifest, "vqa": vqa, "cache": root / "cache"}
+
+
+class FakeTokens:
+    """``get``/``__contains__`` over a dict of (T, C) tensors."""
+
+    def __init__(self, scan_ids, shape=(2, 3)) -> None:
+        self.tensors = {s: torch.full(shape, float(i)) for i, s in enumerate(scan_ids)}
+
+    def __contains__(self, scan_id) -> bool:
+        return scan_id in self.tensors
+
+    def get(self, scan_id):
+        return self.tensors[scan_id]
+
+
+class Question:
+    def __init__(self, id: str, text: str) -> None:
+        self.id, self.text = id, text
+
+
+def _manifest() -> pd.DataFrame:
+    return pd.DataFrame({
+        "patient_id": ["p1", "p1", "p2", "p3"],
+        "scan_id": ["a", "b", "c", "d"],
+        "time": [10.0, 20.0, 30.0, 40.0],
+        "event": [1, 0, 1, 0],
+        "split": ["train", "train", "train", "val"],
+        "age": [60, 60, 70, 80],
+    })
+
+
+VQA = [
+    {"scan_id": "a", "question_id": "q1", "question": "Q1?", "answer": "A1."},
+    {"scan_id": "c", "question_id": "q2", "question": "Q2?", "answer": "A2."},
+    {"scan_id": "d", "question_id": "q1", "question": "Q1?", "answer": "D1."},
+    {"scan_id": "zz", "question_id": "q1", "question": "Q1?", "answer": "elsewhere"},
+]
+
+
+def _clinical(row) -> str:
+    return f"age {row['age']}"
+
+
+def test_training_samples_join_vqa_with_manifest_rows():
+    samples = training_samples(_manifest(), VQA, "train", FakeTokens("abcd"), _clinical, True)
+    assert [(s.scan_id, s.patient_id, s.question_id, s.time, s.event, s.clinical) for s in samples] == [
+        ("a", "p1", "q1", 10.0, 1, "age 60"), ("c", "p2", "q2", 30.0, 1, "age 70")]
+    stage1 = training_samples(_manifest(), VQA, "train", FakeTokens("abcd"), _clinical, False)
+    assert math.isnan(stage1[0].time) and stage1[0].event == -1
+
+
+def test_validation_samples_cover_every_question_of_every_scan():
+    questions = [Question("q1", "Q1?"), Question("q2", "Q2?")]
+    samples = scan_question_samples(_manifest(), VQA, questions, "val", FakeTokens("abcd"), _clinical, True)
+    assert [(s.scan_id, s.question_id, s.answer) for s in samples] == [("d", "q1", "D1."), ("d", "q2", None)]
+
+
+def test_missing_cache_entries_and_empty_splits_are_reported():
+    with pytest.raises(DatasetError, match=r"manifest: 1 train scans are not in the feature cache \(first: \['b'\]\)"):
+        training_samples(_manifest(), VQA, "train", FakeTokens("acd"), _clinical, True)
+    with pytest.raises(DatasetError, match=r"manifest: no scan has split == 'test'"):
+        training_samples(_manifest(), VQA, "test", FakeTokens("abcd"), _clinical, True)
+    only_d = [VQA[2]]
+    with pytest.raises(DatasetError, match=r"no VQA pair belongs to a 'train' scan"):
+        training_samples(_manifest(), only_d, "train", FakeTokens("abcd"), _clinical, True)
+
+
+def test_read_vqa_names_the_bad_line_and_field(tmp_path):
+    path = tmp_path / "vqa.jsonl"
+    path.write_text(json.dumps(VQA[0]) + "\n\n" + json.dumps({**VQA[1], "answer": ""}) + "\n")
+    with pytest.raises(DatasetError, match=r"vqa\.jsonl line 3: field 'answer' missing or empty"):
+        read_vqa(path)
+    path.write_text("{not json\n")
+    with pytest.raises(DatasetError, match=r"vqa\.jsonl line 1: not valid JSON"):
+        read_vqa(path)
+    with pytest.raises(DatasetError, match=r"data\.vqa .*absent\.jsonl: file does not exist"):
+        read_vqa(tmp_path / "absent.jsonl")
+    path.write_text(json.dumps(VQA[0]) + "\n")
+    assert read_vqa(path) == [VQA[0]]
+
+
+def test_dataset_items_and_collate(tiny_model_config):
+    from vlsurv.model import VisionLanguageSurvivalModel
+
+    model = VisionLanguageSurvivalModel(tiny_model_config)
+    tokens = FakeTokens("abcd", shape=(tiny_model_config.num_image_tokens, tiny_model_config.image_token_dim))
+    samples = training_samples(_manifest(), VQA, "train", tokens, _clinical, True)
+    dataset = SampleDataset(samples, tokens, model.processor)
+    item = dataset[1]
+    assert item["scan_id"] == "c" and item["image_tokens"].shape == (4, 16) and float(item["image_tokens"][0, 0]) == 2
+    assert int((item["labels"] != -100).sum()) >= 2
+    batch = dataset.collate([dataset[0], dataset[1]])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["image_tokens"].shape == (2, 4, 16)
+    assert batch["time"].tolist() == [10.0, 30.0] and batch["event"].dtype == torch.long
+    assert batch["scan_id"] == ["a", "c"] and batch["patient_id"] == ["p1", "p2"]
+    assert dataset.patients() == ["p1", "p2"]
+
+
+@pytest.mark.slow
+def test_tiny_inputs_join_into_training_and_validation_sets(tmp_path):
+    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.data.manifest import load_manifest
+    from vlsurv.encoders.cache import FeatureCache
+    from vlsurv.prompts import load_questions
+
+    paths = build_tiny_inputs(tmp_path, n=8)
+    cache = FeatureCache(paths["cache"])
+    assert cache.token_shape == (IMAGE_TOKENS, IMAGE_DIM)
+    manifest = load_manifest(paths["manifest"], check_files=False)
+    vqa = read_vqa(paths["vqa"])
+    train = training_samples(manifest, vqa, "train", cache, clinical_sentence, True)
+    n_train = int((manifest["split"] == "train").sum())
+    assert len(train) == 6 * n_train and all(s.clinical.endswith(".") for s in train)
+    val = scan_question_samples(manifest, vqa, load_questions("lung"), "val", cache, clinical_sentence, True)
+    assert len(val) == 6 * int((manifest["split"] == "val").sum()) and all(s.answer for s in val)

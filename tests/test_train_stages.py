@@ -1,0 +1,129 @@
+"""Tiny stage-1 and stage-2 runs on the synthetic cohort: the loss falls, frozen parameters stay bit-identical."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_datasets import build_tiny_inputs
+
+from vlsurv.config import load_config
+from vlsurv.model import VisionLanguageSurvivalModel
+from vlsurv.model.survival import DeepHitCuts
+from vlsurv.training.config import TrainConfig, load_train_config
+from vlsurv.training.loop import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
+    return build_tiny_inputs(tmp_path_factory.mktemp("tiny_inputs"))
+
+
+def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: str) -> TrainConfig:
+    """configs/tiny/<name>.yaml pointed at the test's cohort, decoder and output folder."""
+    return load_train_config(ROOT / f"configs/tiny/{name}.yaml", [
+        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
+        f"model.decoder_path={decoder}", f"output_dir={out}", "tracker=none", *overrides,
+    ])
+
+
+def snapshot(model) -> dict[str, tuple[bool, torch.Tensor]]:
+    return {name: (p.requires_grad, p.detach().clone()) for name, p in model.named_parameters()}
+
+
+def check_frozen_and_trained(before, model, trained_prefixes: tuple[str, ...]) -> None:
+    """Frozen parameters bit-identical; every trained part moved; trained = exactly the given prefixes."""
+    moved = set()
+    for name, p in model.named_parameters():
+        trainable, old = before[name]
+        assert trainable == any(name.startswith(prefix) or prefix in name for prefix in trained_prefixes), name
+        if trainable:
+            if not torch.equal(old, p.detach()):
+                moved.add(next(prefix for prefix in trained_prefixes if name.startswith(prefix) or prefix in name))
+        else:
+            assert torch.equal(old, p.detach()), f"frozen parameter {name} changed"
+    assert moved == set(trained_prefixes)
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> list[float]:
+    return [json.loads(line)[key] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def falls(values: list[float], k: int = 4) -> bool:
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tiny_inputs, tiny_decoder_dir, tmp_path_factory) -> tuple[Trainer, dict, Path]:
+    out = tmp_path_factory.mktemp("stage1")
+    config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, out, "optim.epochs=3")
+    trainer = Trainer(config)
+    before = snapshot(trainer.model)
+    final = trainer.fit()
+    return trainer, before, final
+
+
+def test_stage1_trains_projector_and_lora_only(stage1_run):
+    trainer, before, final = stage1_run
+    check_frozen_and_trained(before, trainer.model, ("multi_modal_projector", "lora_"))
+    values = losses(trainer.run_dir)
+    assert len(values) == trainer.total_steps and falls(values)
+    validation = [json.loads(line) for line in (trainer.run_dir / "validation.jsonl").read_text().splitlines()]
+    assert [v["epochs_completed"] for v in validation] == [1, 2, 3]
+    assert all("val/lm_loss" in v and "val/c_index" not in v for v in validation)
+    samples = [json.loads(line) for line in (trainer.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and set(samples[0]) == {"step", "scan_id", "question_id", "answer"}
+    assert load_config(TrainConfig, trainer.run_dir / "config.yaml") == trainer.config
+
+
+def test_stage1_final_model_is_what_predict_loads(stage1_run):
+    trainer, _, final = stage1_run
+    loaded = VisionLanguageSurvivalModel.from_pretrained(final)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    for name, p in trained.multi_modal_projector.state_dict().items():
+        assert torch.equal(loaded.multi_modal_projector.state_dict()[name], p)
+    lora = {n: p for n, p in trained.language_model.named_parameters() if "lora_" in n}
+    loaded_lora = {n: p for n, p in loaded.language_model.named_parameters() if "lora_" in n}
+    assert lora.keys() == loaded_lora.keys() and all(torch.equal(lora[n], loaded_lora[n]) for n in lora)
+
+
+@pytest.mark.parametrize("head", ["deepsurv", "deephit"])
+def test_stage2_keeps_the_stage1_projector_frozen_and_trains_lora_and_survival(
+    head, stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    _, _, stage1_final = stage1_run
+    config = tiny_config(f"stage2_{head}", tiny_inputs, tiny_decoder_dir, tmp_path, f"data.stage1_dir={stage1_final}",
+                         "optim.epochs=8")
+    trainer = Trainer(config)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    stage1_projector = load_file(str(stage1_final / "projector.safetensors"))
+    assert all(torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in stage1_projector.items())
+    before = snapshot(trainer.model)
+    final = trainer.fit()
+    check_frozen_and_trained(before, trainer.model, ("survival_branch", "lora_"))
+    assert falls(losses(tmp_path)) and falls(losses(tmp_path, "train/surv"))
+    assert set(json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])) >= {
+        "train/loss", "train/lm", "train/surv", "train/disp", "train/align", "lr/lora", "lr/survival"}
+    validation = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
+    assert all(0.0 <= v["val/c_index"] <= 1.0 for v in validation)
+    if head == "deephit":
+        expected = DeepHitCuts.from_times(trainer.data.train_time, trainer.data.train_event, 4)
+        assert torch.equal(DeepHitCuts.load(final).cuts, expected.cuts)
+    assert VisionLanguageSurvivalModel.from_pretrained(final).config.survival.head == head
+
+
+def test_a_cpu_run_repeats_exactly(tiny_inputs, tiny_decoder_dir, tmp_path):
+    finals = []
+    for name in ("a", "b"):
+        config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, tmp_path / name, "optim.max_steps=3",
+                             "model.lora.dropout=0.1", "eval.sample_answers=0")
+        finals.append(Trainer(config).fit())
+    for relative in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        first, second = (load_file(str(f / relative)) for f in finals)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -1,0 +1,29 @@
+"""`vlsurv train` and `accelerate launch scripts/train.py`: stage 1 (VQA) or stage 2 (joint survival) training.
+
+    accelerate launch --config_file configs/accelerate/single_gpu.yaml scripts/train.py \
+        --config configs/stage1.yaml [key=value ...] [--resume latest|PATH]
+    vlsurv train --config configs/tiny/stage1.yaml output_dir=runs/tiny1
+
+Overrides are dotted keys of ``TrainConfig`` (``optim.lr_lora=1e-5``, ``model.decoder_path=/models/radllama``).
+The same code runs in one process (`vlsurv train`) or in several (`accelerate launch`); see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vlsurv.training.config import TrainConfig, load_train_config
+from vlsurv.training.loop import train
+
+__all__ = ["TrainConfig", "load_train_config", "main", "train"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlsurv train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="training YAML (configs/stage1.yaml, configs/tiny/...)")
+    parser.add_argument("--resume", help="'latest' (newest checkpoint of output_dir) or a checkpoint folder")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted TrainConfig overrides")
+    args = parser.parse_args(argv)
+    config = load_train_config(args.config, args.overrides)
+    train(config, resume=args.resume)
+    return 0

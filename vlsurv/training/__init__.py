@@ -1,0 +1,1 @@
+"""Two-stage training: config, samplers, global-batch losses, checkpoints, validation and the loop."""

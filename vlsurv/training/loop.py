@@ -1,0 +1,232 @@
+"""The training loop of both stages, run by ``accelerate launch scripts/train.py`` and ``vlsurv train``.
+
+One micro-batch = this process's slice of one global batch of the ``BatchPlan``; ``optim.grad_accum`` micro-batches
+make an optimizer step (``accelerator.accumulate``; an accumulation may span an epoch boundary). After each step:
+log the loss components and learning rates; validate every ``eval.every_n_steps`` steps and at the end of each
+epoch; save a checkpoint every ``checkpoint.every_n_steps`` steps and whenever validation finds a new best. The
+run ends after ``total_steps`` steps with ``save_pretrained`` into ``<output_dir>/final`` (what predict loads).
+
+Run directory: ``config.yaml`` (resolved), ``checkpoints/``, ``train_log.jsonl`` (one line per optimizer step),
+``validation.jsonl`` (one line per validation), ``samples.jsonl`` (generated validation answers with scan and
+question ids), tracker logs (``tensorboard/``), ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, send_to_device, set_seed
+from tqdm.auto import tqdm
+
+from vlsurv.config import save_config, to_dict
+from vlsurv.training.checkpoints import CheckpointManager, keep_changing_weights, read_state
+from vlsurv.training.config import TrainConfig
+from vlsurv.training.evaluation import ValidationResult, validate
+from vlsurv.training.objective import step_loss
+from vlsurv.training.sampling import BatchPlan
+from vlsurv.training.setup import (
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    deephit_cuts,
+    flat_hparams,
+    load_data,
+    total_steps,
+)
+
+FINAL_DIR = "final"
+TRACKER_PROJECT = "tensorboard"
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator with the run's accumulation, precision and tracker; launcher settings fill in the rest."""
+    return Accelerator(
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.optim.grad_accum, sync_with_dataloader=False
+        ),
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.tracker == "none" else config.tracker,
+        project_config=ProjectConfiguration(project_dir=config.output_dir),
+        step_scheduler_with_optimizer=False,
+    )
+
+
+class Trainer:
+    """State of one run; ``fit()`` trains to the end and returns the ``final`` model folder."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator | None = None) -> None:
+        self.config = config
+        self.accelerator = accelerator or make_accelerator(config)
+        self.run_dir = Path(config.output_dir)
+        set_seed(config.seed)
+        model = build_model(config)
+        self.data = load_data(config, model.processor)
+        self.cuts = None
+        if config.stage == 2 and config.model.survival.head == "deephit":
+            self.cuts = deephit_cuts(config, self.data)
+            model.set_deephit_cuts(self.cuts)
+        world = self.accelerator.num_processes
+        self.plan = BatchPlan(
+            self.data.train.patients(), config.optim.batch_size * world, config.sampling, config.seed, world
+        )
+        self.total_steps = total_steps(config, self.plan)
+        optimizer = build_optimizer(model, config)
+        scheduler = build_scheduler(optimizer, config, self.total_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.accelerator.register_save_state_pre_hook(keep_changing_weights(self.model))
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            config.checkpoint.keep_last,
+            config.checkpoint.keep_best,
+            higher_is_better=config.stage == 2,
+        )
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.best_metric: float | None = None
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+    def start(self, resume: str | None) -> None:
+        """Write the resolved config, start the trackers, and load ``resume`` when given."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+            self.checkpoints.remove_temporary()
+        acc.wait_for_everyone()
+        if self.config.tracker != "none":
+            acc.init_trackers(TRACKER_PROJECT, config=flat_hparams(to_dict(self.config)))
+        if resume is not None:
+            path = self.checkpoints.resolve(resume)
+            acc.load_state(str(path), strict=False)
+            state = read_state(path)
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            acc.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
+        self.best_metric = self.checkpoints.best_metric()
+
+    def is_better(self, metric: float | None) -> bool:
+        if metric is None:
+            return False
+        if self.best_metric is None:
+            return True
+        return metric > self.best_metric if self.config.stage == 2 else metric < self.best_metric
+
+    def run_validation(self) -> ValidationResult:
+        cfg = self.config.eval
+        result = validate(
+            self.model,
+            self.data.val,
+            self.accelerator,
+            batch_size=cfg.batch_size,
+            with_risk=self.config.stage == 2,
+            answers=cfg.sample_answers,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        self.accelerator.log(result.metrics(), step=self.step)
+        if self.accelerator.is_main_process:
+            line = {"step": self.step, "epochs_completed": self.epoch, **result.metrics(), "note": result.c_index_note}
+            with (self.run_dir / "validation.jsonl").open("a") as handle:
+                handle.write(json.dumps(line) + "\n")
+            with (self.run_dir / "samples.jsonl").open("a") as handle:
+                for sample in result.samples:
+                    handle.write(json.dumps({"step": self.step, **sample}) + "\n")
+        return result
+
+    def metric_of(self, result: ValidationResult) -> float | None:
+        return result.c_index if self.config.stage == 2 else result.lm_loss
+
+    def save_checkpoint(self, metric: float | None) -> None:
+        state = {"epoch": self.epoch, "position": self.position, "metric": metric}
+        path = self.checkpoints.save(self.accelerator, self.step, state)
+        if self.is_better(metric):
+            self.best_metric = metric
+        self.accelerator.print(f"saved checkpoint {path}", flush=True)
+
+    def log_step(self, sums: dict[str, float], count: int) -> None:
+        """Mean loss components of the step's micro-batches and the learning rates: trackers + train_log.jsonl."""
+        values = {f"train/{name}": value / count for name, value in sums.items()}
+        for group in self.optimizer.param_groups:
+            values[f"lr/{group['name']}"] = group["lr"]
+        self.accelerator.log(values, step=self.step)
+        if self.accelerator.is_main_process:
+            with (self.run_dir / "train_log.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": self.step, "epoch": self.epoch, **values}) + "\n")
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def micro_step(self, indices: list[int]) -> dict[str, float]:
+        """Forward + backward of one micro-batch (and the optimizer step when the accumulation is complete)."""
+        acc = self.accelerator
+        train = self.data.train
+        batch = send_to_device(train.collate([train[i] for i in indices]), acc.device)
+        with acc.accumulate(self.model):
+            output = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                image_tokens=batch["image_tokens"],
+                pool_mask=acc.unwrap_model(self.model).pool_mask(batch),
+            )
+            loss = step_loss(output, batch, self.config.stage, self.config.loss, self.cuts)
+            acc.backward(loss.backward)
+            if acc.sync_gradients and self.config.optim.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+            self.optimizer.step()
+            if acc.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad()
+        return loss.parts
+
+    def fit(self, resume: str | None = None) -> Path:
+        self.start(resume)
+        acc = self.accelerator
+        cfg = self.config
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_local_main_process,
+                        desc=f"stage {cfg.stage}")
+        sums: dict[str, float] = defaultdict(float)
+        micro = 0
+        n_batches = self.plan.batches_per_epoch()
+        while self.step < self.total_steps:
+            for position, indices in self.plan.local_batches(self.epoch, acc.process_index, self.position):
+                for name, value in self.micro_step(indices).items():
+                    sums[name] += value
+                micro += 1
+                epoch_end = position == n_batches - 1
+                synced = acc.sync_gradients
+                if synced:
+                    self.step += 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{sums['loss'] / micro:.4f}")
+                    self.log_step(sums, micro)
+                    sums, micro = defaultdict(float), 0
+                self.epoch, self.position = (self.epoch + 1, 0) if epoch_end else (self.epoch, position + 1)
+                every = cfg.eval.every_n_steps
+                result = None
+                if epoch_end or (synced and every and self.step % every == 0):
+                    result = self.run_validation()
+                if synced:
+                    metric = None if result is None else self.metric_of(result)
+                    every = cfg.checkpoint.every_n_steps
+                    due = bool(every) and self.step % every == 0
+                    if due or (cfg.checkpoint.keep_best and self.is_better(metric)):
+                        self.save_checkpoint(metric)
+                if self.step >= self.total_steps or epoch_end:
+                    break
+        progress.close()
+        return self.finish()
+
+    def finish(self) -> Path:
+        """``save_pretrained`` into ``<output_dir>/final`` (main process) and close the trackers."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.run_dir / FINAL_DIR
+        if acc.is_main_process:
+            acc.unwrap_model(self.model).save_pretrained(final)
+            acc.print(f"saved the final model to {final}")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return final
+
+
+def train(config: TrainConfig, resume: str | None = None, accelerator: Accelerator | None = None) -> Path:
+    """Train ``config`` (resuming from ``resume``: "latest" or a checkpoint folder); return the final model folder."""
+    return Trainer(config, accelerator).fit(resume)
