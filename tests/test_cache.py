@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from vlsurv.config import load_config, save_config
 from vlsurv.data.transforms import PreprocessConfig, config_hash, preprocess_ct
 from vlsurv.encoders import cache as cache_module
-from vlsurv.encoders.cache import CacheError, CachedTokenDataset, FeatureCache, encode_manifest, main
+from vlsurv.encoders.cache import CachedTokenDataset, CacheError, FeatureCache, encode_manifest, main
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
 
 PREPROCESS = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
@@ -46,6 +47,18 @@ def cohort(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny() -> MerlinImageEncoder:
     return MerlinImageEncoder.tiny()
+
+
+@pytest.fixture(scope="module")
+def base_cache(cohort, tiny, tmp_path_factory) -> Path:
+    """The cohort encoded once with the tiny encoder (float32, 2 scans per shard); tests copy it."""
+    out = tmp_path_factory.mktemp("base") / "cache"
+    _encode(cohort, out, tiny)
+    return out
+
+
+def _copy(base_cache: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(base_cache, tmp_path / "cache"))
 
 
 def _encode(cohort: Path, out: Path, encoder: MerlinImageEncoder, **kw) -> dict[str, int]:
@@ -83,18 +96,16 @@ def test_encode_writes_shards_index_and_configs(cohort, tmp_path, tiny):
     assert not torch.allclose(tokens, cache.get("s2"))
 
 
-def test_rerun_skips_cached_scans(cohort, tmp_path, tiny):
-    out = tmp_path / "cache"
-    _encode(cohort, out, tiny)
+def test_rerun_skips_cached_scans(cohort, tmp_path, tiny, base_cache):
+    out = _copy(base_cache, tmp_path)
     stamps = {name: (out / name).stat().st_mtime_ns for name in _shards(out)}
     assert _encode(cohort, out, tiny) == {"encoded": 0, "skipped": N_SCANS}
     assert {name: (out / name).stat().st_mtime_ns for name in _shards(out)} == stamps
 
 
 @pytest.mark.parametrize("change", ["weights", "preprocess", "dtype", "token_mode"])
-def test_changed_key_re_encodes_and_drops_stale_shards(cohort, tmp_path, tiny, change):
-    out = tmp_path / "cache"
-    _encode(cohort, out, tiny)
+def test_changed_key_re_encodes_and_drops_stale_shards(cohort, tmp_path, tiny, change, base_cache):
+    out = _copy(base_cache, tmp_path)
     encoder, kw = tiny, {}
     if change == "weights":
         encoder = MerlinImageEncoder.tiny(seed=1)
@@ -153,9 +164,8 @@ def test_crash_between_shard_and_index_leaves_a_clean_cache(cohort, tmp_path, ti
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_storage(cohort, tmp_path, tiny, dtype):
-    out32, out16 = tmp_path / "f32", tmp_path / dtype
-    _encode(cohort, out32, tiny)
+def test_half_precision_storage(cohort, tmp_path, tiny, dtype, base_cache):
+    out32, out16 = base_cache, tmp_path / dtype
     _encode(cohort, out16, tiny, dtype=dtype)
     shard = out16 / _index(out16)["s0"]["shard"]
     with safe_open(str(shard), framework="pt") as handle:
@@ -173,9 +183,8 @@ def test_float16_overflow_is_refused(cohort, tmp_path):
         _encode(cohort, tmp_path / "cache", loud, dtype="float16")
 
 
-def test_unknown_scan_missing_shard_and_missing_index_are_named(cohort, tmp_path, tiny):
-    out = tmp_path / "cache"
-    _encode(cohort, out, tiny)
+def test_unknown_scan_missing_shard_and_missing_index_are_named(tmp_path, base_cache):
+    out = _copy(base_cache, tmp_path)
     cache = FeatureCache(out)
     with pytest.raises(CacheError, match=r"scan_id 'nope' is not in the feature cache .* \(5 scans cached\)"):
         cache.get("nope")
@@ -192,10 +201,8 @@ def test_unknown_scan_missing_shard_and_missing_index_are_named(cohort, tmp_path
         FeatureCache(out)
 
 
-def test_dataset_batches_and_survives_pickling(cohort, tmp_path, tiny):
-    out = tmp_path / "cache"
-    _encode(cohort, out, tiny)
-    cache = FeatureCache(out)
+def test_dataset_batches_and_survives_pickling(base_cache):
+    cache = FeatureCache(base_cache)
     cache.get("s0")
     copy = pickle.loads(pickle.dumps(cache))
     assert torch.equal(copy.get("s0"), cache.get("s0"))

@@ -253,7 +253,7 @@ def _clinical_design(table: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def _clinical_cox_c_index(table: pd.DataFrame) -> float | None:
+def clinical_cox_c_index(table: pd.DataFrame) -> float | None:
     """C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
@@ -280,7 +280,7 @@ def oracle_summary(table: pd.DataFrame, seed: int, model: SurvivalModel) -> dict
     return {
         "oracle_c_index": _c_index(table["time"], table["event"], table["linear_predictor"]),
         "oracle_c_index_test": _c_index(test["time"], test["event"], test["linear_predictor"]),
-        "clinical_only_oracle_c_index": _clinical_cox_c_index(table),
+        "clinical_only_oracle_c_index": clinical_cox_c_index(table),
         "clinical_only_method": "lifelines CoxPHFitter (penalizer 0.05) on the train split's age, sex, smoking, "
                                 "stage, T, N, M; Harrell's C on the test split",
         "clinical_terms_c_index_test": _c_index(test["time"], test["event"], test["clinical_predictor"]),

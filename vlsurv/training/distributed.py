@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """(rank, world size) as accelerate sees them: (0, 1) in a single process."""
+    state = PartialState()
+    return state.process_index, state.num_processes
 
 
 def all_sizes(n_local: int, device: torch.device) -> list[int]:

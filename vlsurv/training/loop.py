@@ -2,9 +2,10 @@
 
 One micro-batch = this process's slice of one global batch of the ``BatchPlan``; ``optim.grad_accum`` micro-batches
 make an optimizer step (``accelerator.accumulate``; an accumulation may span an epoch boundary). After each step:
-log the loss components and learning rates; validate every ``eval.every_n_steps`` steps and at the end of each
-epoch; save a checkpoint every ``checkpoint.every_n_steps`` steps and whenever validation finds a new best. The
-run ends after ``total_steps`` steps with ``save_pretrained`` into ``<output_dir>/final`` (what predict loads).
+log the loss components and learning rates; validate every ``eval.every_n_steps`` steps, at the end of each epoch
+and at the end of the run; save a checkpoint every ``checkpoint.every_n_steps`` steps and whenever validation finds
+a new best. The run ends after ``total_steps`` steps with ``save_pretrained`` into ``<output_dir>/final`` (what
+predict loads).
 
 Run directory: ``config.yaml`` (resolved), ``checkpoints/``, ``train_log.jsonl`` (one line per optimizer step),
 ``validation.jsonl`` (one line per validation), ``samples.jsonl`` (generated validation answers with scan and
@@ -14,9 +15,11 @@ question ids), tracker logs (``tensorboard/``), ``final/``.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, send_to_device, set_seed
 from tqdm.auto import tqdm
@@ -42,8 +45,14 @@ TRACKER_PROJECT = "tensorboard"
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
-    """An Accelerator with the run's accumulation, precision and tracker; launcher settings fill in the rest."""
+    """An Accelerator with the run's accumulation, precision and tracker; launcher settings fill in the rest.
+
+    A multi-process launch on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N``) runs N
+    CPU processes over gloo.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     return Accelerator(
+        cpu=launched > 1 and not torch.cuda.is_available(),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=config.optim.grad_accum, sync_with_dataloader=False
         ),
@@ -176,6 +185,23 @@ class Trainer:
             self.optimizer.zero_grad()
         return loss.parts
 
+    def validate_and_checkpoint(self, synced: bool, epoch_end: bool) -> None:
+        """After a micro-batch: validate at an epoch end, every ``eval.every_n_steps`` steps and after the last step;
+        after an optimizer step, save a checkpoint when due or when validation found a new best."""
+        cfg = self.config
+        every = cfg.eval.every_n_steps
+        last = synced and self.step >= self.total_steps
+        result = None
+        if epoch_end or last or (synced and every and self.step % every == 0):
+            result = self.run_validation()
+        if not synced:
+            return
+        metric = None if result is None else self.metric_of(result)
+        every = cfg.checkpoint.every_n_steps
+        due = bool(every) and self.step % every == 0
+        if due or (cfg.checkpoint.keep_best and self.is_better(metric)):
+            self.save_checkpoint(metric)
+
     def fit(self, resume: str | None = None) -> Path:
         self.start(resume)
         acc = self.accelerator
@@ -199,16 +225,7 @@ class Trainer:
                     self.log_step(sums, micro)
                     sums, micro = defaultdict(float), 0
                 self.epoch, self.position = (self.epoch + 1, 0) if epoch_end else (self.epoch, position + 1)
-                every = cfg.eval.every_n_steps
-                result = None
-                if epoch_end or (synced and every and self.step % every == 0):
-                    result = self.run_validation()
-                if synced:
-                    metric = None if result is None else self.metric_of(result)
-                    every = cfg.checkpoint.every_n_steps
-                    due = bool(every) and self.step % every == 0
-                    if due or (cfg.checkpoint.keep_best and self.is_better(metric)):
-                        self.save_checkpoint(metric)
+                self.validate_and_checkpoint(synced, epoch_end)
                 if self.step >= self.total_steps or epoch_end:
                     break
         progress.close()

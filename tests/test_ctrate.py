@@ -1,0 +1,146 @@
+"""CT-RATE adapter: metadata spacing and rescale, reports, ids, layouts and manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from vlsurv.data.ct import load_ct
+from vlsurv.data.ctrate import (
+    CTRateError,
+    CTRateGeometry,
+    convert_ctrate,
+    ctrate_manifest,
+    find_ctrate_volumes,
+    iter_ctrate,
+    load_ctrate_volume,
+    parse_volume_name,
+    parse_xy_spacing,
+    read_ctrate_metadata,
+    read_ctrate_reports,
+)
+from vlsurv.data.manifest import MANIFEST_COLUMNS, load_manifest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "ctrate"
+METADATA = FIXTURES / "validation_metadata.csv"
+REPORTS = FIXTURES / "reports.csv"
+NAMES = ("valid_1_a_1", "valid_1_a_2", "valid_2_a_1", "valid_5_a_1")
+# A misleading header, as in raw CT-RATE files: wrong 1 mm spacing, flipped x axis.
+RAW_AFFINE = np.diag([-1.0, 1.0, 1.0, 1.0])
+
+
+def write_raw_volume(path: Path, seed: int) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = np.random.default_rng(seed).integers(0, 2000, size=(6, 5, 4)).astype(np.int16)
+    nib.save(nib.Nifti1Image(stored, RAW_AFFINE), str(path))
+    return stored
+
+
+def nested_layout(root: Path) -> dict[str, np.ndarray]:
+    """``<root>/valid/<patient>/<patient>_<a>/<name>.nii.gz`` as CT-RATE ships it."""
+    stored = {}
+    for seed, name in enumerate(NAMES):
+        patient, _, _ = parse_volume_name(name)
+        letter = name.split("_")[2]
+        stored[name] = write_raw_volume(root / "valid" / patient / f"{patient}_{letter}" / f"{name}.nii.gz", seed)
+    return stored
+
+
+def test_metadata_fixture_geometry():
+    geometry = read_ctrate_metadata(METADATA)
+    assert set(geometry) == set(NAMES)
+    first = geometry["valid_1_a_1"]
+    assert first == CTRateGeometry(xy_spacing=(0.341796875, 0.341796875), z_spacing=1.5, slope=1.0,
+                                   intercept=-1024.0)
+    assert geometry["valid_1_a_2"].z_spacing == 0.75
+
+
+def test_parse_xy_spacing_and_errors():
+    assert parse_xy_spacing("[0.68359375, 0.7]") == (0.68359375, 0.7)
+    with pytest.raises(CTRateError, match=r"XYSpacing: got 'abc'; expected two spacings"):
+        parse_xy_spacing("abc")
+    with pytest.raises(CTRateError, match=r"XYSpacing: got '\[0.5\]'"):
+        parse_xy_spacing("[0.5]")
+
+
+def test_bad_metadata_row_names_row_and_field(tmp_path):
+    lines = METADATA.read_text().splitlines()
+    lines[2] = lines[2].replace('"[0.68359375, 0.68359375]"', '"[0.68359375]"')
+    (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(CTRateError, match=r"meta\.csv: row 2 \(valid_1_a_2\.nii\.gz\): field 'XYSpacing'"):
+        read_ctrate_metadata(tmp_path / "meta.csv")
+    (tmp_path / "short.csv").write_text("VolumeName,XYSpacing\nvalid_1_a_1.nii.gz,\"[1, 1]\"\n")
+    with pytest.raises(CTRateError, match=r"short\.csv: missing column\(s\) \['ZSpacing', 'RescaleSlope'"):
+        read_ctrate_metadata(tmp_path / "short.csv")
+
+
+def test_reports_join_findings_and_impressions():
+    reports = read_ctrate_reports(REPORTS)
+    assert reports["valid_1_a_1"].startswith("FINDINGS: Trachea and main bronchi are patent.")
+    assert reports["valid_1_a_1"].endswith("\n\nIMPRESSION: Right upper lobe nodule, 12 mm.")
+    assert "IMPRESSION" not in reports["valid_2_a_1"]  # empty impression is left out
+
+
+def test_volume_names():
+    assert parse_volume_name("valid_1_a_1.nii.gz") == ("valid_1", "valid_1_a_1", "val")
+    assert parse_volume_name("/x/train_12_b_3.nii.gz") == ("train_12", "train_12_b_3", "train")
+    with pytest.raises(CTRateError, match=r"scan_01\.nii\.gz: not a CT-RATE volume name"):
+        parse_volume_name("scan_01.nii.gz")
+
+
+def test_raw_volume_in_hu_with_metadata_spacing(tmp_path):
+    stored = write_raw_volume(tmp_path / "valid_5_a_1.nii.gz", 0)
+    geometry = CTRateGeometry(xy_spacing=(0.7, 0.6), z_spacing=2.5, slope=2.0, intercept=-8192.0)
+    volume = load_ctrate_volume(tmp_path / "valid_5_a_1.nii.gz", geometry)
+    np.testing.assert_allclose(volume.array, stored * 2.0 - 8192.0)
+    np.testing.assert_allclose(volume.spacing, (0.6, 0.7, 2.5))
+    np.testing.assert_allclose(np.sign(np.diag(volume.affine)[:3]), (-1, 1, 1))  # header directions kept
+
+
+def test_iter_nested_layout_yields_hu_volumes_and_reports(tmp_path):
+    stored = nested_layout(tmp_path / "ct_rate")
+    geometry = read_ctrate_metadata(METADATA)
+    samples = list(iter_ctrate(tmp_path / "ct_rate", METADATA, REPORTS))
+    assert [s.scan_id for s in samples] == list(NAMES)
+    for sample in samples:
+        g = geometry[sample.scan_id]
+        np.testing.assert_allclose(sample.volume.array, stored[sample.scan_id] * g.slope + g.intercept)
+        np.testing.assert_allclose(sample.volume.spacing, (g.xy_spacing[1], g.xy_spacing[0], g.z_spacing))
+        assert sample.split == "val" and sample.report
+    assert samples[1].patient_id == "valid_1" and samples[2].patient_id == "valid_2"
+
+
+def test_manifest_from_flat_folder(tmp_path):
+    for seed, name in enumerate(NAMES):
+        write_raw_volume(tmp_path / "flat" / f"{name}.nii.gz", seed)
+    assert [p.name for p in find_ctrate_volumes(tmp_path / "flat")] == [f"{n}.nii.gz" for n in NAMES]
+    table = ctrate_manifest(tmp_path / "flat", REPORTS)
+    assert list(table.columns) == list(MANIFEST_COLUMNS)
+    assert table["patient_id"].tolist() == ["valid_1", "valid_1", "valid_2", "valid_5"]
+    assert table["split"].unique().tolist() == ["val"]
+    assert table["time"].isna().all() and table["event"].isna().all()
+    assert table["report"].str.startswith("FINDINGS:").all()
+
+
+def test_convert_writes_hu_volumes_and_a_valid_manifest(tmp_path):
+    stored = nested_layout(tmp_path / "ct_rate")
+    manifest = convert_ctrate(tmp_path / "ct_rate", METADATA, REPORTS, tmp_path / "out")
+    table = load_manifest(manifest, require_survival=False)
+    assert table["scan_id"].tolist() == list(NAMES)
+    converted = load_ct(table["image"][0])
+    np.testing.assert_allclose(converted.array, stored["valid_1_a_1"] - 1024.0)
+    np.testing.assert_allclose(converted.spacing, (0.341796875, 0.341796875, 1.5))
+
+
+def test_missing_report_or_metadata(tmp_path):
+    write_raw_volume(tmp_path / "flat" / "valid_9_a_1.nii.gz", 0)
+    with pytest.raises(CTRateError, match=r"reports\.csv: no report for volume .*valid_9_a_1"):
+        ctrate_manifest(tmp_path / "flat", REPORTS)
+    (tmp_path / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\nvalid_9_a_1.nii.gz,Clear.,\n")
+    with pytest.raises(CTRateError, match=r"validation_metadata\.csv: no metadata row for volume .*valid_9_a_1"):
+        list(iter_ctrate(tmp_path / "flat", METADATA, tmp_path / "reports.csv"))
+    with pytest.raises(CTRateError, match=r"absent: CT-RATE volume folder not found"):
+        find_ctrate_volumes(tmp_path / "absent")

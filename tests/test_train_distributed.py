@@ -1,0 +1,180 @@
+"""2 CPU processes (gloo) on a fixed global batch give the loss and gradients of 1 process on the same batch.
+
+The test launches this file with ``accelerate launch --multi_gpu --num_processes 2`` and ``Accelerator(cpu=True)``:
+two CPU processes over gloo (accelerate's ``--cpu`` flag starts several processes only through mpirun, which a
+plain CPU machine lacks; the test checks that two processes ran). Each process takes its shard of the
+global batch, runs the stage-2 step loss (Cox / DeepHit risk sets and dispersion pairs over the gathered global
+batch) and backpropagates through DDP; rank 0 writes the loss components and the averaged gradients of the survival
+branch and LoRA. The reference is the same code in this process, unlaunched, on the whole global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlsurv.model.survival import DeepHitCuts
+from vlsurv.training.config import LossConfig
+from vlsurv.training.objective import step_loss
+from vlsurv.training.sampling import shard
+
+GLOBAL_BATCH = 7
+CUTS = [100.0, 400.0, 900.0]
+TIMES = [50.0, 800.0, 300.0, 300.0, 1200.0, 90.0, 650.0]
+EVENTS = [1, 0, 1, 1, 0, 1, 1]
+TEXTS = [
+    ("64 year-old male former smoker.", "What is the location and size of the primary lung tumor?",
+     "A 3.2 cm spiculated mass in the right upper lobe."),
+    ("71 year-old female never smoker.", "Is there any pleural involvement or effusion present?",
+     "Small left pleural effusion."),
+    ("58 year-old male.", "Are metastases or involvement of other organs observed?", "No distant metastases."),
+]
+
+
+def build_model(decoder: str, head: str):
+    """A seeded tiny stage-2 model (LoRA + survival branch trainable); DeepHit gets fixed cuts."""
+    from vlsurv.model import LoRAConfig, ModelConfig, SurvivalConfig, VisionLanguageSurvivalModel
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        decoder_path=decoder, image_token_dim=16, num_image_tokens=4,
+        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
+    )
+    model = VisionLanguageSurvivalModel(config)
+    if head == "deephit":
+        model.set_deephit_cuts(DeepHitCuts(CUTS))
+    model.set_stage(2)
+    with torch.no_grad():  # LoRA B starts at zero; move it so that every LoRA gradient is informative
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def global_batch(processor, indices: list[int]) -> dict:
+    """The rows ``indices`` of the fixed global batch, right-padded."""
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(GLOBAL_BATCH, 4, 16, generator=generator)
+    items = []
+    for i in indices:
+        clinical, question, answer = TEXTS[i % len(TEXTS)]
+        item = processor.encode(clinical, question, answer if i % 4 else answer + " Stable.")
+        item.update(image_tokens=tokens[i], time=torch.tensor(TIMES[i]), event=torch.tensor(EVENTS[i]))
+        items.append(item)
+    return processor.collate(items)
+
+
+def run_step(model, forward, batch: dict, head: str) -> tuple[dict[str, float], torch.Tensor]:
+    output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
+    cuts = model.deephit_cuts if head == "deephit" else None
+    loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5), cuts=cuts)
+    return loss.parts, loss.backward
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def launched_main(decoder: str, out: Path) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    results = {}
+    for head in ("deepsurv", "deephit"):
+        model = build_model(decoder, head)
+        wrapped = accelerator.prepare(model)
+        batch = global_batch(model.processor, shard(list(range(GLOBAL_BATCH)), rank, world))
+        parts, backward = run_step(model, wrapped, batch, head)
+        accelerator.backward(backward)
+        results[head] = parts
+        if accelerator.is_main_process:
+            save_file(gradients(model), str(out / f"grads_{head}.safetensors"))
+    if accelerator.is_main_process:
+        (out / "parts.json").write_text(json.dumps({"world": world, **results}))
+    accelerator.wait_for_everyone()
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_dir, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "0", __file__, "--decoder", str(tiny_decoder_dir), "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    launched = json.loads((tmp_path / "parts.json").read_text())
+    assert launched["world"] == 2
+    for head in ("deepsurv", "deephit"):
+        model = build_model(str(tiny_decoder_dir), head)
+        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)))
+        parts, backward = run_step(model, model, batch, head)
+        backward.backward()
+        assert parts.keys() == launched[head].keys() == {"loss", "lm", "surv", "disp", "align"}
+        for name, value in parts.items():
+            assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
+        reference = gradients(model)
+        distributed = {k.removeprefix("module."): v for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()}
+        assert distributed.keys() == reference.keys()
+        survival = [k for k in reference if k.startswith("survival_branch.")]
+        assert len(survival) == 6 and all(reference[k].abs().sum() > 0 for k in survival)
+        for name, grad in reference.items():
+            torch.testing.assert_close(distributed[name], grad, atol=1e-6, rtol=1e-5, msg=f"{head} {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_process_training_run_matches_a_one_process_run(tiny_decoder_dir, tmp_path):
+    """`accelerate launch scripts/train.py` on 2 CPU processes with local batch 4 ends with the weights of one
+    process with batch 8: same global batches, global-batch losses, checkpoints and validation under DDP."""
+    from test_datasets import build_tiny_inputs
+    from test_train_stages import tiny_config
+
+    from vlsurv.training.loop import train
+
+    inputs = build_tiny_inputs(tmp_path / "inputs")
+    stage1 = train(tiny_config("stage1", inputs, tiny_decoder_dir, tmp_path / "stage1", "optim.max_steps=2"))
+    common = [f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
+              f"model.decoder_path={tiny_decoder_dir}", f"data.stage1_dir={stage1}", "tracker=none",
+              "optim.max_steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=2", "eval.sample_answers=1"]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2_deepsurv.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               str(script), "--config", str(config), *common, "optim.batch_size=4", f"output_dir={tmp_path / 'two'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = train(tiny_config("stage2_deepsurv", inputs, tiny_decoder_dir, tmp_path / "one", *common[4:],
+                            f"data.stage1_dir={stage1}", "optim.batch_size=8"))
+    two = tmp_path / "two"
+    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] for run in (one.parent, two)]
+    assert len(logs[0]) == len(logs[1]) == 4
+    for a, b in zip(*logs):
+        for key in ("train/loss", "train/lm", "train/surv", "train/disp", "train/align"):
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    assert (two / "checkpoints" / "step-000000004" / "trainer_state.json").is_file()
+    validation = [json.loads(line) for line in (two / "validation.jsonl").read_text().splitlines()]
+    assert [v["step"] for v in validation] == [2, 4] and all("val/c_index" in v for v in validation)
+    # The Cox loss does not change when every log-risk shifts by a constant, so the head bias's gradient is float
+    # noise, which Adam scales up to full-size steps: it is the one weight that cannot be compared.
+    for name in ("survival_branch.safetensors", "adapter/adapter_model.safetensors"):
+        expected, actual = load_file(str(one / name)), load_file(str(two / "final" / name))
+        assert expected.keys() == actual.keys()
+        for key in sorted(set(expected) - {"head.bias"}):
+            torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4, msg=f"{name} {key}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--decoder", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    launched_main(args.decoder, args.out)

@@ -1,0 +1,236 @@
+"""CT-RATE adapter: raw volumes + metadata + reports -> HU volumes and the manifest schema.
+
+CT-RATE's raw ``.nii.gz`` volumes hold stored pixel values and their header spacing is not
+trustworthy. The metadata CSV (``VolumeName``, ``XYSpacing`` as a string such as
+"[0.341796875, 0.341796875]", ``ZSpacing``, ``RescaleSlope``, ``RescaleIntercept``) gives the truth:
+``load_ctrate_volume`` returns HU = stored * slope + intercept with an affine whose voxel size comes
+from the metadata (axis 0 = DICOM columns -> ``XYSpacing[1]``, axis 1 = rows -> ``XYSpacing[0]``,
+axis 2 -> ``ZSpacing``) and whose axis directions and origin are the header's.
+The reports CSV (``VolumeName``, ``Findings_EN``, ``Impressions_EN``) becomes
+"FINDINGS: ...\\n\\nIMPRESSION: ...".
+
+Names follow ``<split>_<patient>_<reconstruction letter>_<n>.nii.gz``: "valid_1_a_1.nii.gz" is
+patient "valid_1", scan "valid_1_a_1", split "val" ("train" stays "train"). Volumes are found in the
+CT-RATE layout ``<root>/<split>/<patient>/<patient>_<a>/<name>.nii.gz`` or in a flat folder.
+CT-RATE has no survival labels: manifests leave ``time`` and ``event`` empty.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from vlsurv.data.ct import CTVolume, check_volume
+from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
+
+_NAME_PATTERN = re.compile(r"^(?P<split>train|valid)_(?P<number>[0-9]+)_(?P<letter>[a-z]+)_(?P<index>[0-9]+)$")
+_SPLIT_NAMES = {"train": "train", "valid": "val"}
+_METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
+_REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
+
+
+class CTRateError(ValueError):
+    """A CT-RATE file, row or volume name that does not follow CT-RATE's layout."""
+
+
+@dataclass(frozen=True)
+class CTRateGeometry:
+    """Per-volume metadata: pixel spacing (row, column) mm, slice spacing mm, rescale slope and intercept."""
+
+    xy_spacing: tuple[float, float]
+    z_spacing: float
+    slope: float
+    intercept: float
+
+
+@dataclass
+class CTRateSample:
+    """One CT-RATE scan: ids, split, HU volume (X, Y, Z) and report text."""
+
+    patient_id: str
+    scan_id: str
+    split: str
+    volume: CTVolume
+    report: str
+
+
+def scan_id_of(path_or_name: str | Path) -> str:
+    """'.../valid_1_a_1.nii.gz' -> 'valid_1_a_1'."""
+    name = Path(str(path_or_name)).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def parse_volume_name(path_or_name: str | Path) -> tuple[str, str, str]:
+    """Return (patient_id, scan_id, split) of a CT-RATE volume name, e.g. ('valid_1', 'valid_1_a_1', 'val')."""
+    scan_id = scan_id_of(path_or_name)
+    match = _NAME_PATTERN.match(scan_id)
+    if match is None:
+        raise CTRateError(f"{path_or_name}: not a CT-RATE volume name; expected e.g. 'valid_1_a_1.nii.gz'")
+    return f"{match['split']}_{match['number']}", scan_id, _SPLIT_NAMES[match["split"]]
+
+
+def _read_csv(path: str | Path, required: tuple[str, ...]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise CTRateError(f"{path}: file not found")
+    table = pd.read_csv(path, dtype={"VolumeName": str}, keep_default_na=False, na_values=[""])
+    table.columns = [str(c).strip() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise CTRateError(f"{path}: missing column(s) {missing}; expected {list(required)}")
+    return table
+
+
+def parse_xy_spacing(text: object, where: str = "XYSpacing") -> tuple[float, float]:
+    """'[0.341796875, 0.341796875]' -> (0.341796875, 0.341796875); raises CTRateError naming ``where``."""
+    try:
+        values = ast.literal_eval(str(text).strip())
+        row, column = (float(v) for v in values)
+    except (ValueError, TypeError, SyntaxError):
+        raise CTRateError(f"{where}: got {text!r}; expected two spacings such as '[0.7, 0.7]'") from None
+    if not (row > 0 and column > 0):
+        raise CTRateError(f"{where}: got {text!r}; expected positive spacings")
+    return row, column
+
+
+def read_ctrate_metadata(path: str | Path) -> dict[str, CTRateGeometry]:
+    """Map scan_id -> CTRateGeometry from CT-RATE's metadata CSV; errors name the row and field."""
+    table = _read_csv(path, _METADATA_COLUMNS)
+    geometry = {}
+    for row_number, row in enumerate(table.itertuples(index=False), start=1):
+        where = f"{path}: row {row_number} ({row.VolumeName})"
+        numbers = {}
+        for field in ("ZSpacing", "RescaleSlope", "RescaleIntercept"):
+            try:
+                numbers[field] = float(getattr(row, field))
+            except (TypeError, ValueError):
+                numbers[field] = math.nan
+            if not math.isfinite(numbers[field]) or (field != "RescaleIntercept" and numbers[field] <= 0):
+                raise CTRateError(f"{where}: field {field!r}: got {getattr(row, field)!r}; expected a "
+                                  f"{'finite' if field == 'RescaleIntercept' else 'positive'} number")
+        geometry[scan_id_of(row.VolumeName)] = CTRateGeometry(
+            xy_spacing=parse_xy_spacing(row.XYSpacing, f"{where}: field 'XYSpacing'"),
+            z_spacing=numbers["ZSpacing"], slope=numbers["RescaleSlope"], intercept=numbers["RescaleIntercept"],
+        )
+    return geometry
+
+
+def format_report(findings: object, impression: object) -> str:
+    """'FINDINGS: ...\\n\\nIMPRESSION: ...', leaving out an empty part."""
+    parts = [f"{title}: {str(text).strip()}" for title, text in (("FINDINGS", findings), ("IMPRESSION", impression))
+             if isinstance(text, str) and text.strip()]
+    return "\n\n".join(parts)
+
+
+def read_ctrate_reports(path: str | Path) -> dict[str, str]:
+    """Map scan_id -> report text from CT-RATE's reports CSV."""
+    table = _read_csv(path, _REPORT_COLUMNS)
+    return {scan_id_of(row.VolumeName): format_report(row.Findings_EN, row.Impressions_EN)
+            for row in table.itertuples(index=False)}
+
+
+def load_ctrate_volume(path: str | Path, geometry: CTRateGeometry) -> CTVolume:
+    """Raw CT-RATE volume -> HU CTVolume (X, Y, Z) with the metadata spacing."""
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        proxy = image.dataobj
+        stored = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+        header_affine = np.asarray(image.affine, dtype=np.float64)
+    except Exception as error:  # nibabel raises many types for broken files
+        raise CTRateError(f"{path}: cannot read NIfTI file ({type(error).__name__}: {error})") from error
+    hu = np.asarray(stored, dtype=np.float32) * np.float32(geometry.slope) + np.float32(geometry.intercept)
+    lengths = np.linalg.norm(header_affine[:3, :3], axis=0)
+    directions = header_affine[:3, :3] / np.where(lengths > 0, lengths, 1.0)
+    if abs(np.linalg.det(directions)) < 1e-6:
+        directions = np.eye(3)
+    row_spacing, column_spacing = geometry.xy_spacing
+    affine = np.eye(4)
+    affine[:3, :3] = directions * np.array([column_spacing, row_spacing, geometry.z_spacing])
+    affine[:3, 3] = header_affine[:3, 3]
+    return check_volume(CTVolume(array=hu, affine=affine, source=str(path)))
+
+
+def find_ctrate_volumes(root: str | Path) -> list[Path]:
+    """All CT-RATE volumes under ``root`` (nested CT-RATE layout or flat folder), sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CTRateError(f"{root}: CT-RATE volume folder not found")
+    volumes = sorted((p for p in root.rglob("*.nii*") if p.name.endswith((".nii.gz", ".nii"))),
+                     key=lambda p: scan_id_of(p))
+    for path in volumes:
+        parse_volume_name(path)
+    if not volumes:
+        raise CTRateError(f"{root}: no .nii.gz volumes found")
+    return volumes
+
+
+def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Path | None = None) -> pd.DataFrame:
+    """Manifest rows (``MANIFEST_COLUMNS``, time/event empty) for volumes used as they are on disk.
+
+    ``volumes`` is a folder (searched with ``find_ctrate_volumes``) or a list of paths. Use this for
+    volumes that already hold HU with correct headers; for raw volumes use ``convert_ctrate``.
+    """
+    paths = find_ctrate_volumes(volumes) if isinstance(volumes, (str, Path)) else [Path(p) for p in volumes]
+    reports = read_ctrate_reports(reports_csv) if reports_csv is not None else {}
+    rows = []
+    for path in paths:
+        patient_id, scan_id, split = parse_volume_name(path)
+        if reports_csv is not None and scan_id not in reports:
+            raise CTRateError(f"{reports_csv}: no report for volume {scan_id}")
+        rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(path.resolve()),
+                     "report": reports.get(scan_id, ""), "time": math.nan, "event": math.nan, "split": split})
+    return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+
+
+def iter_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path) -> Iterator[CTRateSample]:
+    """Yield every raw volume under ``root`` as a CTRateSample in HU with metadata spacing and its report."""
+    geometry = read_ctrate_metadata(metadata_csv)
+    reports = read_ctrate_reports(reports_csv)
+    for path in find_ctrate_volumes(root):
+        patient_id, scan_id, split = parse_volume_name(path)
+        if scan_id not in geometry:
+            raise CTRateError(f"{metadata_csv}: no metadata row for volume {path}")
+        if scan_id not in reports:
+            raise CTRateError(f"{reports_csv}: no report for volume {path}")
+        yield CTRateSample(patient_id, scan_id, split, load_ctrate_volume(path, geometry[scan_id]), reports[scan_id])
+
+
+def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path,
+                   out_dir: str | Path) -> Path:
+    """Write HU volumes (int16, corrected affine) to ``out_dir/images/<scan_id>.nii.gz`` and
+    ``out_dir/manifest.csv`` (time/event empty); return the manifest path. Existing volumes are kept."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    geometry = read_ctrate_metadata(metadata_csv)
+    reports = read_ctrate_reports(reports_csv)
+    volumes = find_ctrate_volumes(root)
+    missing = [scan_id_of(p) for p in volumes if scan_id_of(p) not in reports]
+    if missing:
+        raise CTRateError(f"{reports_csv}: no report for volume(s) {missing[:5]}")
+    rows = []
+    for path in volumes:
+        patient_id, scan_id, split = parse_volume_name(path)
+        target = out_dir / "images" / f"{scan_id}.nii.gz"
+        if not target.exists():
+            if scan_id not in geometry:
+                raise CTRateError(f"{metadata_csv}: no metadata row for volume {path}")
+            volume = load_ctrate_volume(path, geometry[scan_id])
+            hu = np.clip(np.rint(volume.array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+            partial = target.with_name(f".{scan_id}.partial.nii.gz")
+            nib.save(nib.Nifti1Image(hu, volume.affine), str(partial))
+            partial.replace(target)
+        rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(target.resolve()),
+                     "report": reports[scan_id], "time": math.nan, "event": math.nan, "split": split})
+    return write_manifest(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), out_dir / "manifest.csv")

@@ -1,0 +1,208 @@
+"""`vlsurv demo`: the whole pipeline on the embedded synthetic cohort, end to end, on a CPU.
+
+Steps (each writes under ``--out``): 1 synth -> 2 report extraction (rules) + VQA file -> 3 tiny
+decoder and tokenizer -> 4 feature cache with a small encoder of Merlin's code -> 5 stage 1 ->
+6 stage 2 -> 7 predict (six questions per test scan) -> 8 evaluate; plus a clinical-only CoxPH
+baseline (lifelines) on the same split, so the gain from the image is visible.
+
+Outputs: ``DIR/metrics.json`` (c_index, c_index_ci, c_index_clinical_only, oracle_c_index,
+td_auc, logrank_p, bertscore_f1, wall_seconds, ...), ``DIR/report.html`` and every step's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from vlsurv.config import save_config
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class DemoError(ValueError):
+    """A demo option that cannot produce a run."""
+
+
+@dataclass
+class DemoConfig:
+    """Options of `vlsurv demo`; the tiny training configs live in configs/tiny/."""
+
+    out: str = "runs/demo"
+    n_patients: int = 300
+    seed: int = 0
+    head: str = "deepsurv"
+    volume_shape: tuple[int, int, int] = (128, 128, 64)
+    encoder_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)
+    decoder_layers: int = 2
+    decoder_hidden: int = 128
+    stage1_epochs: int = 3
+    stage2_epochs: int = 4
+    train_overrides: list[str] = field(default_factory=list)
+    bootstrap: int = 500
+    bertscore_samples: int = 500
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_patients < 30:
+            raise DemoError(f"n_patients: expected at least 30 (train, val and test need events), got {self.n_patients}")
+        if self.head not in ("deepsurv", "deephit"):
+            raise DemoError(f"head: expected 'deepsurv' or 'deephit', got {self.head!r}")
+
+
+def _step(name: str, timings: dict[str, float], start: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - start, 2)
+    print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
+    return now
+
+
+def _extract_vqa(manifest: Path, out: Path) -> Path:
+    """Rules extraction of the six answers from every report, then the VQA training file."""
+    from qa_extraction.__main__ import main as qa_main
+
+    extractions, vqa = out / "extractions.jsonl", out / "vqa.jsonl"
+    for argv in (
+        ["extract", "--reports", str(manifest), "--id-column", "scan_id", "--text-column", "report",
+         "--questions", "lung", "--backend", "rules", "--out", str(extractions)],
+        ["to-vqa", "--extractions", str(extractions), "--manifest", str(manifest), "--out", str(vqa)],
+    ):
+        if qa_main(argv) != 0:
+            raise RuntimeError(f"qa_extraction {argv[0]} failed; see the message above")
+    return vqa
+
+
+def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
+    """Text the tiny tokenizer is trained on: questions, answers, clinical sentences and reports."""
+    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.prompts import load_questions
+
+    rows = [json.loads(line) for line in vqa.read_text().splitlines() if line.strip()]
+    texts = [q.text for q in load_questions("lung")] + [r["answer"] for r in rows]
+    texts += [clinical_sentence(row, "lung") for row in manifest.to_dict("records")]
+    return texts + manifest["report"].tolist()
+
+
+def _train(stage_config: str, overrides: list[str]):
+    from vlsurv.train import load_train_config, train
+
+    config = load_train_config(CONFIGS_DIR / "tiny" / stage_config, overrides)
+    train(config)
+    return Path(config.output_dir) / "final"
+
+
+def clinical_only_c_index(manifest: pd.DataFrame) -> float:
+    """Harrell's C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
+    from vlsurv.data.synthetic import clinical_cox_c_index
+
+    value = clinical_cox_c_index(manifest)
+    if value is None:
+        raise DemoError("clinical-only baseline: the CoxPH fit did not converge or the train split has < 5 events")
+    return value
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every step; return the summary written to DIR/metrics.json."""
+    from vlsurv.data.synthetic import make_cohort
+    from vlsurv.data.transforms import PreprocessConfig
+    from vlsurv.encoders.cache import FeatureCache, encode_manifest
+    from vlsurv.encoders.merlin import MerlinImageEncoder
+    from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
+    from vlsurv.model.tiny import build_tiny_decoder
+    from vlsurv.predict import PredictConfig, predict
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "demo_config.yaml")
+    timings: dict[str, float] = {}
+    begin = step = time.perf_counter()
+
+    manifest_path = make_cohort(cfg.n_patients, cfg.seed, out / "cohort", shape=cfg.volume_shape)
+    manifest = pd.read_csv(manifest_path)
+    step = _step("1 synth", timings, step)
+
+    vqa = _extract_vqa(manifest_path, out / "qa")
+    step = _step("2 extraction (rules) + VQA", timings, step)
+
+    decoder = build_tiny_decoder(out / "decoder", _decoder_texts(manifest, vqa), num_layers=cfg.decoder_layers,
+                                 hidden_size=cfg.decoder_hidden, seed=cfg.seed)
+    step = _step("3 tiny decoder + tokenizer", timings, step)
+
+    preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
+    encoder = MerlinImageEncoder.tiny()
+    encode_manifest(manifest_path, out / "cache", encoder, preprocess, progress=cfg.progress)
+    tokens, dim = FeatureCache(out / "cache").token_shape
+    step = _step("4 feature cache", timings, step)
+
+    common = [f"data.manifest={manifest_path}", f"data.vqa={vqa}", f"data.cache={out / 'cache'}",
+              f"model.decoder_path={decoder}", f"model.image_token_dim={dim}", f"model.num_image_tokens={tokens}",
+              f"seed={cfg.seed}"]
+    stage1 = _train("stage1.yaml", [*common, f"output_dir={out / 'stage1'}", f"optim.epochs={cfg.stage1_epochs}",
+                                    *cfg.train_overrides])
+    step = _step("5 stage 1", timings, step)
+    stage2 = _train(f"stage2_{cfg.head}.yaml", [*common, f"data.stage1_dir={stage1}", f"output_dir={out / 'stage2'}",
+                                                f"optim.epochs={cfg.stage2_epochs}", *cfg.train_overrides])
+    step = _step("6 stage 2", timings, step)
+
+    predictions = predict(PredictConfig(model=str(stage2), manifest=str(manifest_path), cache=str(out / "cache"),
+                                        out=str(out / "predictions"), split="test", seed=cfg.seed),
+                          progress=cfg.progress)
+    step = _step("7 predict", timings, step)
+
+    metrics = evaluate_predictions(predictions, manifest_path, out / "eval", vqa=vqa,
+                                   config=EvaluationConfig(bootstrap=cfg.bootstrap, seed=cfg.seed,
+                                                           bertscore_samples=cfg.bertscore_samples,
+                                                           skip_invalid_horizons=True))
+    shutil.copyfile(out / "eval" / "report.html", out / "report.html")
+    clinical_c = clinical_only_c_index(manifest)
+    step = _step("8 evaluate + clinical-only baseline", timings, step)
+
+    oracle = json.loads((out / "cohort" / "oracle.json").read_text())
+    summary = {
+        "c_index": metrics["c_index"], "c_index_ci": metrics.get("c_index_ci"),
+        "c_index_clinical_only": clinical_c, "oracle_c_index": oracle["oracle_c_index_test"],
+        "uno_c": metrics.get("uno_c"), "td_auc": metrics.get("td_auc"), "logrank_p": metrics["logrank_p"],
+        "bertscore_f1": metrics.get("bertscore_f1"), "per_question_c_index": metrics.get("per_question_c_index"),
+        "n_test": metrics["n"], "n_test_events": metrics["n_events"], "head": cfg.head,
+        "step_seconds": timings, "wall_seconds": round(time.perf_counter() - begin, 1),
+        "config": asdict(cfg),
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    ci = summary["c_index_ci"] or [float("nan"), float("nan")]
+    print(f"\nvlsurv demo ({summary['head']}), {summary['n_test']} test patients, {summary['n_test_events']} events")
+    print(f"  C-index (image + clinical + text) {summary['c_index']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]")
+    print(f"  C-index clinical-only CoxPH       {summary['c_index_clinical_only']:.3f}")
+    print(f"  oracle C-index (true hazard)      {summary['oracle_c_index']:.3f}")
+    print(f"  log-rank p (median split)         {summary['logrank_p']:.3g}")
+    if summary["bertscore_f1"] is not None:
+        print(f"  BERTScore F1 of the answers       {summary['bertscore_f1']:.3f}")
+    print(f"  wall time                         {summary['wall_seconds']:.0f} s")
+    print(f"  report: {out / 'report.html'}  metrics: {out / 'metrics.json'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlsurv demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    parser.add_argument("--n-patients", type=int, default=DemoConfig.n_patients)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head", choices=("deepsurv", "deephit"), default="deepsurv")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides for both stages")
+    args = parser.parse_args(argv)
+    try:
+        cfg = DemoConfig(out=args.out, n_patients=args.n_patients, seed=args.seed, head=args.head,
+                         train_overrides=args.overrides, progress=not args.no_progress)
+    except DemoError as err:
+        parser.error(str(err))
+    summary = run_demo(cfg)
+    _print_summary(summary, Path(cfg.out))
+    return 0
