@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlsurv.jsonl import parse_jsonl
+
 log = logging.getLogger("qa_extraction")
 
 STATUSES = ("present", "absent", "not_mentioned", "error")
@@ -101,18 +103,12 @@ def make_row(report_id: str, question_id: str, question: str, status: str, answe
             "status": status, "backend": backend, "model": model, **extra}
 
 
-def _parse_line(line: bytes, path: Path, number: int) -> dict:
-    try:
-        row = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExtractionInputError(f"{path}: line {number} is not valid JSON ({err.__class__.__name__}); "
-                                   "expected one extraction row per line") from err
-    missing = [k for k in ROW_KEYS if k not in row] if isinstance(row, dict) else list(ROW_KEYS)
-    if missing:
-        raise ExtractionInputError(f"{path}: line {number} lacks {missing}; expected keys {list(ROW_KEYS)}")
-    if row["status"] not in STATUSES:
-        raise ExtractionInputError(f"{path}: line {number} has status {row['status']!r}; expected one of {STATUSES}")
-    return row
+def _status_problem(row: dict) -> str | None:
+    return None if row["status"] in STATUSES else f"has status {row['status']!r}; expected one of {STATUSES}"
+
+
+def _parse(data: bytes, path: Path) -> list[dict]:
+    return parse_jsonl(data.splitlines(), path, ROW_KEYS, ExtractionInputError, _status_problem)
 
 
 def read_extractions(path: str | Path) -> list[dict]:
@@ -124,7 +120,7 @@ def read_extractions(path: str | Path) -> list[dict]:
     if data and not data.endswith(b"\n"):
         raise ExtractionInputError(f"{path}: the last line is incomplete (an interrupted run); rerun "
                                    "`python -m qa_extraction extract` with the same --out to finish it")
-    return [_parse_line(line, path, n) for n, line in enumerate(data.splitlines(), start=1) if line.strip()]
+    return _parse(data, path)
 
 
 class ExtractionFile:
@@ -145,8 +141,7 @@ class ExtractionFile:
             with open(self.path, "r+b") as handle:
                 handle.truncate(cut)
             data = data[:cut]
-        return [_parse_line(line, self.path, n) for n, line in enumerate(data.splitlines(), start=1)
-                if line.strip()]
+        return _parse(data, self.path)
 
     def drop_errors(self) -> int:
         """Rewrite the file without its ``error`` rows (atomically); return how many were dropped."""

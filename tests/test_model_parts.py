@@ -26,9 +26,21 @@ def test_projector_maps_last_axis(kind):
     assert projector(torch.randn(2, 5, 16)).shape == (2, 5, 32)
 
 
+def test_layernorm_input_gives_the_same_output_at_any_feature_scale():
+    torch.manual_seed(0)
+    projector = build_projector("linear", 16, 32, input_norm="layernorm")
+    tokens = torch.randn(2, 5, 16)
+    torch.testing.assert_close(projector(tokens * 1e-2), projector(tokens), atol=2e-2, rtol=0)
+    assert isinstance(projector[0], torch.nn.LayerNorm)
+
+
 def test_unknown_projector_is_rejected():
     with pytest.raises(ProjectorError, match="expected one of .*'linear'.*got 'conv'"):
         build_projector("conv", 16, 32)
+    with pytest.raises(ProjectorError, match="projector_input_norm: expected one of .*got 'batchnorm'"):
+        build_projector("linear", 16, 32, input_norm="batchnorm")
+    with pytest.raises(ValueError, match="model.projector_input_norm: expected one of"):
+        ModelConfig(decoder_path="x", projector_input_norm="rms")
 
 
 def test_residual_adapter_mixes_mlp_and_identity():

@@ -226,7 +226,10 @@ def test_predict_resumes_without_duplicates(tiny_model_config, cohort):
     full_predictions = (cohort / "out" / "predictions.csv").read_text()
     full_answers = (cohort / "out" / "answers.jsonl").read_text()
     lines = full_predictions.splitlines()
-    (cohort / "out" / "predictions.csv").write_text("\n".join(lines[:-2]) + "\n")  # the last two scans undone
+    # the last two scans undone, and a kill mid-write left torn last lines in both files
+    (cohort / "out" / "predictions.csv").write_text("\n".join(lines[:-2]) + "\n" + lines[-2][:5])
+    with (cohort / "out" / "answers.jsonl").open("a") as handle:
+        handle.write('{"scan_id": "sc')
     predict(config, model=model, progress=False)
     assert (cohort / "out" / "predictions.csv").read_text() == full_predictions
     assert (cohort / "out" / "answers.jsonl").read_text() == full_answers
@@ -251,7 +254,7 @@ def test_predict_bad_inputs_are_named(tiny_model_config, cohort):
     )
     _write_cache(cohort / "small", {"scan0": torch.zeros(TINY_IMAGE_TOKENS, TINY_IMAGE_DIM)})
     with pytest.raises(
-        PredictError, match=r"small: 3 scans of .*manifest.csv \(split 'test'\) are not cached"
+        PredictError, match=r"manifest.csv with feature cache .*small: 3 test scans are not in the feature cache"
     ):
         predict(dataclasses.replace(base, cache=str(cohort / "small")), model=model, progress=False)
     (cohort / "o").mkdir()

@@ -72,7 +72,7 @@ def test_a_corrupt_line_inside_the_file_is_an_error(tmp_path):
     data = out.read_text().splitlines()
     data[3] = "{broken"
     out.write_text("\n".join(data) + "\n")
-    with pytest.raises(ExtractionInputError, match=r"x.jsonl: line 4 is not valid JSON"):
+    with pytest.raises(ExtractionInputError, match=r"x.jsonl line 4: not valid JSON"):
         extract(out)
 
 

@@ -20,26 +20,43 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: vlsurv <command> [options]", "", "commands:"]
-    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`vlsurv <command> --help` lists a command's options."]
+def usage(prog: str, commands: dict[str, tuple[str, str]]) -> str:
+    """The command list of a ``prog <command> [options]`` tool."""
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in commands.items()]
+    lines += ["", f"`{prog} <command> --help` lists a command's options."]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(
+    argv: list[str],
+    commands: dict[str, tuple[str, str]],
+    prog: str,
+    handled: tuple[type[Exception], ...] = (),
+) -> int:
+    """Run ``argv[0]``'s ``"module:function"`` with the rest of ``argv``; usage on no or an unknown command.
+
+    An exception of a ``handled`` type is printed as ``<prog> <command>: error: <message>`` (status 2).
+    """
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        print(usage(prog, commands))
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"vlsurv: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+    if name not in commands:
+        print(f"{prog}: unknown command {name!r}\n\n{usage(prog, commands)}", file=sys.stderr)
         return 2
-    module_name, func_name = COMMANDS[name][0].split(":")
+    module_name, func_name = commands[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        return int(func(rest) or 0)
+    except handled as err:
+        print(f"{prog} {name}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, "vlsurv")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,9 @@ class DemoConfig:
     encoder_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)
     decoder_layers: int = 2
     decoder_hidden: int = 128
+    decoder_pretrain_steps: int = 150
     stage1_epochs: int = 3
-    stage2_epochs: int = 4
+    stage2_epochs: int = 8
     train_overrides: list[str] = field(default_factory=list)
     bootstrap: int = 500
     bertscore_samples: int = 500
@@ -130,7 +131,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     step = _step("2 extraction (rules) + VQA", timings, step)
 
     decoder = build_tiny_decoder(out / "decoder", _decoder_texts(manifest, vqa), num_layers=cfg.decoder_layers,
-                                 hidden_size=cfg.decoder_hidden, seed=cfg.seed)
+                                 hidden_size=cfg.decoder_hidden, seed=cfg.seed,
+                                 pretrain_steps=cfg.decoder_pretrain_steps)
     step = _step("3 tiny decoder + tokenizer", timings, step)
 
     preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
@@ -141,7 +143,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     common = [f"data.manifest={manifest_path}", f"data.vqa={vqa}", f"data.cache={out / 'cache'}",
               f"model.decoder_path={decoder}", f"model.image_token_dim={dim}", f"model.num_image_tokens={tokens}",
-              f"seed={cfg.seed}"]
+              f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}"]
     stage1 = _train("stage1.yaml", [*common, f"output_dir={out / 'stage1'}", f"optim.epochs={cfg.stage1_epochs}",
                                     *cfg.train_overrides])
     step = _step("5 stage 1", timings, step)

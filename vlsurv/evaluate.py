@@ -29,6 +29,7 @@ import pandas as pd
 from vlsurv import metrics as M
 from vlsurv import metrics_text
 from vlsurv.config import from_dict, save_config
+from vlsurv.jsonl import read_jsonl
 
 
 class EvaluationError(ValueError):
@@ -76,22 +77,9 @@ def read_predictions(path: Path) -> pd.DataFrame:
     return frame
 
 
-def read_jsonl(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """A JSON-lines file whose objects all carry the ``required`` fields; ids read as strings."""
-    if not path.is_file():
-        raise EvaluationError(f"{path} does not exist")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise EvaluationError(f"{path} line {number}: not valid JSON ({err.msg})") from err
-        absent = [f for f in required if not isinstance(row, dict) or f not in row]
-        if absent:
-            raise EvaluationError(f"{path} line {number}: missing field(s) {absent}")
-        rows.append(row)
+def read_answers(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """A JSON-lines answer file whose objects all carry the ``required`` fields; ids read as strings."""
+    rows = read_jsonl(path, required, EvaluationError)
     frame = pd.DataFrame(rows, columns=None if rows else list(required))
     for field in ("scan_id", "question_id"):
         if field in frame:
@@ -223,7 +211,7 @@ def load_inputs(
         notes.append("the manifest has no train split: censoring estimated on the evaluated rows")
     answers_path, curves_path = pred_path.parent / "answers.jsonl", pred_path.parent / "survival_curves.csv"
     answer_fields = ("scan_id", "question_id", "answer")
-    answers = read_jsonl(answers_path, answer_fields) if answers_path.is_file() else None
+    answers = read_answers(answers_path, answer_fields) if answers_path.is_file() else None
     curves = read_survival_curves(curves_path) if curves_path.is_file() else None
     absent = sorted(set(rows.scan_id) - set(curves[0].index)) if curves is not None else []
     if absent:
@@ -233,7 +221,7 @@ def load_inputs(
     return EvaluationInputs(
         rows=rows, train=train, answers=answers, curves=curves, notes=notes,
         train_rows=merged[(merged.split == "train") & ~merged.scan_id.isin(set(rows.scan_id))],
-        vqa=None if vqa is None else read_jsonl(vqa, answer_fields),
+        vqa=None if vqa is None else read_answers(vqa, answer_fields),
     )
 
 

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlsurv.config import from_dict, save_config
+from vlsurv.jsonl import read_jsonl
 from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
 from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel
 
@@ -71,19 +72,23 @@ def _device(name: str) -> torch.device:
 
 
 def _select_scans(config: PredictConfig, cache) -> pd.DataFrame:
+    from vlsurv.data.datasets import split_rows
     from vlsurv.data.manifest import load_manifest
 
     manifest = load_manifest(config.manifest, require_survival=False, check_files=False)
-    rows = manifest if config.split == "all" else manifest[manifest["split"] == config.split]
-    if rows.empty:
-        raise PredictError(f"{config.manifest}: no scan in split {config.split!r}")
-    absent = [s for s in rows["scan_id"].astype(str) if s not in cache]
-    if absent:
-        raise PredictError(
-            f"feature cache {config.cache}: {len(absent)} scans of {config.manifest} (split {config.split!r}) are "
-            f"not cached, first {absent[:3]}; run `vlsurv encode` on this manifest"
-        )
-    return rows
+    where = f"{config.manifest} with feature cache {config.cache}"
+    return split_rows(manifest, config.split, cache, where, PredictError)
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Truncate a last line without its newline: a write that a killed run left half done."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(cut)
 
 
 def _resume(out: Path, header: list[str]) -> set[str]:
@@ -93,6 +98,8 @@ def _resume(out: Path, header: list[str]) -> set[str]:
         for name in (ANSWERS, CURVES):
             (out / name).unlink(missing_ok=True)
         return set()
+    for name in (PREDICTIONS, ANSWERS, CURVES):
+        _cut_torn_line(out / name)
     done = pd.read_csv(path, dtype={"scan_id": str})
     if list(done.columns) != header:
         raise PredictError(
@@ -102,8 +109,8 @@ def _resume(out: Path, header: list[str]) -> set[str]:
     finished = set(done["scan_id"])
     answers = out / ANSWERS
     if answers.is_file():
-        lines = [line for line in answers.read_text().splitlines() if json.loads(line)["scan_id"] in finished]
-        answers.write_text("".join(line + "\n" for line in lines))
+        rows = [row for row in read_jsonl(answers, ("scan_id",), PredictError) if str(row["scan_id"]) in finished]
+        answers.write_text("".join(json.dumps(row) + "\n" for row in rows))
     curves = out / CURVES
     if curves.is_file():
         frame = pd.read_csv(curves, dtype={"scan_id": str})

@@ -15,7 +15,6 @@ This module imports no model or encoder code: ``tokens`` is any object with ``ge
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+
+from vlsurv.jsonl import read_jsonl
 
 VQA_KEYS = ("scan_id", "question_id", "question", "answer")
 
@@ -46,43 +47,41 @@ class Sample:
     event: int
 
 
+def _vqa_row_problem(row: dict) -> str | None:
+    bad = next((key for key in VQA_KEYS if not isinstance(row.get(key), str) or not row[key].strip()), None)
+    return None if bad is None else f"field {bad!r} missing or empty; expected a string"
+
+
 def read_vqa(path: str | Path) -> list[dict[str, str]]:
     """Rows of a VQA JSONL file; a bad line raises DatasetError naming the file, the line and the field."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"data.vqa {path}: file does not exist; expected a JSONL file from qa_extraction to-vqa")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DatasetError(f"{path} line {number}: not valid JSON ({err.msg})") from err
-        if not isinstance(row, dict):
-            raise DatasetError(f"{path} line {number}: expected a JSON object with keys {list(VQA_KEYS)}")
-        for key in VQA_KEYS:
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise DatasetError(f"{path} line {number}: field {key!r} missing or empty; expected a string")
-        rows.append({key: row[key] for key in VQA_KEYS})
+    rows = read_jsonl(path, error=DatasetError, check=_vqa_row_problem)
     if not rows:
         raise DatasetError(f"{path}: no VQA rows; expected one JSON object per line")
-    return rows
+    return [{key: row[key] for key in VQA_KEYS} for row in rows]
 
 
-def _survival(row: Mapping, require_survival: bool) -> tuple[float, int]:
-    if not require_survival:
-        return math.nan, -1
-    return float(row["time"]), int(row["event"])
+def _sample(
+    row: Mapping, question_id: str, question: str, answer: str | None, clinical: str, require_survival: bool
+) -> Sample:
+    """One (scan, question) sample of a manifest row; time NaN and event -1 when survival is not needed."""
+    time, event = (float(row["time"]), int(row["event"])) if require_survival else (math.nan, -1)
+    return Sample(scan_id=str(row["scan_id"]), patient_id=str(row["patient_id"]), question_id=question_id,
+                  question=question, answer=answer, clinical=clinical, time=time, event=event)
 
 
-def _split_rows(manifest: pd.DataFrame, split: str, tokens, where: str) -> pd.DataFrame:
-    rows = manifest[manifest["split"].astype(str) == split]
+def split_rows(
+    manifest: pd.DataFrame, split: str, tokens, where: str, error: type[Exception] = DatasetError
+) -> pd.DataFrame:
+    """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in ``tokens``."""
+    rows = manifest if split == "all" else manifest[manifest["split"].astype(str) == split]
     if rows.empty:
-        raise DatasetError(f"{where}: no scan has split == {split!r}; expected at least one")
+        raise error(f"{where}: no scan has split == {split!r}; expected at least one")
     missing = [s for s in rows["scan_id"].astype(str) if s not in tokens]
     if missing:
-        raise DatasetError(
+        raise error(
             f"{where}: {len(missing)} {split} scans are not in the feature cache (first: {missing[:3]}); "
             "encode them with `vlsurv encode`"
         )
@@ -99,26 +98,15 @@ def training_samples(
     where: str = "manifest",
 ) -> list[Sample]:
     """Every VQA pair whose scan is in ``split``; VQA rows of scans outside the split are left out."""
-    rows = _split_rows(manifest, split, tokens, where)
+    rows = split_rows(manifest, split, tokens, where)
     by_scan = {str(r["scan_id"]): r for r in rows.to_dict("records")}
     samples = []
     for pair in vqa:
         row = by_scan.get(pair["scan_id"])
         if row is None:
             continue
-        time, event = _survival(row, require_survival)
-        samples.append(
-            Sample(
-                scan_id=pair["scan_id"],
-                patient_id=str(row["patient_id"]),
-                question_id=pair["question_id"],
-                question=pair["question"],
-                answer=pair["answer"],
-                clinical=clinical(row),
-                time=time,
-                event=event,
-            )
-        )
+        samples.append(_sample(row, pair["question_id"], pair["question"], pair["answer"], clinical(row),
+                               require_survival))
     if not samples:
         raise DatasetError(f"{where}: no VQA pair belongs to a {split!r} scan; expected at least one")
     return samples
@@ -135,26 +123,14 @@ def scan_question_samples(
     where: str = "manifest",
 ) -> list[Sample]:
     """Each scan of ``split`` x each question (objects with ``id`` and ``text``), answered from the VQA file."""
-    rows = _split_rows(manifest, split, tokens, where)
+    rows = split_rows(manifest, split, tokens, where)
     answers = {(pair["scan_id"], pair["question_id"]): pair["answer"] for pair in vqa}
     samples = []
     for row in rows.to_dict("records"):
-        scan_id = str(row["scan_id"])
-        time, event = _survival(row, require_survival)
         sentence = clinical(row)
         for question in questions:
-            samples.append(
-                Sample(
-                    scan_id=scan_id,
-                    patient_id=str(row["patient_id"]),
-                    question_id=question.id,
-                    question=question.text,
-                    answer=answers.get((scan_id, question.id)),
-                    clinical=sentence,
-                    time=time,
-                    event=event,
-                )
-            )
+            answer = answers.get((str(row["scan_id"]), question.id))
+            samples.append(_sample(row, question.id, question.text, answer, sentence, require_survival))
     return samples
 
 

@@ -1,23 +1,81 @@
 """The multi-modal projector: image tokens (B, T, C) -> decoder embeddings (B, T, d_model).
 
 ``linear`` is the paper's H_v = W Z_v (with bias); ``mlp2x_gelu`` is LLaVA-1.5's Linear-GELU-Linear.
+``input_norm`` puts a normalisation of the frozen encoder's tokens in front of either:
+
+- ``layernorm``: a trainable LayerNorm over C, per token;
+- ``standardize``: fixed per-(token, channel) statistics of the training scans, ``(z - mean) / std``.
+  A frozen encoder's tokens are dominated by what every scan shares (the anatomy at each token position);
+  the scan-to-scan part the projector must read can be a few percent of it. Standardising with the
+  training split's statistics (``TokenStandardizer.fit``, done at the start of stage 1 and saved with the
+  projector) puts that part at unit scale.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
+PROJECTOR_NORMS = ("none", "layernorm", "standardize")
 
 
 class ProjectorError(ValueError):
-    """An unknown projector kind."""
+    """An unknown projector kind or input norm, or statistics of the wrong shape."""
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim``."""
+class TokenStandardizer(nn.Module):
+    """``(z - mean) / std`` with (T, C) buffers; identity until ``fit`` is called (``fitted`` is 0 or 1)."""
+
+    def __init__(self, num_tokens: int, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(num_tokens, dim))
+        self.register_buffer("std", torch.ones(num_tokens, dim))
+        self.register_buffer("fitted", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit(self, tokens: torch.Tensor) -> None:
+        """Statistics of (N, T, C) training tokens; a constant channel keeps std 1 (it is only centred)."""
+        if tokens.dim() != 3 or tokens.shape[1:] != self.mean.shape or tokens.shape[0] < 2:
+            raise ProjectorError(
+                f"projector standardize: expected training tokens (N >= 2, {self.mean.shape[0]}, "
+                f"{self.mean.shape[1]}), got {tuple(tokens.shape)}"
+            )
+        tokens = tokens.double()
+        std = tokens.std(0)
+        self.mean.copy_(tokens.mean(0))
+        self.std.copy_(torch.where(std > self.eps, std, torch.ones_like(std)))
+        self.fitted.fill_(1.0)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.fitted:
+            raise ProjectorError(
+                "projector standardize: the token statistics were never fitted; stage 1 fits them on the "
+                "training scans (TokenStandardizer.fit), and a saved model carries them"
+            )
+        return (tokens - self.mean.to(tokens.dtype)) / self.std.to(tokens.dtype)
+
+
+def build_projector(
+    kind: str, in_dim: int, out_dim: int, input_norm: str = "none", num_tokens: int = 1
+) -> nn.Module:
+    """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim`` (``num_tokens`` for standardize)."""
     if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise ProjectorError(f"projector: expected one of {PROJECTOR_KINDS}, got {kind!r}")
+        projector: nn.Module = nn.Linear(in_dim, out_dim)
+    elif kind == "mlp2x_gelu":
+        projector = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    else:
+        raise ProjectorError(f"projector: expected one of {PROJECTOR_KINDS}, got {kind!r}")
+    if input_norm == "none":
+        return projector
+    if input_norm == "layernorm":
+        return nn.Sequential(nn.LayerNorm(in_dim, eps=1e-6), projector)
+    if input_norm == "standardize":
+        return nn.Sequential(TokenStandardizer(num_tokens, in_dim), projector)
+    raise ProjectorError(f"projector_input_norm: expected one of {PROJECTOR_NORMS}, got {input_norm!r}")
+
+
+def standardizer_of(projector: nn.Module) -> TokenStandardizer | None:
+    """The projector's ``TokenStandardizer``, if it has one."""
+    return next((m for m in projector.modules() if isinstance(m, TokenStandardizer)), None)

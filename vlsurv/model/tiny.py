@@ -5,6 +5,10 @@ byte-level BPE tokenizer with ``tokenizers`` on ``texts`` (plus the special toke
 ``<pad>``, ``<s>``, ``</s>``, ``<image>``), builds a randomly initialised ``LlamaForCausalLM`` from a
 ``LlamaConfig`` sized to that vocabulary, and saves both with ``save_pretrained`` so that
 ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)`` load it.
+
+RadLlama is a Llama that has read radiology text before it meets an image; LoRA then only adapts it.
+``pretrain_steps > 0`` gives the tiny decoder the same start: that many causal-LM steps (all weights,
+AdamW) on ``texts`` packed into ``pretrain_length``-token windows, seeded, before it is saved.
 """
 
 from __future__ import annotations
@@ -63,11 +67,15 @@ def build_tiny_decoder(
     vocab_size: int = 1024,
     seed: int = 0,
     chat_template: str | None = None,
+    pretrain_steps: int = 0,
+    pretrain_length: int = 128,
+    pretrain_batch_size: int = 16,
+    pretrain_lr: float = 3e-3,
 ) -> Path:
     """Write a tiny ``LlamaForCausalLM`` (safetensors) and its tokenizer to ``out_dir``; return the path.
 
     ``vocab_size`` is the BPE target; the model's vocabulary is the trained tokenizer's length.
-    ``chat_template`` (a Jinja string) is stored on the tokenizer when given.
+    ``chat_template`` (a Jinja string) is stored on the tokenizer when given; ``pretrain_*``: see above.
     """
     if hidden_size % num_heads:
         raise TinyDecoderError(
@@ -94,9 +102,52 @@ def build_tiny_decoder(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if pretrain_steps > 0:
+        pretrain_on_texts(model, tokenizer, texts, pretrain_steps, pretrain_length, pretrain_batch_size,
+                          pretrain_lr, seed)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def pretrain_on_texts(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    texts: Iterable[str],
+    steps: int,
+    length: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Causal-LM training of every weight on ``<s> text </s>`` streams cut into (batch, length) windows.
+
+    Returns the loss of each step; the learning rate decays linearly to 0. Deterministic for a seed on CPU.
+    """
+    stream: list[int] = []
+    for text in texts:
+        if text and text.strip():
+            stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids,
+                       tokenizer.eos_token_id]
+    if len(stream) <= length:
+        raise TinyDecoderError(f"pretraining: the texts give {len(stream)} tokens; expected more than {length}")
+    windows = torch.tensor(stream[: len(stream) // length * length]).view(-1, length)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
 
 
 def _read_texts(paths: list[str]) -> list[str]:
@@ -120,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=0,
+                        help="causal-LM steps on the texts before saving (a RadLlama-like start; default 0)")
     args = parser.parse_args(argv)
     out = build_tiny_decoder(
         args.out,
@@ -129,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         num_heads=args.heads,
         vocab_size=args.vocab_size,
         seed=args.seed,
+        pretrain_steps=args.pretrain_steps,
     )
     print(f"tiny decoder written to {out}")
     return 0

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
-from vlsurv.model.projector import PROJECTOR_KINDS, build_projector
+from vlsurv.model.projector import PROJECTOR_KINDS, PROJECTOR_NORMS, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
     SurvivalBranch,
@@ -71,6 +71,7 @@ class ModelConfig:
     image_token_dim: int = 2048
     num_image_tokens: int = 49
     projector: str = "linear"
+    projector_input_norm: str = "none"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     quantization: str = "none"
     dtype: str = "float32"
@@ -83,6 +84,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         choices = {
             "projector": PROJECTOR_KINDS,
+            "projector_input_norm": PROJECTOR_NORMS,
             "quantization": QUANTIZATIONS,
             "dtype": tuple(DTYPES),
             "pool": POOLS,
@@ -145,7 +147,10 @@ class VisionLanguageSurvivalModel(nn.Module):
             config, self.tokenizer, Path(adapter_dir) if adapter_dir else None
         )
         d_model = self.language_model.get_input_embeddings().weight.shape[1]
-        self.multi_modal_projector = build_projector(config.projector, config.image_token_dim, d_model)
+        self.multi_modal_projector = build_projector(
+            config.projector, config.image_token_dim, d_model, config.projector_input_norm,
+            config.num_image_tokens,
+        )
         self.survival_branch = SurvivalBranch(d_model, config.survival)
         self.vision_encoder = vision_encoder
         if vision_encoder is not None:

@@ -121,6 +121,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/train"
     tracker: str = "tensorboard"
+    progress: bool = True  # the tqdm bar (main process only)
 
     def __post_init__(self) -> None:
         check_choice("stage", self.stage, (1, 2))

@@ -35,6 +35,7 @@ from vlsurv.training.setup import (
     build_optimizer,
     build_scheduler,
     deephit_cuts,
+    fit_input_standardizer,
     flat_hparams,
     load_data,
     total_steps,
@@ -73,6 +74,8 @@ class Trainer:
         set_seed(config.seed)
         model = build_model(config)
         self.data = load_data(config, model.processor)
+        if config.stage == 1:
+            fit_input_standardizer(model, self.data)
         self.cuts = None
         if config.stage == 2 and config.model.survival.head == "deephit":
             self.cuts = deephit_cuts(config, self.data)
@@ -206,7 +209,7 @@ class Trainer:
         self.start(resume)
         acc = self.accelerator
         cfg = self.config
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_local_main_process,
+        progress = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_local_main_process),
                         desc=f"stage {cfg.stage}")
         sums: dict[str, float] = defaultdict(float)
         micro = 0

@@ -1,6 +1,7 @@
 """Building a run from a ``TrainConfig``: the model for the stage, the datasets, DeepHit cuts, optimizer, schedule.
 
-Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``).
+Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``); a ``standardize`` projector input norm is
+fitted on the training scans' tokens first.
 Stage 2: the projector from ``data.stage1_dir`` (frozen) and its LoRA adapter when the folder has one (else a fresh
 LoRA); trained: LoRA + residual adapter + head (``set_stage(2)``). A DeepHit head gets its cuts from
 ``deephit_cuts`` when given, else from the event times of the training split's scans.
@@ -19,6 +20,7 @@ from vlsurv.data.clinical import clinical_sentence
 from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples, training_samples
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
+from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
 from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.model.vlm_io import ADAPTER_DIR, PROJECTOR_NAME
@@ -83,6 +85,15 @@ def load_data(config: TrainConfig, processor) -> RunData:
         train_time=[t for t, _ in train_scans.values()],
         train_event=[e for _, e in train_scans.values()],
     )
+
+
+def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) -> None:
+    """Stage 1 with ``projector_input_norm: standardize``: token statistics of the training scans (each once)."""
+    standardizer = standardizer_of(model.multi_modal_projector)
+    if standardizer is None:
+        return
+    scan_ids = sorted({sample.scan_id for sample in data.train.samples})
+    standardizer.fit(torch.stack([data.train.tokens.get(scan_id).float() for scan_id in scan_ids]))
 
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
