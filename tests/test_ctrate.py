@@ -144,3 +144,16 @@ def test_missing_report_or_metadata(tmp_path):
         list(iter_ctrate(tmp_path / "flat", METADATA, tmp_path / "reports.csv"))
     with pytest.raises(CTRateError, match=r"absent: CT-RATE volume folder not found"):
         find_ctrate_volumes(tmp_path / "absent")
+
+
+def test_cli_converts_and_names_a_missing_report(tmp_path, capsys):
+    from vlsurv.cli import main
+
+    nested_layout(tmp_path / "ct_rate")
+    args = ["ctrate", "--volumes", str(tmp_path / "ct_rate"), "--metadata", str(METADATA), "--out", str(tmp_path / "o")]
+    assert main([*args, "--reports", str(REPORTS)]) == 0
+    assert load_manifest(tmp_path / "o" / "manifest.csv", require_survival=False)["scan_id"].tolist() == list(NAMES)
+    (tmp_path / "few.csv").write_text("VolumeName,Findings_EN,Impressions_EN\nvalid_1_a_1.nii.gz,Clear.,\n")
+    with pytest.raises(SystemExit):
+        main([*args, "--reports", str(tmp_path / "few.csv")])
+    assert "few.csv: no report for volume(s) ['valid_1_a_2'" in capsys.readouterr().err

@@ -108,3 +108,14 @@ def test_study_without_impression(tmp_path):
     write_tsv(root / "impressions_20250611.tsv", [{"impression_id": "101", "summary": "No PE."}])
     with pytest.raises(InspectError, match=r"impressions_20250611\.tsv: no impression text column"):
         inspect_manifest(root)
+
+
+def test_cli_writes_the_manifest_and_names_a_missing_folder(tmp_path, capsys):
+    from vlsurv.cli import main
+
+    assert main(["inspect", "--root", str(make_inspect(tmp_path / "inspect")), "--out", str(tmp_path / "m.csv")]) == 0
+    assert "3 INSPECT scans, 2 deaths" in capsys.readouterr().out
+    assert load_manifest(tmp_path / "m.csv", require_survival=True, check_files=False)["time"].tolist() == [35, 400.5, 12]
+    with pytest.raises(SystemExit):
+        main(["inspect", "--root", str(tmp_path / "absent"), "--out", str(tmp_path / "n.csv")])
+    assert "absent: INSPECT folder not found" in capsys.readouterr().err

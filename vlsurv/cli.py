@@ -11,6 +11,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vlsurv.data.synthetic:main", "write the synthetic CT cohort (NIfTI + manifest)"),
+    "ctrate": ("vlsurv.data.ctrate:main", "raw CT-RATE volumes + CSVs -> HU NIfTI files and a manifest"),
+    "inspect": ("vlsurv.data.inspect_v2:main", "an INSPECT v2 folder -> the cohort manifest"),
     "encode": ("vlsurv.encoders.cache:main", "encode every scan once into the feature cache"),
     "build-tiny": ("vlsurv.model.tiny:main", "build a tiny Llama decoder + tokenizer directory"),
     "train": ("vlsurv.train:main", "train stage 1 or stage 2 in one process (same code as accelerate)"),

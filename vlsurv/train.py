@@ -5,7 +5,7 @@
     vlsurv train --config configs/tiny/stage1.yaml output_dir=runs/tiny1
 
 Overrides are dotted keys of ``TrainConfig`` (``optim.lr_lora=1e-5``, ``model.decoder_path=/models/radllama``).
-The same code runs in one process (`vlsurv train`) or in several (`accelerate launch`); see docs/training.md.
+The same code runs in one process (`vlsurv train`) or in several (`accelerate launch`); see the README, "Training".
 """
 
 from __future__ import annotations

@@ -234,3 +234,21 @@ def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str 
         rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(target.resolve()),
                      "report": reports[scan_id], "time": math.nan, "event": math.nan, "split": split})
     return write_manifest(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), out_dir / "manifest.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vlsurv ctrate``: raw CT-RATE volumes + metadata + reports -> HU NIfTI files and a manifest."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vlsurv ctrate", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("--volumes", required=True, help="folder searched for CT-RATE .nii.gz volumes")
+    parser.add_argument("--metadata", required=True, help="metadata CSV (XYSpacing, ZSpacing, Rescale*)")
+    parser.add_argument("--reports", required=True, help="reports CSV (VolumeName, Findings_EN, Impressions_EN)")
+    parser.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
+    args = parser.parse_args(argv)
+    try:
+        manifest = convert_ctrate(args.volumes, args.metadata, args.reports, args.out)
+    except CTRateError as err:
+        parser.error(str(err))
+    print(f"{manifest}: CT-RATE manifest written (time and event are empty: CT-RATE has no follow-up)")
+    return 0

@@ -157,3 +157,23 @@ def inspect_manifest(root: str | Path, *, keep_unlabelled: bool = False) -> pd.D
 def _extra_columns(rows: list[dict]) -> list[str]:
     seen = dict.fromkeys(k for row in rows for k in row if k not in (*MANIFEST_COLUMNS, "impression_id"))
     return list(seen)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vlsurv inspect``: an INSPECT v2 folder -> the cohort manifest (time in days)."""
+    import argparse
+
+    from vlsurv.data.manifest import write_manifest
+
+    parser = argparse.ArgumentParser(prog="vlsurv inspect", description=main.__doc__.split(": ", 1)[1])
+    parser.add_argument("--root", required=True, help="INSPECT folder (labels_*.tsv, ..., CTPA/)")
+    parser.add_argument("--out", required=True, help="manifest file to write (.csv or .jsonl)")
+    parser.add_argument("--keep-unlabelled", action="store_true", help="keep studies without a mortality label")
+    args = parser.parse_args(argv)
+    try:
+        frame = inspect_manifest(args.root, keep_unlabelled=args.keep_unlabelled)
+    except InspectError as err:
+        parser.error(str(err))
+    path = write_manifest(frame, args.out)
+    print(f"{path}: {len(frame)} INSPECT scans, {int(frame['event'].sum())} deaths")
+    return 0

@@ -41,11 +41,13 @@ from vlsurv.data.synthetic_reports import write_report
 QUESTION_IDS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "stage", "t_stage", "n_stage", "m_stage")
 DEFAULT_SHAPE = (128, 128, 64)
-#: Log-hazard coefficients of the survival model; features are defined in ``risk_features``.
+#: Log-hazard coefficients of the survival model; features are defined in ``risk_features``. Most image risk
+#: sits on findings large enough to see on the demo's 3 x 3 x 6 mm grid (effusion depth, vessel invasion, tumor
+#: size); a 1 cm bone lesion is a few voxels there, so it carries less.
 CLINICAL_COEFFICIENTS = {"age_per_decade": 0.3, "male": 0.2, "former_smoker": 0.1, "current_smoker": 0.3,
                          "stage": 0.25, "m1": 0.3}
-IMAGE_COEFFICIENTS = {"log_tumor_size": 0.9, "vessel_invasion": 0.8, "effusion_per_cm": 0.35,
-                      "bone_lesion": 1.0, "metastases": 0.3, "node_short_axis_per_cm": 0.2}
+IMAGE_COEFFICIENTS = {"log_tumor_size": 0.8, "vessel_invasion": 1.0, "effusion_per_cm": 0.5,
+                      "bone_lesion": 0.5, "metastases": 0.3, "node_short_axis_per_cm": 0.2}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,53 @@
+"""Benchmark: `vlsurv demo` wall time and peak RSS against its targets (5 minutes, 6 GB on 2 CPU cores).
+
+Runs the demo in a child process (so its peak RSS is the child's alone), then prints each step's seconds from
+``DIR/metrics.json``, the wall time and the peak RSS, each as a ratio of its target (< 1 meets it), and the
+headline results.
+
+    python benchmarks/demo.py [--n-patients 300] [--seed 0] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WALL_TARGET_S = 300.0
+RSS_TARGET_MIB = 6 * 1024.0
+
+
+def run(n_patients: int, seed: int, out: Path) -> tuple[float, float, dict]:
+    """(wall seconds, peak RSS MiB of the child, DIR/metrics.json)."""
+    command = [sys.executable, "-m", "vlsurv.cli", "demo", "--out", str(out), "--n-patients", str(n_patients),
+               "--seed", str(seed), "--no-progress"]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - start
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0  # Linux: KiB
+    return wall, peak_mib, json.loads((out / "metrics.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-patients", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="demo folder (default: a temporary one)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        wall, peak, metrics = run(args.n_patients, args.seed, args.out or Path(tmp) / "demo")
+    for step, seconds in metrics["step_seconds"].items():
+        print(f"  {step:<40} {seconds:7.1f} s")
+    print(f"wall time  {wall:7.1f} s    target {WALL_TARGET_S:.0f} s     ratio {wall / WALL_TARGET_S:.2f}")
+    print(f"peak RSS   {peak:7.0f} MiB  target {RSS_TARGET_MIB:.0f} MiB  ratio {peak / RSS_TARGET_MIB:.2f}")
+    print(f"c_index {metrics['c_index']:.3f}  clinical-only {metrics['c_index_clinical_only']:.3f}  "
+          f"oracle {metrics['oracle_c_index']:.3f}  bertscore_f1 {metrics['bertscore_f1']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
