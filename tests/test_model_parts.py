@@ -34,6 +34,23 @@ def test_layernorm_input_gives_the_same_output_at_any_feature_scale():
     assert isinstance(projector[0], torch.nn.LayerNorm)
 
 
+def test_standardize_uses_training_statistics_floors_rare_entries_and_must_be_fitted():
+    torch.manual_seed(0)
+    projector = build_projector("linear", 4, 8, input_norm="standardize", num_tokens=3)
+    with pytest.raises(ProjectorError, match="statistics were never fitted"):
+        projector(torch.randn(2, 3, 4))
+    tokens = 5.0 + 0.01 * torch.randn(200, 3, 4)
+    tokens[:, 0, 0] = 5.0  # constant: only centred
+    tokens[:, 0, 1] = 5.0 + 1e-5 * torch.randn(200)  # nearly constant: std floored, not blown up
+    standardizer = projector[0]
+    standardizer.fit(tokens)
+    z = standardizer(tokens)
+    assert z[:, 1:].std(0).sub(1).abs().max() < 1e-3 and z.mean(0).abs().max() < 1e-4
+    assert z[:, 0, 0].abs().max() == 0 and z[:, 0, 1].abs().max() < 0.1
+    with pytest.raises(ProjectorError, match=r"expected training tokens \(N >= 2, 3, 4\), got \(5, 2, 4\)"):
+        standardizer.fit(torch.randn(5, 2, 4))
+
+
 def test_unknown_projector_is_rejected():
     with pytest.raises(ProjectorError, match="expected one of .*'linear'.*got 'conv'"):
         build_projector("conv", 16, 32)

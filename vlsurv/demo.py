@@ -34,7 +34,7 @@ class DemoConfig:
     """Options of `vlsurv demo`; the tiny training configs live in configs/tiny/."""
 
     out: str = "runs/demo"
-    n_patients: int = 300
+    n_patients: int = 400
     seed: int = 0
     head: str = "deepsurv"
     volume_shape: tuple[int, int, int] = (128, 128, 64)
@@ -79,14 +79,18 @@ def _extract_vqa(manifest: Path, out: Path) -> Path:
 
 
 def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
-    """Text the tiny tokenizer is trained on: questions, answers, clinical sentences and reports."""
-    from vlsurv.data.clinical import clinical_sentence
-    from vlsurv.prompts import load_questions
+    """Text the tiny tokenizer and decoder learn from: clinical sentences, reports, and question-answer pairs.
 
-    rows = [json.loads(line) for line in vqa.read_text().splitlines() if line.strip()]
-    texts = [q.text for q in load_questions("lung")] + [r["answer"] for r in rows]
+    RadLlama was trained on radiology text and instructions; the training split's question-answer pairs (text
+    only, no image) give the tiny decoder the same start, so stage 1 has to teach it to read the image.
+    """
+    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.data.datasets import read_vqa
+
+    train_scans = set(manifest.loc[manifest["split"] == "train", "scan_id"].astype(str))
+    texts = [f"{r['question']} {r['answer']}" for r in read_vqa(vqa) if r["scan_id"] in train_scans]
     texts += [clinical_sentence(row, "lung") for row in manifest.to_dict("records")]
-    return texts + manifest["report"].tolist()
+    return texts + manifest.loc[manifest["split"] == "train", "report"].tolist()
 
 
 def _train(stage_config: str, overrides: list[str]):

@@ -35,8 +35,12 @@ class TokenStandardizer(nn.Module):
         self.register_buffer("fitted", torch.zeros(()))
 
     @torch.no_grad()
-    def fit(self, tokens: torch.Tensor) -> None:
-        """Statistics of (N, T, C) training tokens; a constant channel keeps std 1 (it is only centred)."""
+    def fit(self, tokens: torch.Tensor, floor: float = 0.1) -> None:
+        """Statistics of (N, T, C) training tokens.
+
+        Each std is at least ``floor`` x the median std of the varying entries, so a nearly constant entry
+        (a ReLU channel that almost never fires) is not blown up into noise; a constant entry is only centred.
+        """
         if tokens.dim() != 3 or tokens.shape[1:] != self.mean.shape or tokens.shape[0] < 2:
             raise ProjectorError(
                 f"projector standardize: expected training tokens (N >= 2, {self.mean.shape[0]}, "
@@ -44,8 +48,12 @@ class TokenStandardizer(nn.Module):
             )
         tokens = tokens.double()
         std = tokens.std(0)
+        varying = std > self.eps
+        if not varying.any():
+            raise ProjectorError("projector standardize: every token entry is constant over the training scans")
+        std = torch.where(varying, std.clamp_min(floor * std[varying].median()), torch.ones_like(std))
         self.mean.copy_(tokens.mean(0))
-        self.std.copy_(torch.where(std > self.eps, std, torch.ones_like(std)))
+        self.std.copy_(std)
         self.fitted.fill_(1.0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
