@@ -34,7 +34,7 @@ class DemoConfig:
     """Options of `vlsurv demo`; the tiny training configs live in configs/tiny/."""
 
     out: str = "runs/demo"
-    n_patients: int = 400
+    n_patients: int = 300
     seed: int = 0
     head: str = "deepsurv"
     volume_shape: tuple[int, int, int] = (128, 128, 64)
@@ -42,7 +42,7 @@ class DemoConfig:
     decoder_layers: int = 2
     decoder_hidden: int = 128
     decoder_pretrain_steps: int = 150
-    stage1_epochs: int = 3
+    stage1_epochs: int = 10
     stage2_epochs: int = 10
     train_overrides: list[str] = field(default_factory=list)
     bootstrap: int = 500
