@@ -15,7 +15,6 @@ written, and ``done_pairs()`` tells a rerun which pairs to skip.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlsurv.jsonl import parse_jsonl
+from vlsurv.files import cut_torn_last_line
+from vlsurv.jsonl import parse_jsonl, to_line, write_jsonl
 
 log = logging.getLogger("qa_extraction")
 
@@ -130,17 +130,11 @@ class ExtractionFile:
         self.path = Path(path)
 
     def repair(self) -> list[dict]:
-        """Cut a torn last line off the file and return the complete rows."""
-        if not self.path.exists():
-            return []
-        data = self.path.read_bytes()
-        cut = data.rfind(b"\n") + 1
-        if cut < len(data):
-            log.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
-                        self.path, len(data) - cut)
-            with open(self.path, "r+b") as handle:
-                handle.truncate(cut)
-            data = data[:cut]
+        """Cut a torn last line off the file and return the complete rows (none when there is no file)."""
+        data, dropped = cut_torn_last_line(self.path)
+        if dropped:
+            log.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
+                        self.path, dropped)
         return _parse(data, self.path)
 
     def drop_errors(self) -> int:
@@ -148,9 +142,7 @@ class ExtractionFile:
         rows = self.repair()
         kept = [row for row in rows if row["status"] != "error"]
         if len(kept) < len(rows):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            write_jsonl(self.path, kept)
         return len(rows) - len(kept)
 
     def done_pairs(self) -> set[tuple[str, str]]:
@@ -169,7 +161,7 @@ class _Appender:
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, row: dict) -> None:
-        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+        data = to_line(row).encode("utf-8")
         written = os.write(self._fd, data)
         while written < len(data):
             written += os.write(self._fd, data[written:])

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
 import random
 import re
 from datetime import datetime, timezone
@@ -27,6 +25,7 @@ from pathlib import Path
 
 from qa_extraction.io import ExtractionInputError, read_extractions, read_reports, read_table, require_columns
 from qa_extraction.text import split_sentences
+from vlsurv.jsonl import write_jsonl
 from vlsurv.prompts import load_questions
 
 REVIEW_COLUMNS = ("report_id", "question_id", "question", "status", "answer", "report_excerpt", "approved",
@@ -128,9 +127,7 @@ def import_review(args: argparse.Namespace) -> int:
     rows, log = apply_review(rows, entries, str(args.review))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
+    write_jsonl(out, rows)
     log_path = Path(args.log) if args.log else out.with_name(out.name + ".review_log.csv")
     new_log = not log_path.exists()
     with open(log_path, "a", newline="", encoding="utf-8") as handle:

@@ -21,11 +21,11 @@ Extraction rows whose report id is not in the manifest are counted and skipped.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
 from qa_extraction.io import ExtractionInputError, read_extractions, read_table, require_columns
+from vlsurv.jsonl import write_jsonl
 
 
 def _manifest_ids(path: str | Path, column: str) -> dict[str, list[str]]:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                    f"check that --report-id-column matches the extraction's report ids")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    write_jsonl(out, rows)
     summary = ", ".join(f"{why} {n}" for why, n in sorted(dropped.items())) or "none"
     print(f"{out}: {len(rows)} VQA pairs; dropped: {summary}")
     return 0

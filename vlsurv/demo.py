@@ -87,10 +87,11 @@ def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
     from vlsurv.data.clinical import clinical_sentence
     from vlsurv.data.datasets import read_vqa
 
-    train_scans = set(manifest.loc[manifest["split"] == "train", "scan_id"].astype(str))
+    train = manifest[manifest["split"] == "train"]
+    train_scans = set(train["scan_id"].astype(str))
     texts = [f"{r['question']} {r['answer']}" for r in read_vqa(vqa) if r["scan_id"] in train_scans]
     texts += [clinical_sentence(row, "lung") for row in manifest.to_dict("records")]
-    return texts + manifest.loc[manifest["split"] == "train", "report"].tolist()
+    return texts + train["report"].tolist()
 
 
 def _train(stage_config: str, overrides: list[str]):

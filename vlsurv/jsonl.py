@@ -1,6 +1,6 @@
 """JSON-lines files (one JSON object per line): one parser whose errors name the file, the line and the field.
 
-Used for the VQA training file, ``answers.jsonl`` and the extraction output.
+Used for the VQA training file, ``answers.jsonl``, the extraction output and the review output.
 """
 
 from __future__ import annotations
@@ -9,7 +9,19 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from vlsurv.files import atomic_write
+
 Check = Callable[[dict], "str | None"]
+
+
+def to_line(row: dict) -> str:
+    """One JSON-lines line (UTF-8 text kept as is), newline included."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Replace ``path`` with ``rows``, one per line, atomically."""
+    atomic_write(path, "".join(map(to_line, rows)).encode("utf-8"))
 
 
 def parse_jsonl(

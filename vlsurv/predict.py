@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from vlsurv.config import from_dict, save_config
-from vlsurv.jsonl import read_jsonl
+from vlsurv.files import cut_torn_last_line
+from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
 from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
 from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel
 
@@ -80,17 +80,6 @@ def _select_scans(config: PredictConfig, cache) -> pd.DataFrame:
     return split_rows(manifest, config.split, cache, where, PredictError)
 
 
-def _cut_torn_line(path: Path) -> None:
-    """Truncate a last line without its newline: a write that a killed run left half done."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(cut)
-
-
 def _resume(out: Path, header: list[str]) -> set[str]:
     """scan_ids finished by an earlier run; drops their partial answer/curve lines of unfinished scans."""
     path = out / PREDICTIONS
@@ -99,7 +88,7 @@ def _resume(out: Path, header: list[str]) -> set[str]:
             (out / name).unlink(missing_ok=True)
         return set()
     for name in (PREDICTIONS, ANSWERS, CURVES):
-        _cut_torn_line(out / name)
+        cut_torn_last_line(out / name)
     done = pd.read_csv(path, dtype={"scan_id": str})
     if list(done.columns) != header:
         raise PredictError(
@@ -110,7 +99,7 @@ def _resume(out: Path, header: list[str]) -> set[str]:
     answers = out / ANSWERS
     if answers.is_file():
         rows = [row for row in read_jsonl(answers, ("scan_id",), PredictError) if str(row["scan_id"]) in finished]
-        answers.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_jsonl(answers, rows)
     curves = out / CURVES
     if curves.is_file():
         frame = pd.read_csv(curves, dtype={"scan_id": str})
@@ -139,7 +128,7 @@ def _write_batch(out: Path, scans: list[ScanInput], questions, result: EnsembleO
                     "answer": answer,
                     "risk": risk,
                 }
-                handle.write(json.dumps(record) + "\n")
+                handle.write(to_line(record))
     if result.survival_curves is not None:
         curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in cuts.cuts.tolist()]
         curves = result.survival_curves.mean(1).tolist()

@@ -99,13 +99,13 @@ def training_samples(
 ) -> list[Sample]:
     """Every VQA pair whose scan is in ``split``; VQA rows of scans outside the split are left out."""
     rows = split_rows(manifest, split, tokens, where)
-    by_scan = {str(r["scan_id"]): r for r in rows.to_dict("records")}
+    by_scan = {str(r["scan_id"]): (r, clinical(r)) for r in rows.to_dict("records")}
     samples = []
     for pair in vqa:
-        row = by_scan.get(pair["scan_id"])
-        if row is None:
+        if pair["scan_id"] not in by_scan:
             continue
-        samples.append(_sample(row, pair["question_id"], pair["question"], pair["answer"], clinical(row),
+        row, sentence = by_scan[pair["scan_id"]]
+        samples.append(_sample(row, pair["question_id"], pair["question"], pair["answer"], sentence,
                                require_survival))
     if not samples:
         raise DatasetError(f"{where}: no VQA pair belongs to a {split!r} scan; expected at least one")

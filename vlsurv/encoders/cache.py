@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from vlsurv.config import load_config, save_config
 from vlsurv.data.manifest import load_manifest
 from vlsurv.data.transforms import PreprocessConfig, config_hash, preprocess_ct
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder, tiny_config
+from vlsurv.files import atomic_write
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -133,22 +133,12 @@ def _encode_scans(
     return tokens
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _write_shard(path: Path, tokens: dict[str, torch.Tensor], key: dict[str, str]) -> None:
-    _atomic_write(path, save_safetensors(tokens, metadata=key))
+    atomic_write(path, save_safetensors(tokens, metadata=key))
 
 
 def _write_index(root: Path, index: dict) -> None:
-    _atomic_write(root / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True).encode())
+    atomic_write(root / INDEX_NAME, json.dumps(index, indent=1, sort_keys=True).encode())
 
 
 def _read_index(root: Path) -> dict:

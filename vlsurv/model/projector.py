@@ -33,6 +33,7 @@ class TokenStandardizer(nn.Module):
         self.register_buffer("mean", torch.zeros(num_tokens, dim))
         self.register_buffer("std", torch.ones(num_tokens, dim))
         self.register_buffer("fitted", torch.zeros(()))
+        self._seen_fitted = False
 
     @torch.no_grad()
     def fit(self, tokens: torch.Tensor, floor: float = 0.1) -> None:
@@ -57,11 +58,13 @@ class TokenStandardizer(nn.Module):
         self.fitted.fill_(1.0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self.fitted:
+        # Checked until it passes once, so a fitted model does not sync with the device on every call.
+        if not self._seen_fitted and not bool(self.fitted):
             raise ProjectorError(
                 "projector standardize: the token statistics were never fitted; stage 1 fits them on the "
                 "training scans (TokenStandardizer.fit), and a saved model carries them"
             )
+        self._seen_fitted = True
         return (tokens - self.mean.to(tokens.dtype)) / self.std.to(tokens.dtype)
 
 

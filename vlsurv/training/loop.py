@@ -14,7 +14,6 @@ question ids), tracker logs (``tensorboard/``), ``final/``.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, s
 from tqdm.auto import tqdm
 
 from vlsurv.config import save_config, to_dict
+from vlsurv.jsonl import to_line
 from vlsurv.training.checkpoints import CheckpointManager, keep_changing_weights, read_state
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.evaluation import ValidationResult, validate
@@ -139,10 +139,10 @@ class Trainer:
         if self.accelerator.is_main_process:
             line = {"step": self.step, "epochs_completed": self.epoch, **result.metrics(), "note": result.c_index_note}
             with (self.run_dir / "validation.jsonl").open("a") as handle:
-                handle.write(json.dumps(line) + "\n")
+                handle.write(to_line(line))
             with (self.run_dir / "samples.jsonl").open("a") as handle:
                 for sample in result.samples:
-                    handle.write(json.dumps({"step": self.step, **sample}) + "\n")
+                    handle.write(to_line({"step": self.step, **sample}))
         return result
 
     def metric_of(self, result: ValidationResult) -> float | None:
@@ -163,7 +163,7 @@ class Trainer:
         self.accelerator.log(values, step=self.step)
         if self.accelerator.is_main_process:
             with (self.run_dir / "train_log.jsonl").open("a") as handle:
-                handle.write(json.dumps({"step": self.step, "epoch": self.epoch, **values}) + "\n")
+                handle.write(to_line({"step": self.step, "epoch": self.epoch, **values}))
 
     # --- the loop ------------------------------------------------------------------------------------------
     def micro_step(self, indices: list[int]) -> dict[str, float]:

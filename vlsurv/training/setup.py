@@ -93,7 +93,7 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
     if standardizer is None:
         return
     scan_ids = sorted({sample.scan_id for sample in data.train.samples})
-    standardizer.fit(torch.stack([data.train.tokens.get(scan_id).float() for scan_id in scan_ids]))
+    standardizer.fit(torch.stack([data.train.tokens.get(scan_id) for scan_id in scan_ids]))
 
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
