@@ -1,4 +1,5 @@
-# Two entry points: `make demo` and `make test`. Each creates .venv when it is missing.
+# Entry points: `make demo`, `make test` and `make test-fast` (no slow, distributed or resume tests).
+# Each creates .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch>=2.1"; else echo "torch==2.13.0"; fi)
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test test-fast lint clean
 
 venv: $(STAMP)
 
@@ -23,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not distributed and not resume"
 
 lint: $(STAMP)
 	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks

@@ -1,7 +1,8 @@
 """``python -m qa_extraction <command> [options]``: one table maps each command to its ``main(argv)``.
 
-A bad input (any ValueError: missing column, duplicate id, unreachable server...) is printed as one
-line ``python -m qa_extraction <command>: error: <message>`` and exits with status 2.
+A bad input (any ``vlsurv.errors.InputError``: missing column, duplicate id, unreachable server...) is
+printed as one line ``python -m qa_extraction <command>: error: <message>`` and exits with status 2;
+``python -m qa_extraction --debug <command>`` (or ``VLSURV_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qa_extraction").setLevel(logging.INFO)
     argv = list(sys.argv[1:] if argv is None else argv)
-    return dispatch(argv, COMMANDS, "python -m qa_extraction", handled=(ValueError,))
+    return dispatch(argv, COMMANDS, "python -m qa_extraction")
 
 
 if __name__ == "__main__":

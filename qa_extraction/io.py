@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlsurv.errors import InputError
 from vlsurv.files import cut_torn_last_line
 from vlsurv.jsonl import parse_jsonl, to_line, write_jsonl
 
@@ -32,7 +33,7 @@ STATUSES = ("present", "absent", "not_mentioned", "error")
 ROW_KEYS = ("report_id", "question_id", "question", "answer", "status", "backend", "model")
 
 
-class ExtractionInputError(ValueError):
+class ExtractionInputError(InputError):
     """A reports table, extraction file or labels table that is not in the expected form."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from qa_extraction.io import Report
+from vlsurv.errors import InputError
 from vlsurv.prompts import PromptError, Question, read_template
 
 Messages = list[dict[str, str]]
@@ -27,7 +28,7 @@ _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.I)
 
 
-class AnswerFormatError(ValueError):
+class AnswerFormatError(InputError):
     """A model reply that is not the JSON answer the prompt asks for."""
 
 

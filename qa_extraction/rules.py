@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from qa_extraction.text import Clause, Lexicon, split_report
+from vlsurv.errors import InputError
 from vlsurv.prompts import Question
 
 RULE_KEYS = ("terms", "weak_terms", "context", "exclude", "off_topic", "on_topic", "negated_by", "uncertain",
@@ -40,7 +41,7 @@ RULES_MODEL = "rules-v1"
 _SIZE = re.compile(r"\b\d+(?:\.\d+)?\s*(?:x\s*\d+(?:\.\d+)?\s*){0,2}(?:mm|cm)\b", re.I)
 
 
-class RuleError(ValueError):
+class RuleError(InputError):
     """A question's ``rules:`` block that the rules backend cannot use."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from vlsurv.errors import InputError
 from vlsurv.prompts import PROMPTS_DIR
 
 LEXICON_FILE = Path("extraction") / "negex.yaml"
@@ -36,7 +37,7 @@ _LABEL = re.compile(r"^([A-Za-z][A-Za-z /&-]{0,40}?)\s*:\s*(?=\S)")
 _ABBREVIATION = re.compile(r"\b(?:approx|e\.g|i\.e|vs|dr|no|fig|max|min|ca|cf|resp|incl)\s*$", re.I)
 
 
-class LexiconError(ValueError):
+class LexiconError(InputError):
     """A cue lexicon file that is missing keys or holds a bad regular expression."""
 
 

@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny Llama decoder directory built once per session, and a model config for it."""
+"""Shared test helpers: a tiny Llama decoder directory built once per session and a model config for it; the
+tiny training inputs (cohort, VQA file, feature cache) and configs; a fixed global batch for the distributed tests.
+
+Test files import the plain helpers with ``from conftest import ...`` (``tests/`` is on ``sys.path``, also for the
+files that ``accelerate launch`` runs as scripts).
+"""
 
 from __future__ import annotations
 
@@ -51,3 +56,136 @@ def tiny_model_config(tiny_decoder_dir):
         num_image_tokens=TINY_IMAGE_TOKENS,
         lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
     )
+
+
+# --- tiny training inputs: a synthetic cohort, its VQA file and feature cache --------------------------------
+
+TINY_COHORT_PATIENTS = 24
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _answer(question_id: str, f: dict) -> str:
+    """A short answer from the ground-truth findings of one scan."""
+    def has(key):
+        return bool(f[key])
+
+    if question_id == "tumor":
+        return f"A {f['tumor_size_mm']:.0f} mm mass in the {f['tumor_lobe']}." if has("tumor") else "No primary mass."
+    if question_id == "lymph_nodes":
+        return f"Enlarged {f['node_station']} node, {f['node_size_mm']:.0f} mm." if has("lymph_nodes") else (
+            "No enlarged lymph nodes.")
+    if question_id == "pleura":
+        return f"{f['effusion_side']} pleural effusion." if has("pleura") else "No pleural effusion."
+    if question_id == "metastases":
+        return f"Metastases: {f['metastasis_sites']}." if has("metastases") else "No distant metastases."
+    if question_id == "vessels":
+        return f"The {f['vessel']} is involved." if has("vessels") else "Major vessels are not involved."
+    return f"{f['bone_lesion_type']} lesion of the {f['bone_site']}." if has("bone") else "No bone lesions."
+
+
+def build_tiny_inputs(root: Path, n: int = TINY_COHORT_PATIENTS, seed: int = 0) -> dict[str, Path]:
+    """{manifest, vqa, cache} for a tiny cohort under ``root``: ``make_cohort``, a VQA file written from its
+    findings, and a feature cache from the tiny Merlin-architecture encoder (4 tokens x 256 per scan)."""
+    import json
+
+    import pandas as pd
+
+    from vlsurv.data.synthetic import make_cohort
+    from vlsurv.data.transforms import PreprocessConfig
+    from vlsurv.encoders.cache import encode_manifest
+    from vlsurv.encoders.merlin import MerlinImageEncoder
+    from vlsurv.prompts import load_questions
+
+    manifest = make_cohort(n, seed, root / "cohort", shape=(48, 48, 32))
+    findings = pd.read_csv(root / "cohort" / "findings.csv").to_dict("records")
+    rows = [
+        {"scan_id": f["scan_id"], "question_id": q.id, "question": q.text, "answer": _answer(q.id, f)}
+        for f in findings
+        for q in load_questions("lung")
+    ]
+    vqa = root / "vqa.jsonl"
+    vqa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preprocess = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
+    encode_manifest(manifest, root / "cache", MerlinImageEncoder.tiny(), preprocess, progress=False)
+    return {"manifest": manifest, "vqa": vqa, "cache": root / "cache"}
+
+
+def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: str):
+    """configs/tiny/<name>.yaml (a ``TrainConfig``) pointed at the test's cohort, decoder and output folder."""
+    from vlsurv.training.config import load_train_config
+
+    return load_train_config(ROOT / f"configs/tiny/{name}.yaml", [
+        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
+        f"model.decoder_path={decoder}", f"output_dir={out}", "tracker=none", *overrides,
+    ])
+
+
+# --- a fixed global batch for the one-process vs two-process (and window risk set) comparisons ---------------
+
+GLOBAL_BATCH = 7
+CUTS = [100.0, 400.0, 900.0]
+TIMES = [50.0, 800.0, 300.0, 300.0, 1200.0, 90.0, 650.0]
+EVENTS = [1, 0, 1, 1, 0, 1, 1]
+TEXTS = [
+    ("64 year-old male former smoker.", "What is the location and size of the primary lung tumor?",
+     "A 3.2 cm spiculated mass in the right upper lobe."),
+    ("71 year-old female never smoker.", "Is there any pleural involvement or effusion present?",
+     "Small left pleural effusion."),
+    ("58 year-old male.", "Are metastases or involvement of other organs observed?", "No distant metastases."),
+]
+
+
+def build_model(decoder: str, head: str):
+    """A seeded tiny stage-2 model (LoRA + survival branch trainable); DeepHit gets fixed cuts."""
+    import torch
+
+    from vlsurv.model import LoRAConfig, ModelConfig, SurvivalConfig, VisionLanguageSurvivalModel
+    from vlsurv.model.survival import DeepHitCuts
+
+    torch.manual_seed(0)
+    config = ModelConfig(
+        decoder_path=decoder, image_token_dim=16, num_image_tokens=4,
+        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
+    )
+    model = VisionLanguageSurvivalModel(config)
+    if head == "deephit":
+        model.set_deephit_cuts(DeepHitCuts(CUTS))
+    model.set_stage(2)
+    with torch.no_grad():  # LoRA B starts at zero; move it so that every LoRA gradient is informative
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def global_batch(processor, indices: list[int]) -> dict:
+    """The rows ``indices`` of the fixed global batch, right-padded."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randn(GLOBAL_BATCH, 4, 16, generator=generator)
+    items = []
+    for i in indices:
+        clinical, question, answer = TEXTS[i % len(TEXTS)]
+        item = processor.encode(clinical, question, answer if i % 4 else answer + " Stable.")
+        item.update(image_tokens=tokens[i], time=torch.tensor(TIMES[i]), event=torch.tensor(EVENTS[i]))
+        items.append(item)
+    return processor.collate(items)
+
+
+def run_step(model, forward, batch: dict, head: str):
+    """(loss parts, the tensor to backpropagate) of the stage-2 step loss on ``batch`` through ``forward``."""
+    from vlsurv.training.config import LossConfig
+    from vlsurv.training.objective import step_loss
+
+    output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
+    cuts = model.deephit_cuts if head == "deephit" else None
+    loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5), cuts=cuts)
+    return loss.parts, loss.backward
+
+
+def gradients(model) -> dict:
+    """{name: a copy of the gradient} of every trainable parameter."""
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}

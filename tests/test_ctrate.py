@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vlsurv.data.clinical import MissingClinicalFieldsWarning, clinical_sentence
 from vlsurv.data.ct import load_ct
 from vlsurv.data.ctrate import (
     CTRateError,
@@ -17,8 +18,10 @@ from vlsurv.data.ctrate import (
     find_ctrate_volumes,
     iter_ctrate,
     load_ctrate_volume,
+    parse_dicom_age,
     parse_volume_name,
     parse_xy_spacing,
+    read_ctrate_demographics,
     read_ctrate_metadata,
     read_ctrate_reports,
 )
@@ -157,3 +160,64 @@ def test_cli_converts_and_names_a_missing_report(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--reports", str(tmp_path / "few.csv")])
     assert "few.csv: no report for volume(s) ['valid_1_a_2'" in capsys.readouterr().err
+
+
+# CT-RATE's metadata columns for demographics (plus geometry), made up inline: ages as DICOM strings.
+DEMOGRAPHICS_CSV = """VolumeName,PatientSex,PatientAge,XYSpacing,ZSpacing,RescaleSlope,RescaleIntercept
+valid_1_a_1.nii.gz,M,036Y,"[0.7, 0.7]",1.5,1,-1024
+valid_1_a_2.nii.gz,M,036Y,"[0.7, 0.7]",1.5,1,-1024
+valid_2_a_1.nii.gz,F,081Y,"[0.7, 0.7]",1.5,1,-1024
+valid_5_a_1.nii.gz,,,"[0.7, 0.7]",1.5,1,-1024
+"""
+
+
+def test_dicom_ages():
+    assert parse_dicom_age("036Y") == 36.0 and parse_dicom_age("006M") == 0.5 and parse_dicom_age("14D") == 14 / 365.25
+    assert np.isnan(parse_dicom_age("")) and np.isnan(parse_dicom_age(None)) and np.isnan(parse_dicom_age(float("nan")))
+    with pytest.raises(CTRateError, match=r"PatientAge: got '36 years'; expected a DICOM age such as '036Y'"):
+        parse_dicom_age("36 years")
+
+
+def test_demographics_and_the_chest_ct_sentence(tmp_path):
+    (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV)
+    assert read_ctrate_demographics(tmp_path / "meta.csv")["valid_2_a_1"] == {"age": 81.0, "sex": "female"}
+    for seed, name in enumerate(NAMES):
+        write_raw_volume(tmp_path / "flat" / f"{name}.nii.gz", seed)
+    table = ctrate_manifest(tmp_path / "flat", REPORTS, tmp_path / "meta.csv")
+    assert table["age"].tolist()[:3] == [36.0, 36.0, 81.0] and np.isnan(table["age"][3])
+    assert table["sex"].tolist() == ["male", "male", "female", None]
+    sentences = [clinical_sentence(row, "chest_ct") for row in table.to_dict("records")]
+    assert sentences == ["A 36-year-old male patient undergoing chest CT.", "A 36-year-old male patient undergoing "
+                         "chest CT.", "An 81-year-old female patient undergoing chest CT.", "A patient undergoing chest CT."]
+    assert not any("lung cancer" in sentence.lower() for sentence in sentences)
+
+
+def test_bad_demographics_name_row_and_field(tmp_path):
+    (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV.replace(",F,081Y,", ",X,081Y,"))
+    with pytest.raises(CTRateError, match=r"meta\.csv: row 3 \(valid_2_a_1\.nii\.gz\): field 'PatientSex': got 'X'; "
+                                          r"expected M, F or O"):
+        read_ctrate_demographics(tmp_path / "meta.csv")
+    (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV.replace(",M,036Y,", ",M,thirty,", 1))
+    with pytest.raises(CTRateError, match=r"row 1 \(valid_1_a_1\.nii\.gz\): field 'PatientAge': got 'thirty'"):
+        read_ctrate_demographics(tmp_path / "meta.csv")
+
+
+def test_cli_writes_age_sex_and_names_the_template(tmp_path, capsys):
+    from vlsurv.cli import main
+
+    nested_layout(tmp_path / "ct_rate")
+    (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV)
+    args = ["ctrate", "--volumes", str(tmp_path / "ct_rate"), "--metadata", str(tmp_path / "meta.csv"),
+            "--reports", str(REPORTS), "--out", str(tmp_path / "o")]
+    with pytest.warns(MissingClinicalFieldsWarning) as caught:  # valid_5_a_1 has no age and no sex: 1 of 4
+        assert main(args) == 0
+    assert "model.clinical_template=chest_ct" in capsys.readouterr().out
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "age 25% (columns age, Age, age_at_scan)" in message and "sex 25%" in message
+    assert "nodule" not in message.lower() and "trachea" not in message.lower()
+    table = load_manifest(tmp_path / "o" / "manifest.csv", require_survival=False)
+    assert table["age"].tolist()[:3] == [36.0, 36.0, 81.0] and table["sex"].tolist()[:3] == ["male", "male", "female"]
+    assert clinical_sentence(table.iloc[0], "chest_ct") == "A 36-year-old male patient undergoing chest CT."
+    with pytest.raises(SystemExit):
+        main([*args, "--max-missing-fraction", "2"])
+    assert "--max-missing-fraction: expected a fraction between 0 and 1, got 2.0" in capsys.readouterr().err

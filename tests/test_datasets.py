@@ -1,18 +1,14 @@
-"""VQA + manifest + feature cache -> training samples; also builds the tiny training inputs other train tests use.
-
-``build_tiny_inputs(root)`` makes a synthetic cohort (``make_cohort``), a VQA file written from its findings, and a
-feature cache encoded with the tiny Merlin-architecture encoder (4 tokens x 256 per scan).
-"""
+"""VQA + manifest + feature cache -> training samples (the tiny training inputs: ``conftest.build_tiny_inputs``)."""
 
 from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from conftest import build_tiny_inputs
 
 from vlsurv.data.datasets import (
     DatasetError,
@@ -22,49 +18,7 @@ from vlsurv.data.datasets import (
     training_samples,
 )
 
-N_PATIENTS = 24
 IMAGE_TOKENS, IMAGE_DIM = 4, 256
-
-
-def _answer(question_id: str, f: dict) -> str:
-    """A short answer from the ground-truth findings of one scan."""
-    def has(key):
-        return bool(f[key])
-
-    if question_id == "tumor":
-        return f"A {f['tumor_size_mm']:.0f} mm mass in the {f['tumor_lobe']}." if has("tumor") else "No primary mass."
-    if question_id == "lymph_nodes":
-        return f"Enlarged {f['node_station']} node, {f['node_size_mm']:.0f} mm." if has("lymph_nodes") else (
-            "No enlarged lymph nodes.")
-    if question_id == "pleura":
-        return f"{f['effusion_side']} pleural effusion." if has("pleura") else "No pleural effusion."
-    if question_id == "metastases":
-        return f"Metastases: {f['metastasis_sites']}." if has("metastases") else "No distant metastases."
-    if question_id == "vessels":
-        return f"The {f['vessel']} is involved." if has("vessels") else "Major vessels are not involved."
-    return f"{f['bone_lesion_type']} lesion of the {f['bone_site']}." if has("bone") else "No bone lesions."
-
-
-def build_tiny_inputs(root: Path, n: int = N_PATIENTS, seed: int = 0) -> dict[str, Path]:
-    """{manifest, vqa, cache} for a tiny cohort under ``root``."""
-    from vlsurv.data.synthetic import make_cohort
-    from vlsurv.data.transforms import PreprocessConfig
-    from vlsurv.encoders.cache import encode_manifest
-    from vlsurv.encoders.merlin import MerlinImageEncoder
-    from vlsurv.prompts import load_questions
-
-    manifest = make_cohort(n, seed, root / "cohort", shape=(48, 48, 32))
-    findings = pd.read_csv(root / "cohort" / "findings.csv").to_dict("records")
-    rows = [
-        {"scan_id": f["scan_id"], "question_id": q.id, "question": q.text, "answer": _answer(q.id, f)}
-        for f in findings
-        for q in load_questions("lung")
-    ]
-    vqa = root / "vqa.jsonl"
-    vqa.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    preprocess = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
-    encode_manifest(manifest, root / "cache", MerlinImageEncoder.tiny(), preprocess, progress=False)
-    return {"manifest": manifest, "vqa": vqa, "cache": root / "cache"}
 
 
 class FakeTokens:

@@ -7,9 +7,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from lifelines.statistics import logrank_test
 
 from vlsurv import metrics as M
 from vlsurv.cli import main as cli_main
+from vlsurv.errors import InputError
 from vlsurv.evaluate import EvaluationConfig, EvaluationError, evaluate_predictions
 
 QUESTIONS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
@@ -239,3 +241,153 @@ def test_bad_prediction_and_answer_files_name_the_line_and_field(tmp_path):
     path.unlink()
     with pytest.raises(EvaluationError, match=r"predictions.csv does not exist"):
         run()
+
+
+def add_repeat_scans(folder, manifest, predictions, patients, copies, days_later=0.0, seed=1):
+    """Append ``copies`` more scans of each of ``patients`` (after every other row): the same event, the
+    follow-up ``days_later`` days shorter per scan, and the same risk (``days_later=0``) or a noisy one."""
+    rng = np.random.default_rng(seed)
+    scans, risks = [], []
+    for k in range(1, copies + 1):
+        for _, row in manifest[manifest.patient_id.isin(patients)].iterrows():
+            scan_id = f"{row.scan_id}_r{k}"
+            scans.append(row.to_dict() | {"scan_id": scan_id, "image": f"images/{scan_id}.nii.gz",
+                                          "time": max(row.time - k * days_later, 1.0)})
+            risk = predictions.set_index("scan_id").loc[row.scan_id]
+            noise = 0.0 if days_later == 0 else rng.normal(scale=0.3, size=risk.size)
+            risks.append({"scan_id": scan_id, **(risk + noise).to_dict()})
+    repeated = pd.concat([manifest, pd.DataFrame(scans)], ignore_index=True)
+    repeated.to_csv(folder / "manifest.csv", index=False)
+    repeated_predictions = pd.concat([predictions, pd.DataFrame(risks)], ignore_index=True)
+    repeated_predictions.to_csv(folder / "out" / "predictions.csv", index=False)
+    return repeated
+
+
+def _evaluate(folder, name, **kw):
+    metrics = evaluate_predictions(
+        folder / "out", folder / "manifest.csv", folder / name, config=_config(**kw)
+    )
+    saved = json.loads((folder / name / "metrics.json").read_text())
+    assert saved["patient_level"] == metrics["patient_level"]
+    return metrics
+
+
+def test_identical_repeat_scans_change_no_patient_level_number(tmp_path):
+    """Every test patient scanned three times (same time, event, risk) is still one patient."""
+    manifest, predictions = make_case(tmp_path)
+    single = _evaluate(tmp_path, "single", bootstrap=200)
+    test_patients = manifest.patient_id[manifest.split == "test"]
+    add_repeat_scans(tmp_path, manifest, predictions, test_patients, copies=2)
+    repeated = _evaluate(tmp_path, "repeated", bootstrap=200)
+    assert repeated["n"] == 3 * single["n"] == 180 and repeated["n_patients"] == single["n_patients"] == 60
+    level = repeated["patient_level"]
+    assert level["method"] == "cluster_bootstrap" and level["patients_with_several_scans"] == 60
+    assert "over patients" in level["bootstrap"] and "one scan per patient" in level["kaplan_meier_logrank"]
+    for key in ("c_index", "uno_c", "td_auc_mean", "logrank_p"):
+        assert repeated[key] == pytest.approx(single[key]), key
+    assert repeated["c_index_ci"] == pytest.approx(single["c_index_ci"])
+    assert repeated["uno_c_ci"] == pytest.approx(single["uno_c_ci"])
+    assert repeated["calibration"] == single["calibration"]
+    test = manifest.merge(predictions, on="scan_id")[lambda f: f.split == "test"]
+    index = np.repeat(np.arange(len(test)), 3)
+    scans = M.bootstrap_ci(M.concordance_index, test.time.to_numpy()[index], test.event.to_numpy()[index],
+                           test.risk.to_numpy()[index], n=200, seed=0)
+    ci = repeated["c_index_ci"]
+    assert scans.high - scans.low < 0.75 * (ci[1] - ci[0])  # what treating scans as patients would report
+
+
+def test_later_scans_are_left_out_of_the_log_rank_and_first_scan_mode_keeps_one_per_patient(tmp_path):
+    manifest, predictions = make_case(tmp_path, n=300, n_train=150)
+    single = _evaluate(tmp_path, "single", bootstrap=50)
+    test = manifest.merge(predictions, on="scan_id")[lambda f: f.split == "test"]
+    several = test.patient_id.iloc[::2]
+    add_repeat_scans(tmp_path, manifest, predictions, several, copies=3, days_later=30.0)
+    cluster = _evaluate(tmp_path, "cluster", bootstrap=50)
+    scans = tmp_path / "manifest.csv"
+    scans = pd.read_csv(scans, dtype={"scan_id": str}).merge(
+        pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"scan_id": str}), on="scan_id"
+    )[lambda f: f.split == "test"]
+    assert cluster["n"] == len(scans) == 150 + 3 * 75 and cluster["n_patients"] == 150
+    assert cluster["c_index"] == pytest.approx(M.concordance_index(scans.time, scans.event, scans.risk))
+    high = test.risk > test.risk.median()
+    expected = logrank_test(test.time[high], test.time[~high], test.event[high], test.event[~high])
+    assert cluster["logrank_p"] == pytest.approx(expected.p_value)
+    assert "the scan with the longest follow-up" in cluster["patient_level"]["one_scan_rule"]
+    first = _evaluate(tmp_path, "first", bootstrap=50, patient_level="first-scan")
+    assert first["patient_level"]["method"] == "one_scan_per_patient" and first["n"] == 150
+    for key in ("c_index", "c_index_ci", "uno_c_ci", "logrank_p", "calibration"):
+        assert first[key] == pytest.approx(single[key]) if key != "calibration" else first[key] == single[key]
+    by_column = _evaluate(tmp_path, "by_column", bootstrap=50, patient_level="first-scan",
+                          scan_order_column="time")  # the shortest follow-up: the last scan
+    last = scans.sort_values("time", kind="stable").drop_duplicates("patient_id")
+    assert by_column["c_index"] == pytest.approx(M.concordance_index(last.time, last.event, last.risk))
+    assert by_column["patient_level"]["one_scan_rule"].startswith("the scan with the smallest time")
+
+
+def test_bad_patient_level_options_name_the_field(tmp_path):
+    make_case(tmp_path)
+    with pytest.raises(EvaluationError, match=r"patient_level: expected 'cluster' or 'first-scan', got 'sc'"):
+        _config(patient_level="sc")
+    with pytest.raises(
+        EvaluationError,
+        match=r"scan_order_column 'scan_date' is not a column of .*manifest.csv; found \[.*'split'",
+    ):
+        _evaluate(tmp_path, "eval", scan_order_column="scan_date")
+    assert issubclass(EvaluationError, InputError) and issubclass(M.MetricError, InputError)
+
+
+def test_calibration_uses_the_train_rows_breslow_baseline_by_default(tmp_path):
+    manifest, predictions = make_case(tmp_path)
+    metrics = _evaluate(tmp_path, "eval")
+    assert metrics["calibration_baseline"] == "train" and metrics["calibration_in_sample"] is False
+    rows = manifest.merge(predictions, on="scan_id")
+    train, test = rows[rows.split == "train"], rows[rows.split == "test"]
+    out_of_sample = M.breslow_risk_at(train.time, train.event, train.risk, test.risk, [365.0])[:, 0]
+    in_sample = M.breslow_risk_at(test.time, test.event, test.risk, test.risk, [365.0])[:, 0]
+    table = pd.DataFrame(metrics["calibration"]["365"])
+    expected = M.calibration_table(test.time, test.event, out_of_sample, 365.0)
+    np.testing.assert_allclose(table.predicted, expected.predicted)
+    in_sample_table = M.calibration_table(test.time, test.event, in_sample, 365.0)
+    assert not np.allclose(table.predicted, in_sample_table.predicted)
+
+
+def test_in_sample_calibration_is_said_on_the_command_line_in_metrics_json_and_the_report(tmp_path, capsys):
+    make_case(tmp_path, with_train_predictions=False)
+    argv = ["evaluate", "--predictions", str(tmp_path / "out"), "--manifest", str(tmp_path / "manifest.csv"),
+            "--out", str(tmp_path / "eval"), "--horizons", "365", "--bootstrap", "20"]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr()
+    assert "vlsurv evaluate: warning: calibration is IN-SAMPLE" in printed.err
+    assert "--split all" in printed.err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["calibration_in_sample"] is True and metrics["calibration_baseline"] == "in-sample"
+    assert "IN-SAMPLE" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_scan_order_column_of_dates_picks_the_earliest_scan_and_bad_dates_are_named(tmp_path):
+    manifest, predictions = make_case(tmp_path)
+    test_patients = manifest.patient_id[manifest.split == "test"]
+    repeated = add_repeat_scans(tmp_path, manifest, predictions, test_patients, copies=1, days_later=30.0)
+    later = repeated.scan_id.str.endswith("_r1")  # dated before the original scan: the earliest
+    dates = pd.Timestamp("2020-06-01") + pd.to_timedelta(np.where(later, -10, 0), unit="D")
+    repeated.assign(scan_date=dates.strftime("%Y-%m-%d")).to_csv(tmp_path / "manifest.csv", index=False)
+    metrics = _evaluate(tmp_path, "dated", patient_level="first-scan", scan_order_column="scan_date")
+    rows = repeated[later].merge(pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"scan_id": str}))
+    assert metrics["n"] == 60 and metrics["c_index"] == pytest.approx(
+        M.concordance_index(rows.time, rows.event, rows.risk)
+    )
+    dates = dates.strftime("%Y-%m-%d").to_numpy().copy()
+    missing = repeated.scan_id[later].iloc[3]
+    dates[np.flatnonzero(later)[3]] = "soon"
+    repeated.assign(scan_date=dates).to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(
+        EvaluationError,
+        match=rf"scan_order_column 'scan_date': expected numbers or dates, got 'soon' \(scan_id {missing}\)",
+    ):
+        _evaluate(tmp_path, "bad", scan_order_column="scan_date")
+    dates[np.flatnonzero(later)[3]] = ""
+    repeated.assign(scan_date=dates).to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(
+        EvaluationError, match=rf"manifest.csv: scan_order_column 'scan_date' is empty for scan_id {missing}"
+    ):
+        _evaluate(tmp_path, "empty", scan_order_column="scan_date")

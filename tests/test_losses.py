@@ -18,6 +18,7 @@ from torchsurv.loss.cox import neg_partial_log_likelihood
 
 from vlsurv import losses
 from vlsurv.losses import LossInputError
+from vlsurv.model.survival import DEEPHIT_CENSORING, DeepHitCuts
 
 
 def _numeric(frame) -> np.ndarray:
@@ -219,6 +220,52 @@ def test_deephit_nll_matches_pycox_formula(name):
     )
 
 
+def _credit_reference(logits, bins, event, credit):
+    """Direct loop over rows: -(1/N) sum [d log p_k + (1 - d) ((1 - w) log S_{k-1} + w log S_k)]."""
+    probs = torch.softmax(logits, dim=1)
+    total = 0.0
+    for i, k in enumerate(bins.tolist()):
+        if event[i]:
+            total += math.log(probs[i, k])
+            continue
+        weight = float(credit[i])
+        total += (1.0 - weight) * math.log(probs[i, k:].sum())
+        total += weight * math.log(probs[i, k + 1:].sum()) if weight > 0 else 0.0
+    return -total / len(bins)
+
+
+@pytest.mark.parametrize("censoring", DEEPHIT_CENSORING)
+def test_deephit_nll_censored_credit_matches_direct_reference(censoring):
+    covariates, time, event = _survival_set("whas500")
+    cuts = DeepHitCuts.from_times(time, event, num_bins=6, censoring=censoring)
+    labels = cuts.labels(time, event)
+    assert bool((labels.bin_index == 6).any())  # rows after the last cut
+    partial = bool(((labels.censored_credit > 0) & (labels.censored_credit < 1)).any())
+    assert partial == (censoring in ("interpolate", "life_table"))
+    weights = np.random.default_rng(1).normal(scale=0.25, size=(covariates.shape[1], 7))
+    logits = torch.tensor(covariates @ weights, dtype=torch.float64)
+    loss = losses.deephit_nll(logits, labels.bin_index, labels.event, labels.censored_credit)
+    reference = _credit_reference(logits, labels.bin_index, labels.event, labels.censored_credit)
+    assert float(loss) == pytest.approx(reference, rel=1e-10)
+
+
+def test_deephit_nll_credit_one_is_the_default_and_zero_is_the_cut_before():
+    logits = torch.randn(4, 4, dtype=torch.float64)
+    bins, event = torch.tensor([1, 2, 2, 0]), torch.tensor([0, 0, 1, 0])
+    torch.testing.assert_close(
+        losses.deephit_nll(logits, bins, event), losses.deephit_nll(logits, bins, event, torch.ones(4).double())
+    )
+    zero = losses.deephit_nll(logits[:3], bins[:3], event[:3], torch.zeros(3).double())
+    torch.testing.assert_close(zero, losses.deephit_nll(logits[:3], torch.tensor([0, 1, 2]), event[:3]))
+
+
+def test_deephit_nll_gradient_finite_with_censored_rows_in_the_tail_column():
+    logits = torch.tensor([[30.0, -30.0, -30.0], [-30.0, -30.0, 30.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    loss = losses.deephit_nll(logits, torch.tensor([2, 2, 0]), torch.tensor([0, 0, 0]), torch.tensor([0.0, 0.0, 1.0]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
 def _ranking_reference(logits, bins, event, sigma):
     """Direct O(N^2) loops over pycox's pair_rank_mat and exp(-(F_i(T_i) - F_j(T_i)) / sigma)."""
     cdf = torch.softmax(logits, dim=1).cumsum(1)
@@ -267,6 +314,14 @@ def test_deephit_losses_finite_for_extreme_logits(rows):
         ("deephit_nll", {"bin_index": torch.tensor([0, 4])}, r"`bin_index` must lie in \[0, 3\]"),
         ("deephit_nll", {"bin_index": torch.tensor([0.0, 1.0])}, "`bin_index` must be an integer tensor"),
         ("deephit_nll", {"event": torch.tensor([1, 0]), "bin_index": torch.tensor([0, 3])}, "a censored row"),
+        (
+            "deephit_nll",
+            {"event": torch.tensor([1, 0]), "bin_index": torch.tensor([0, 3]), "censored_credit": torch.ones(2)},
+            r"a censored row has `bin_index` = 3 .* and `censored_credit` > 0; it must be 0 there",
+        ),
+        ("deephit_nll", {"censored_credit": torch.tensor([0.5, 1.5])}, r"`censored_credit` must lie in \[0, 1\]"),
+        ("deephit_nll", {"censored_credit": torch.tensor([1, 0])}, "`censored_credit` must be a floating-point"),
+        ("deephit_nll", {"censored_credit": torch.ones(3)}, r"`censored_credit` must have shape \(2,\)"),
         ("deephit_nll", {"logits": torch.zeros(2, 1)}, r"`logits` must have shape \(N, K\+1\)"),
         ("deephit_nll", {"event": torch.tensor([1])}, r"`event` must have shape \(2,\)"),
         ("deephit_ranking_loss", {"sigma": 0.0}, "`sigma` must be > 0"),

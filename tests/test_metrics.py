@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from lifelines import CoxPHFitter
 from lifelines.datasets import load_rossi
@@ -246,3 +247,98 @@ def test_bertscore_bad_model_path_and_inputs(tmp_path):
         metrics_text.bertscore(["a"], ["b", "c"])
     with pytest.raises(metrics_text.BertScoreError, match=r"num_layers must be in \[1, 6\]"):
         metrics_text.bertscore(["a"], ["b"], num_layers=9)
+
+
+def _repeat_rows(size: int, seed: int, fraction: float = 0.5, copies: int = 4) -> np.ndarray:
+    """Row indices where a random ``fraction`` of the rows appear ``copies`` times (one patient's scans)."""
+    rng = np.random.default_rng(seed)
+    return np.repeat(np.arange(size), np.where(rng.random(size) < fraction, copies, 1))
+
+
+def test_cluster_bootstrap_of_a_cohort_copied_three_times_is_the_row_bootstrap_of_the_original(rossi):
+    time, event, log_risk, *_ = rossi
+    index = np.repeat(np.arange(time.size), 3)
+    original = M.bootstrap_ci(M.concordance_index, time, event, log_risk, n=100, seed=5)
+    rows = M.bootstrap_ci(M.concordance_index, time[index], event[index], log_risk[index], n=100, seed=5)
+    clustered = M.bootstrap_ci(
+        M.concordance_index, time[index], event[index], log_risk[index], n=100, seed=5, groups=index
+    )
+    assert rows.high - rows.low < 0.75 * (original.high - original.low)  # scans as patients: too narrow
+    assert clustered.estimate == pytest.approx(original.estimate)
+    assert clustered.as_list() == pytest.approx(original.as_list())
+    assert clustered.n_groups == time.size and rows.n_groups == index.size
+    singletons = M.bootstrap_ci(M.concordance_index, time, event, log_risk, n=100, seed=5, groups=-time)
+    assert singletons.as_list() != original.as_list()  # groups of tied times: a different resampling
+    unique = M.bootstrap_ci(
+        M.concordance_index, time, event, log_risk, n=100, seed=5, groups=np.arange(time.size)
+    )
+    assert unique == original
+
+
+@pytest.mark.parametrize("loader", [load_whas500, load_gbsg2], ids=["whas500", "gbsg2"])
+def test_repeat_scans_of_half_the_patients_narrow_the_row_bootstrap_but_not_the_cluster_bootstrap(loader):
+    """Four identical scans for half of the patients weigh them 4x: the C-index can only get less certain."""
+    time, event, risk, *_ = _sksurv_cohort(loader)
+    event = event.astype(int)
+    index = _repeat_rows(time.size, seed=0)
+    original = M.bootstrap_ci(M.concordance_index, time, event, risk, n=100, seed=1)
+    rows = M.bootstrap_ci(M.concordance_index, time[index], event[index], risk[index], n=100, seed=1)
+    clustered = M.bootstrap_ci(
+        M.concordance_index, time[index], event[index], risk[index], n=100, seed=1, groups=index
+    )
+    width, clustered_width = original.high - original.low, clustered.high - clustered.low
+    assert clustered_width > 0.95 * width and rows.high - rows.low < 0.75 * clustered_width
+
+
+def _clustered_cohort(rng, n_patients=150):
+    """A PH cohort where half of the patients have 4 scans: one patient risk plus scan noise, and each
+    later scan 20 days closer to the event. Returns scan-level (time, event, risk, patient)."""
+    log_risk = rng.normal(size=n_patients)
+    event_time, censor_time = rng.exponential(1000 * np.exp(-log_risk)), rng.uniform(0, 3000, n_patients)
+    scans = np.where(rng.random(n_patients) < 0.5, 4, 1)
+    patient = np.repeat(np.arange(n_patients), scans)
+    later = np.concatenate([np.arange(k) for k in scans])
+    patient_risk = log_risk + rng.normal(scale=0.5, size=n_patients)
+    risk = patient_risk[patient] + rng.normal(scale=0.3, size=patient.size)
+    time = np.maximum(np.minimum(event_time, censor_time)[patient] - 20.0 * later, 0.5)
+    return time, (event_time <= censor_time).astype(int)[patient], risk, patient
+
+
+def test_cluster_bootstrap_standard_error_matches_the_spread_over_simulated_cohorts():
+    rng = np.random.default_rng(0)
+    spread = np.std([M.concordance_index(*_clustered_cohort(rng)[:3]) for _ in range(200)])
+    cluster_ratio, row_ratio = [], []
+    for seed in range(3):
+        time, event, risk, patient = _clustered_cohort(np.random.default_rng(100 + seed))
+        clustered = M.bootstrap_ci(M.concordance_index, time, event, risk, n=150, seed=seed, groups=patient)
+        rows = M.bootstrap_ci(M.concordance_index, time, event, risk, n=150, seed=seed)
+        cluster_ratio.append((clustered.high - clustered.low) / (2 * 1.96 * spread))
+        row_ratio.append((rows.high - rows.low) / (2 * 1.96 * spread))
+    assert 0.8 < np.mean(cluster_ratio) < 1.2 and np.mean(row_ratio) < 0.7
+
+
+def test_first_row_per_group_and_logrank_on_one_scan_per_patient(rossi):
+    time, event, log_risk, *_ = rossi
+    index = _repeat_rows(time.size, seed=2, copies=3)
+    later = pd.Series(index).groupby(index).cumcount().to_numpy()  # 0 for the first scan
+    scan_time = np.maximum(time[index] - later, 0.0)  # a later scan leaves a shorter follow-up
+    order = np.random.default_rng(0).permutation(index.size)  # manifest order need not group patients
+    patients, scan_time, scan_event = index[order], scan_time[order], event[index][order]
+    first = M.first_row_per_group(patients, -scan_time)
+    assert np.all(np.diff(first) > 0) and sorted(patients[first]) == list(range(time.size))
+    np.testing.assert_array_equal(scan_time[first], time[patients[first]])
+    split = M.logrank_split(
+        scan_time[first], scan_event[first], log_risk[patients[first]], groups=patients[first]
+    )
+    high = log_risk > np.median(log_risk)
+    expected = logrank_test(time[high], time[~high], event[high], event[~high])
+    assert split.p_value == pytest.approx(expected.p_value)
+    everything = M.logrank_split(scan_time, scan_event, log_risk[patients])
+    assert everything.p_value < expected.p_value / 10  # repeat scans counted as patients: p far too small
+    repeated = int(np.argmax(np.bincount(patients)))
+    groups = np.where(patients == repeated, "p", np.arange(index.size).astype(str))
+    with pytest.raises(M.MetricError, match=r"independent patients: group 'p' has 3 rows.*one row per"):
+        M.logrank_split(scan_time, scan_event, log_risk[patients], groups=groups)
+    assert M.first_row_per_group(["b", "a", "b", "a"], [2, 5, 1, 5]).tolist() == [1, 2]
+    with pytest.raises(M.MetricError, match="groups has 3 rows but order has 2"):
+        M.first_row_per_group(["a", "b", "a"], [1, 2])

@@ -80,15 +80,39 @@ def test_survival_heads_have_the_documented_shapes():
 def test_cuts_are_quantiles_of_event_times_only():
     time = [1.0, 2.0, 3.0, 4.0, 100.0, 200.0]
     event = [1, 1, 1, 1, 0, 0]
-    cuts = DeepHitCuts.from_times(time, event, num_bins=2)
-    assert cuts.cuts.tolist() == [2.5, 4.0]
+    with_tail = DeepHitCuts.from_times(time, event, num_bins=2)  # the 1/3 and 2/3 quantiles of 1, 2, 3, 4
+    assert with_tail.cuts.tolist() == [2.0, 3.0] and with_tail.placement == "event_quantiles_with_tail"
+    original = DeepHitCuts.from_times(time, event, num_bins=2, placement="event_quantiles")
+    assert original.cuts.tolist() == [2.5, 4.0] == np.quantile([1.0, 2.0, 3.0, 4.0], [0.5, 1.0]).tolist()
 
 
-def test_bin_index_matches_pycox_label_transform():
+def test_bin_index_is_searchsorted_with_a_tail_bin():
     cuts = DeepHitCuts([10.0, 20.0, 30.0])
     time = np.array([0.5, 10.0, 10.1, 20.0, 29.0, 30.0, 31.0, 1000.0])
-    expected = np.minimum(np.searchsorted(cuts.cuts.numpy(), time), 2)
-    assert cuts.bin_index(torch.tensor(time)).tolist() == expected.tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    expected = np.searchsorted(cuts.cuts.numpy(), time)
+    assert cuts.bin_index(torch.tensor(time)).tolist() == expected.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("censoring", "credit"),
+    [
+        ("interpolate", [0.5, 1.0, 0.01, 0.5, 0.0, 0.0]),
+        ("life_table", [0.5, 0.5, 0.5, 0.5, 0.0, 0.0]),
+        ("deephit", [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]),
+        ("pycox", [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]),
+    ],
+)
+def test_labels_credit_per_scheme_and_censor_events_after_the_last_cut(censoring, credit):
+    cuts = DeepHitCuts([10.0, 20.0, 30.0], censoring=censoring)
+    labels = cuts.labels(torch.tensor([5.0, 10.0, 10.1, 25.0, 31.0, 40.0]), torch.tensor([0, 1, 0, 1, 1, 0]))
+    assert labels.bin_index.tolist() == [0, 0, 1, 2, 3, 3]
+    assert labels.event.tolist() == [False, True, False, True, False, False]  # the event at 31 is censored at 30
+    torch.testing.assert_close(labels.censored_credit, torch.tensor(credit, dtype=torch.float64))
+
+
+def test_interpolated_credit_has_no_nan_when_the_first_cut_is_zero():
+    labels = DeepHitCuts([0.0, 5.0]).labels(torch.tensor([0.0, 2.0]), torch.tensor([0, 0]))
+    assert labels.bin_index.tolist() == [0, 1] and labels.censored_credit.tolist() == [1.0, 0.4]
 
 
 def test_cut_errors_name_the_problem(tmp_path):
@@ -98,15 +122,35 @@ def test_cut_errors_name_the_problem(tmp_path):
         DeepHitCuts.from_times([5.0, 5.0, 5.0], [1, 1, 1], 3)
     with pytest.raises(SurvivalConfigError, match="strictly increasing"):
         DeepHitCuts([3.0, 1.0])
-    (tmp_path / DeepHitCuts.FILE_NAME).write_text("{}")
-    with pytest.raises(SurvivalConfigError, match="deephit_cuts.json: expected JSON"):
+    with pytest.raises(SurvivalConfigError, match=r"DeepHit censoring: expected one of \('interpolate'"):
+        DeepHitCuts([1.0, 2.0], censoring="half")
+    with pytest.raises(SurvivalConfigError, match="DeepHit cut placement: expected one of .*got 'uniform'"):
+        DeepHitCuts.from_times([1.0, 2.0, 3.0], [1, 1, 1], 2, placement="uniform")
+    for text in ("{}", "[1, 2]", "{"):
+        (tmp_path / DeepHitCuts.FILE_NAME).write_text(text)
+        with pytest.raises(SurvivalConfigError, match=r'deephit_cuts.json: expected JSON \{"cuts": \[times'):
+            DeepHitCuts.load(tmp_path)
+    (tmp_path / DeepHitCuts.FILE_NAME).write_text('{"cuts": [1, 2], "censoring": "half"}')
+    with pytest.raises(SurvivalConfigError, match="deephit_cuts.json: DeepHit censoring: expected one of"):
         DeepHitCuts.load(tmp_path)
 
 
-def test_cuts_round_trip_exactly(tmp_path):
-    cuts = DeepHitCuts.from_times(np.random.default_rng(0).exponential(300.0, 50), np.ones(50), 7)
+@pytest.mark.parametrize(("placement", "censoring"), [("event_quantiles_with_tail", "interpolate"),
+                                                      ("event_quantiles", "pycox")])
+def test_cuts_and_scheme_round_trip_exactly(tmp_path, placement, censoring):
+    time = np.random.default_rng(0).exponential(300.0, 50)
+    cuts = DeepHitCuts.from_times(time, np.ones(50), 7, placement=placement, censoring=censoring)
     cuts.save(tmp_path)
-    assert torch.equal(DeepHitCuts.load(tmp_path).cuts, cuts.cuts)
+    loaded = DeepHitCuts.load(tmp_path)
+    assert torch.equal(loaded.cuts, cuts.cuts)
+    assert (loaded.censoring, loaded.placement) == (censoring, placement)
+
+
+def test_cuts_saved_before_the_schemes_load_with_the_original_deephit_credit(tmp_path):
+    (tmp_path / DeepHitCuts.FILE_NAME).write_text('{"cuts": [30.0, 90.0, 400.0]}')
+    loaded = DeepHitCuts.load(tmp_path)
+    assert loaded.cuts.tolist() == [30.0, 90.0, 400.0]
+    assert (loaded.censoring, loaded.placement) == ("deephit", None)
 
 
 def test_deephit_risk_and_survival_curve_by_hand():
@@ -134,9 +178,23 @@ def test_deephit_risk_and_survival_curve_by_hand():
         ({"survival": {"head": "cox"}}, "survival.head: expected one of"),
         ({"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}}, "survival.horizon: required"),
         ({"survival": {"adapter_ratio": 1.5}}, r"survival.adapter_ratio: expected a value in \[0, 1\]"),
+        ({"survival": {"deephit_censoring": "half"}}, r"survival.deephit_censoring.*expected one of \['interp"),
+        ({"survival": {"deephit_cut_placement": "km"}}, r"survival.deephit_cut_placement.*expected one of"),
         ({"lora": {"rank": 8}}, "unknown key lora.rank"),
     ],
 )
 def test_model_config_rejects_bad_values(data, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(ModelConfig, data, source="model.yaml")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("deephit_censoring", "half", r"survival.deephit_censoring: expected one of \('interpolate', .*got 'half'"),
+        ("deephit_cut_placement", "km", r"survival.deephit_cut_placement: expected one of .*got 'km'"),
+    ],
+)
+def test_survival_config_rejects_unknown_deephit_schemes(field, value, message):
+    with pytest.raises(SurvivalConfigError, match=message):
+        SurvivalConfig(head="deephit", **{field: value})

@@ -47,7 +47,8 @@ def test_full_size_configs_carry_the_paper_defaults():
         config = load_train_config(ROOT / f"configs/{name}.yaml")
         optim = config.optim
         assert (optim.lr_lora, optim.lr_projector, optim.lr_survival) == (1e-6, 1e-6, 1e-6)
-        assert (optim.batch_size, optim.grad_accum, optim.warmup_steps) == (12, 8, 500)
+        assert (optim.batch_size, optim.grad_accum, optim.warmup_steps) == (12, 8, None)
+        assert optim.warmup_ratio == (0.05 if name == "stage1" else 0.1)
         assert tuple(optim.betas) == (0.9, 0.999) and optim.scheduler == "cosine"
         assert config.mixed_precision == "bf16" and config.model.num_image_tokens == 49
         assert config.loss.alpha == 0.5 and config.loss.lambda_d == 1.0 and config.loss.lambda_a == 1.0
@@ -118,3 +119,15 @@ def test_deephit_without_cuts_is_rejected():
     given = load_train_config(STAGE2, ["deephit_cuts=[10, 20, 30, 40]"])
     assert deephit_cuts(given, no_events).cuts.tolist() == [10.0, 20.0, 30.0, 40.0]
 
+
+
+@pytest.mark.parametrize(("censoring", "placement"), [("interpolate", "event_quantiles_with_tail"),
+                                                      ("deephit", "event_quantiles"), ("pycox", "event_quantiles")])
+def test_deephit_cuts_carry_the_configured_scheme(censoring, placement):
+    data = RunData(train=None, val=None, train_time=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0], train_event=[1] * 6)
+    overrides = [f"model.survival.deephit_censoring={censoring}", f"model.survival.deephit_cut_placement={placement}"]
+    cuts = deephit_cuts(load_train_config(STAGE2, overrides), data)
+    assert (cuts.censoring, cuts.placement) == (censoring, placement)
+    assert cuts.cuts[-1] == (60.0 if placement == "event_quantiles" else 50.0)  # the 4/4 or the 4/5 quantile
+    given = deephit_cuts(load_train_config(STAGE2, [*overrides, "deephit_cuts=[10, 20, 30, 40]"]), data)
+    assert (given.censoring, given.placement) == (censoring, None)

@@ -18,70 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    GLOBAL_BATCH,
+    build_model,
+    build_tiny_inputs,
+    global_batch,
+    gradients,
+    run_step,
+    tiny_config,
+)
 from safetensors.torch import load_file, save_file
 
-from vlsurv.model.survival import DeepHitCuts
-from vlsurv.training.config import LossConfig
-from vlsurv.training.objective import step_loss
 from vlsurv.training.sampling import shard
-
-GLOBAL_BATCH = 7
-CUTS = [100.0, 400.0, 900.0]
-TIMES = [50.0, 800.0, 300.0, 300.0, 1200.0, 90.0, 650.0]
-EVENTS = [1, 0, 1, 1, 0, 1, 1]
-TEXTS = [
-    ("64 year-old male former smoker.", "What is the location and size of the primary lung tumor?",
-     "A 3.2 cm spiculated mass in the right upper lobe."),
-    ("71 year-old female never smoker.", "Is there any pleural involvement or effusion present?",
-     "Small left pleural effusion."),
-    ("58 year-old male.", "Are metastases or involvement of other organs observed?", "No distant metastases."),
-]
-
-
-def build_model(decoder: str, head: str):
-    """A seeded tiny stage-2 model (LoRA + survival branch trainable); DeepHit gets fixed cuts."""
-    from vlsurv.model import LoRAConfig, ModelConfig, SurvivalConfig, VisionLanguageSurvivalModel
-
-    torch.manual_seed(0)
-    config = ModelConfig(
-        decoder_path=decoder, image_token_dim=16, num_image_tokens=4,
-        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
-        survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
-    )
-    model = VisionLanguageSurvivalModel(config)
-    if head == "deephit":
-        model.set_deephit_cuts(DeepHitCuts(CUTS))
-    model.set_stage(2)
-    with torch.no_grad():  # LoRA B starts at zero; move it so that every LoRA gradient is informative
-        for name, p in model.language_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    return model
-
-
-def global_batch(processor, indices: list[int]) -> dict:
-    """The rows ``indices`` of the fixed global batch, right-padded."""
-    generator = torch.Generator().manual_seed(1)
-    tokens = torch.randn(GLOBAL_BATCH, 4, 16, generator=generator)
-    items = []
-    for i in indices:
-        clinical, question, answer = TEXTS[i % len(TEXTS)]
-        item = processor.encode(clinical, question, answer if i % 4 else answer + " Stable.")
-        item.update(image_tokens=tokens[i], time=torch.tensor(TIMES[i]), event=torch.tensor(EVENTS[i]))
-        items.append(item)
-    return processor.collate(items)
-
-
-def run_step(model, forward, batch: dict, head: str) -> tuple[dict[str, float], torch.Tensor]:
-    output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
-    cuts = model.deephit_cuts if head == "deephit" else None
-    loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5), cuts=cuts)
-    return loss.parts, loss.backward
-
-
-def gradients(model) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def launched_main(decoder: str, out: Path) -> None:
@@ -135,13 +83,11 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_d
 def test_two_process_training_run_matches_a_one_process_run(tiny_decoder_dir, tmp_path):
     """`accelerate launch scripts/train.py` on 2 CPU processes with local batch 4 ends with the weights of one
     process with batch 8: same global batches, global-batch losses, checkpoints and validation under DDP."""
-    from test_datasets import build_tiny_inputs
-    from test_train_stages import tiny_config
-
     from vlsurv.training.loop import train
 
     inputs = build_tiny_inputs(tmp_path / "inputs")
-    stage1 = train(tiny_config("stage1", inputs, tiny_decoder_dir, tmp_path / "stage1", "optim.max_steps=2"))
+    stage1 = train(tiny_config("stage1", inputs, tiny_decoder_dir, tmp_path / "stage1", "optim.max_steps=2",
+                                 "optim.warmup_steps=1"))
     common = [f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
               f"model.decoder_path={tiny_decoder_dir}", f"data.stage1_dir={stage1}", "tracker=none",
               "optim.max_steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=2", "eval.sample_answers=1"]

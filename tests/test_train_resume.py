@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_inputs
 from safetensors.torch import load_file
-from test_datasets import build_tiny_inputs
 
 from vlsurv.training.checkpoints import STATE_NAME, CheckpointError, CheckpointManager, read_state
 from vlsurv.training.config import load_train_config

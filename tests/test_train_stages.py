@@ -7,30 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_inputs, tiny_config
 from safetensors.torch import load_file
-from test_datasets import build_tiny_inputs
 
 from vlsurv.config import load_config
 from vlsurv.model import VisionLanguageSurvivalModel
 from vlsurv.model.survival import DeepHitCuts
-from vlsurv.training.config import TrainConfig, load_train_config
+from vlsurv.training.config import TrainConfig
 from vlsurv.training.loop import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
     return build_tiny_inputs(tmp_path_factory.mktemp("tiny_inputs"))
-
-
-def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: str) -> TrainConfig:
-    """configs/tiny/<name>.yaml pointed at the test's cohort, decoder and output folder."""
-    return load_train_config(ROOT / f"configs/tiny/{name}.yaml", [
-        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-        f"model.decoder_path={decoder}", f"output_dir={out}", "tracker=none", *overrides,
-    ])
 
 
 def snapshot(model) -> dict[str, tuple[bool, torch.Tensor]]:
@@ -99,7 +90,7 @@ def test_stage2_keeps_the_stage1_projector_frozen_and_trains_lora_and_survival(
 ):
     _, _, stage1_final = stage1_run
     config = tiny_config(f"stage2_{head}", tiny_inputs, tiny_decoder_dir, tmp_path, f"data.stage1_dir={stage1_final}",
-                         "optim.epochs=8")
+                         "optim.epochs=8", "checkpoint.keep_best=false")  # final = the last step (best: see below)
     trainer = Trainer(config)
     model = trainer.accelerator.unwrap_model(trainer.model)
     stage1_projector = load_file(str(stage1_final / "projector.safetensors"))
@@ -127,3 +118,56 @@ def test_a_cpu_run_repeats_exactly(tiny_inputs, tiny_decoder_dir, tmp_path):
     for relative in ("projector.safetensors", "adapter/adapter_model.safetensors"):
         first, second = (load_file(str(f / relative)) for f in finals)
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def _predict_c_index(model_dir: Path, inputs: dict, out: Path, split: str = "val") -> float:
+    """Harrell's C of `vlsurv predict`'s scan risks (its defaults) on ``split`` of the tiny cohort."""
+    import pandas as pd
+
+    from vlsurv.metrics import concordance_index
+    from vlsurv.predict import PredictConfig, predict
+
+    predict(PredictConfig(model=str(model_dir), manifest=str(inputs["manifest"]), cache=str(inputs["cache"]),
+                          out=str(out), split=split, device="cpu"), progress=False)
+    risks = pd.read_csv(out / "predictions.csv", dtype={"scan_id": str})
+    manifest = pd.read_csv(inputs["manifest"], dtype={"scan_id": str}).merge(risks, on="scan_id")
+    return concordance_index(manifest["time"].tolist(), manifest["event"].tolist(), manifest["risk"].tolist())
+
+
+def test_stage2_validates_what_predict_deploys_and_final_holds_the_best_checkpoint(
+    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    _, _, stage1_final = stage1_run
+    config = tiny_config("stage2_deepsurv", tiny_inputs, tiny_decoder_dir, tmp_path / "run",
+                         f"data.stage1_dir={stage1_final}", "optim.epochs=4", "eval.every_n_steps=1",
+                         "eval.max_new_tokens=6", "checkpoint.keep_last=1")
+    trainer = Trainer(config)
+    final = trainer.fit()
+    validation = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    scored = [(v["val/c_index"], v["step"]) for v in validation]
+    best_value = max(value for value, _ in scored)
+    assert len({value for value, _ in scored}) > 1, "every validation gave the same C-index: nothing to select"
+    selection = json.loads((final / "selection.json").read_text())
+    assert selection["selected"] == "best" and selection["metric"] == "val/c_index"
+    # a checkpoint is kept on a strict improvement, so the best is the first step that reached the best value
+    assert (selection["step"], selection["value"]) == (min(s for v, s in scored if v == best_value), best_value)
+    assert selection["last_step"] == trainer.total_steps
+    assert selection["scoring"] == {"pool": "all", "generate": True, "max_new_tokens": 6, "do_sample": False}
+    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{selection['step']:09d}" / "model.safetensors"))
+    saved = load_file(str(final / "survival_branch.safetensors"))
+    assert all(torch.equal(saved[key], checkpoint[f"survival_branch.{key}"]) for key in saved)
+    # predict on final/ with its defaults (pool, answer length from selection.json) gets the validated C-index
+    assert _predict_c_index(final, tiny_inputs, tmp_path / "predict") == pytest.approx(best_value, abs=1e-12)
+    assert all(v["truncated_answers"] == 0 for v in validation)
+
+
+def test_answers_over_the_length_cap_are_counted_in_the_validation_log(tiny_inputs, tiny_decoder_dir, tmp_path):
+    config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, tmp_path, "optim.max_steps=3",
+                         "model.max_answer_tokens=3", "eval.sample_answers=0")
+    Trainer(config).fit()
+    lines = (tmp_path / "validation.jsonl").read_text().splitlines()
+    counts = [json.loads(line)["truncated_answers"] for line in lines]
+    assert counts[-1] > 0 and counts == sorted(counts)
+    answers = {json.loads(line)["answer"] for line in tiny_inputs["vqa"].read_text().splitlines()}
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.jsonl"))
+    assert not any(answer in logs for answer in answers)

@@ -2,12 +2,18 @@
 
 Modules are imported only when their subcommand runs, so ``vlsurv --help`` stays fast.
 Each target is ``"module:function"`` where ``function(argv: list[str]) -> int``.
+Bad input (any ``vlsurv.errors.InputError``, or a path error naming its file) ends as one line
+``vlsurv <command>: error: <message>`` with status 2; ``vlsurv --debug <command>`` or ``VLSURV_DEBUG=1``
+shows the traceback instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+from vlsurv.errors import InputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("vlsurv.data.synthetic:main", "write the synthetic CT cohort (NIfTI + manifest)"),
@@ -22,25 +28,48 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEBUG_FLAG, DEBUG_ENV = "--debug", "VLSURV_DEBUG"
+PATH_ERRORS: dict[type[OSError], str] = {
+    FileNotFoundError: "expected an existing file or folder",
+    FileExistsError: "expected a folder (or nothing), found a file",
+    NotADirectoryError: "a part of the path is a file; expected a folder",
+    IsADirectoryError: "expected a file, found a folder",
+    PermissionError: "expected a path this user may read and write",
+}
+
+
 def usage(prog: str, commands: dict[str, tuple[str, str]]) -> str:
-    """The command list of a ``prog <command> [options]`` tool."""
+    """The command list of a ``prog [--debug] <command> [options]`` tool."""
     width = max(map(len, commands))
-    lines = [f"usage: {prog} <command> [options]", "", "commands:"]
+    lines = [f"usage: {prog} [{DEBUG_FLAG}] <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in commands.items()]
-    lines += ["", f"`{prog} <command> --help` lists a command's options."]
+    lines += ["", f"`{prog} <command> --help` lists a command's options.",
+              f"An error is one line; `{prog} {DEBUG_FLAG} <command> ...` (or {DEBUG_ENV}=1) shows its traceback."]
     return "\n".join(lines)
 
 
-def dispatch(
-    argv: list[str],
-    commands: dict[str, tuple[str, str]],
-    prog: str,
-    handled: tuple[type[Exception], ...] = (),
-) -> int:
+def error_message(err: BaseException) -> str | None:
+    """The one-line message of a bad-input error, or None for an unexpected one (keeps its traceback).
+
+    Bad input is an ``InputError`` or a path error (``PATH_ERRORS``) that names its file.
+    """
+    if isinstance(err, InputError):
+        return str(err)
+    expected = next((text for kind, text in PATH_ERRORS.items() if isinstance(err, kind)), None)
+    if expected is not None and err.filename is not None:
+        return f"{err.filename}: {err.strerror}; {expected}"
+    return None
+
+
+def dispatch(argv: list[str], commands: dict[str, tuple[str, str]], prog: str) -> int:
     """Run ``argv[0]``'s ``"module:function"`` with the rest of ``argv``; usage on no or an unknown command.
 
-    An exception of a ``handled`` type is printed as ``<prog> <command>: error: <message>`` (status 2).
+    Bad input (``error_message``) is printed as ``<prog> <command>: error: <message>`` (status 2), unless
+    ``--debug`` comes before the command or ``VLSURV_DEBUG`` is set, which let the traceback through.
     """
+    debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    while argv[:1] == [DEBUG_FLAG]:
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(prog, commands))
         return 0
@@ -52,12 +81,18 @@ def dispatch(
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         return int(func(rest) or 0)
-    except handled as err:
-        print(f"{prog} {name}: error: {err}", file=sys.stderr)
+    except (InputError, OSError) as err:
+        message = None if debug else error_message(err)
+        if message is None:
+            raise
+        print(f"{prog} {name}: error: {message}", file=sys.stderr)
         return 2
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vlsurv.progress import quiet_library_bars
+
+    quiet_library_bars()
     return dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, "vlsurv")
 
 

@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vlsurv.errors import InputError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config value or key that is not what the dataclass expects."""
 
 
@@ -138,7 +140,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "c
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {dotted}: {k} is not a mapping")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {dotted} from the {source}: {raw!r} is not a YAML value ({getattr(err, 'problem', err)})") from err
     return data
 
 
@@ -151,7 +156,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         source = str(path)
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
         data = loaded or {}

@@ -21,11 +21,13 @@ from pathlib import Path
 import pandas as pd
 
 from vlsurv.config import save_config
+from vlsurv.errors import InputError
+from vlsurv.prompts import load_questions, resource_dir
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS_DIR = resource_dir("configs")
 
 
-class DemoError(ValueError):
+class DemoError(InputError):
     """A demo option that cannot produce a run."""
 
 
@@ -64,17 +66,21 @@ def _step(name: str, timings: dict[str, float], start: float) -> float:
 
 
 def _extract_vqa(manifest: Path, out: Path) -> Path:
-    """Rules extraction of the six answers from every report, then the VQA training file."""
-    from qa_extraction.__main__ import main as qa_main
+    """Rules extraction of the six answers from every report (the scan id is the report id), then the VQA
+    training file (``not_mentioned`` and ``error`` rows dropped, as ``qa_extraction to-vqa`` does)."""
+    from qa_extraction.backends.rules import RulesBackend
+    from qa_extraction.extract import run_extraction
+    from qa_extraction.io import read_extractions, read_reports
+    from qa_extraction.vqa import vqa_rows
+    from vlsurv.jsonl import write_jsonl
 
     extractions, vqa = out / "extractions.jsonl", out / "vqa.jsonl"
-    for argv in (
-        ["extract", "--reports", str(manifest), "--id-column", "scan_id", "--text-column", "report",
-         "--questions", "lung", "--backend", "rules", "--out", str(extractions)],
-        ["to-vqa", "--extractions", str(extractions), "--manifest", str(manifest), "--out", str(vqa)],
-    ):
-        if qa_main(argv) != 0:
-            raise RuntimeError(f"qa_extraction {argv[0]} failed; see the message above")
+    questions = load_questions("lung")
+    run_extraction(read_reports(manifest, "scan_id", ["report"]), questions, RulesBackend(questions), extractions)
+    scan_ids = pd.read_csv(manifest, usecols=["scan_id"], dtype=str)["scan_id"]
+    rows, dropped = vqa_rows(read_extractions(extractions), {scan_id: [scan_id] for scan_id in scan_ids})
+    write_jsonl(vqa, rows)
+    print(f"[demo] {vqa}: {len(rows)} VQA pairs, {sum(dropped.values())} extraction rows dropped", flush=True)
     return vqa
 
 

@@ -7,19 +7,33 @@ VQA file (scan_id, question_id, question, answer) with the report-derived refere
 
 Rows evaluated: the prediction rows outside the manifest's train split (all of them when every
 row is a train row), or those of ``--split``. The manifest's train split supplies the censoring
-distribution of Uno's C and td-AUC, and, when the predictions include train rows, the Breslow
-baseline that turns a DeepSurv log-risk into 1 - S(h | x) for calibration (else the baseline is
-fitted in-sample on the evaluated rows, and metrics.json says so). With survival curves the
-calibration uses the curves instead. A horizon outside the follow-up is an error, or is skipped
-and recorded with ``--skip-invalid-horizons``. Uno's C is truncated at the longest valid horizon
-(at the last training time when no horizon is valid). For DeepHit, write survival_curves.csv: a
-Breslow baseline on -E[T] would not be a calibrated model.
+distribution of Uno's C and td-AUC, and, when the predictions include train rows (``vlsurv predict
+--split all``), the Breslow baseline that turns a DeepSurv log-risk into 1 - S(h | x) for
+calibration. Without train rows the baseline is fitted in-sample on the evaluated rows, and the
+command says so on stderr, in metrics.json (``calibration_in_sample``) and in report.html. With
+survival curves the calibration uses the curves instead. A horizon outside the follow-up is an
+error, or is skipped and recorded with ``--skip-invalid-horizons``. Uno's C is truncated at the
+longest valid horizon (at the last training time when no horizon is valid). For DeepHit, write
+survival_curves.csv: a Breslow baseline on -E[T] would not be a calibrated model.
+
+Patients with several scans (``patient_id`` repeats), ``--patient-level``:
+
+- ``cluster`` (default): every scan is a prediction, so the point C-index, Uno's C, td-AUC and IBS
+  use all scans; their CIs come from a cluster bootstrap over patients (a resample draws patients
+  and keeps all of their scans). Kaplan-Meier, the log-rank test and the calibration table (KM
+  observed risk with Greenwood CIs) need independent subjects, so they use one scan per patient.
+- ``first-scan``: every metric on one scan per patient.
+
+One scan per patient is the earliest: the smallest ``--scan-order-column`` (e.g. a scan date), or by
+default the longest follow-up (the time counts from the scan, as INSPECT's ``tte_mortality``), ties
+to the first in manifest order. metrics.json's ``patient_level`` records the method and the rule.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +43,13 @@ import pandas as pd
 from vlsurv import metrics as M
 from vlsurv import metrics_text
 from vlsurv.config import from_dict, save_config
+from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
 
+PATIENT_LEVELS = ("cluster", "first-scan")
 
-class EvaluationError(ValueError):
+
+class EvaluationError(InputError):
     """Evaluation inputs that do not fit together (the message names the file, row and field)."""
 
 
@@ -49,6 +66,14 @@ class EvaluationConfig:
     split: str | None = None
     skip_invalid_horizons: bool = False
     n_examples: int = 6
+    patient_level: str = "cluster"
+    scan_order_column: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.patient_level not in PATIENT_LEVELS:
+            raise EvaluationError(
+                f"patient_level: expected 'cluster' or 'first-scan', got {self.patient_level!r}"
+            )
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
@@ -115,14 +140,52 @@ def _load_manifest(path: Path) -> pd.DataFrame:
     return manifest
 
 
-def _match(predictions: pd.DataFrame, manifest: pd.DataFrame, pred_path: Path, manifest_path: Path):
+def _match(
+    predictions: pd.DataFrame, manifest: pd.DataFrame, pred_path: Path, manifest_path: Path, order: str | None
+):
+    """Predictions joined to the manifest's patient_id, time, event, split, manifest_row (+ ``order``)."""
     unknown = sorted(set(predictions.scan_id) - set(manifest.scan_id))
     if unknown:
         raise EvaluationError(
             f"{len(unknown)} of {len(predictions)} scan ids in {pred_path} are not in the manifest "
             f"{manifest_path}, e.g. {', '.join(unknown[:5])}; predict and evaluate with the same manifest"
         )
-    return predictions.merge(manifest[["scan_id", "patient_id", "time", "event", "split"]], on="scan_id")
+    if order is not None and order not in manifest.columns:
+        raise EvaluationError(
+            f"scan_order_column {order!r} is not a column of {manifest_path}; found {list(manifest.columns)}"
+        )
+    columns = list(dict.fromkeys(c for c in ("scan_id", "patient_id", "time", "event", "split", order) if c))
+    return predictions.merge(manifest[columns].assign(manifest_row=np.arange(len(manifest))), on="scan_id")
+
+
+def _one_scan_per_patient(rows: pd.DataFrame, column: str | None, manifest: Path) -> tuple[np.ndarray, str]:
+    """Row indices (ascending) of each patient's earliest scan, and the rule in words."""
+    if column is None:
+        key = -rows.time.to_numpy(float)
+        rule = ("the scan with the longest follow-up (the time counts from the scan, so the earliest scan), "
+                "ties to the first in manifest order")
+    else:
+        values = rows[column]
+        if not pd.api.types.is_numeric_dtype(values):
+            dates = pd.to_datetime(values, errors="coerce", format="mixed")
+            bad = (dates.isna() & values.notna()).to_numpy()
+            if bad.any():
+                raise EvaluationError(
+                    f"{manifest}: scan_order_column {column!r}: expected numbers or dates, "
+                    f"got {values[bad].iloc[0]!r} (scan_id {rows.scan_id[bad].iloc[0]})"
+                )
+            values = dates
+        missing = values.isna().to_numpy()
+        if missing.any():
+            raise EvaluationError(
+                f"{manifest}: scan_order_column {column!r} is empty for scan_id "
+                f"{rows.scan_id[missing].iloc[0]}; expected a number or date on every evaluated scan"
+            )
+        key = values.to_numpy().astype(np.int64 if values.dtype.kind == "M" else float)
+        rule = f"the scan with the smallest {column} (the earliest), ties to the first in manifest order"
+    rank = np.empty(len(rows), dtype=int)
+    rank[np.lexsort((rows.manifest_row.to_numpy(), key))] = np.arange(len(rows))
+    return M.first_row_per_group(rows.patient_id.to_numpy(), rank), rule
 
 
 def _valid_horizons(cfg: EvaluationConfig, rows: pd.DataFrame, train: pd.DataFrame, notes: list[str]):
@@ -141,18 +204,30 @@ def _valid_horizons(cfg: EvaluationConfig, rows: pd.DataFrame, train: pd.DataFra
     return valid, skipped
 
 
-def _risk_at_horizons(rows, train_rows, curves, horizons, notes):
-    """(N, H) probabilities 1 - S(h | x) and a description of where they came from."""
+def in_sample_warning(n_rows: int) -> str:
+    """The plain statement that calibration used an in-sample Breslow baseline, and how to avoid it."""
+    return (f"calibration is IN-SAMPLE: no train-split predictions, so the Breslow baseline was fitted on "
+            f"the {n_rows} evaluated rows it is judged on; run `vlsurv predict --split all` to have it "
+            "fitted on the train rows")
+
+
+def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.ndarray, dict]:
+    """(N, H) probabilities 1 - S(h | x) and metrics.json's calibration_source / _baseline / _in_sample."""
     if curves is not None:
         frame, times = curves
-        return M.curve_risk_at(frame.loc[rows.scan_id].to_numpy(), times, horizons), "survival curves"
-    if train_rows.empty:
-        train_rows, source = rows, f"Breslow baseline fitted in-sample on the {len(rows)} evaluated rows"
-        notes.append("no train-split predictions: " + source)
+        probability = M.curve_risk_at(frame.loc[rows.scan_id].to_numpy(), times, horizons)
+        return probability, {"calibration_source": "survival curves",
+                             "calibration_baseline": "survival curves", "calibration_in_sample": False}
+    in_sample = train_rows.empty
+    if in_sample:
+        train_rows = rows
+        source = f"Breslow baseline fitted in-sample on the {len(rows)} evaluated rows"
+        notes.append(in_sample_warning(len(rows)))
     else:
         source = f"Breslow baseline fitted on {len(train_rows)} train-split predictions"
     probability = M.breslow_risk_at(train_rows.time, train_rows.event, train_rows.risk, rows.risk, horizons)
-    return probability, source
+    return probability, {"calibration_source": source, "calibration_in_sample": in_sample,
+                         "calibration_baseline": "in-sample" if in_sample else "train"}
 
 
 def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
@@ -177,6 +252,8 @@ class EvaluationInputs:
     """Everything read and checked before any metric runs."""
 
     rows: pd.DataFrame  # evaluated rows: scan_id, risk, risk_<question_id>..., patient_id, time, event, split
+    first_scans: np.ndarray  # (P,) indices into rows of one scan per patient (KM, log-rank, calibration)
+    patient_level: dict  # metrics.json's record of how repeat scans were handled
     train: pd.DataFrame  # manifest rows whose time/event give the censoring distribution
     train_rows: pd.DataFrame  # train-split predictions (for the Breslow baseline); may be empty
     answers: pd.DataFrame | None
@@ -191,7 +268,7 @@ def load_inputs(
     """Read predictions, answers, curves, manifest and VQA; pick the evaluated rows; check they fit."""
     pred_path = predictions / "predictions.csv" if predictions.is_dir() else predictions
     table = _load_manifest(manifest)
-    merged = _match(read_predictions(pred_path), table, pred_path, manifest)
+    merged = _match(read_predictions(pred_path), table, pred_path, manifest, cfg.scan_order_column)
     if cfg.split is not None:
         rows = merged[merged.split == cfg.split]
         if rows.empty:
@@ -199,6 +276,10 @@ def load_inputs(
     else:
         rows = merged[merged.split != "train"] if (merged.split != "train").any() else merged
     rows = rows.reset_index(drop=True)
+    first_scans, rule = _one_scan_per_patient(rows, cfg.scan_order_column, manifest)
+    patient_level = _patient_level(cfg, rows, rule)
+    if cfg.patient_level == "first-scan":
+        rows, first_scans = rows.iloc[first_scans].reset_index(drop=True), np.arange(len(first_scans))
     if not rows.event.any():
         raise EvaluationError(
             f"all {len(rows)} evaluated patients are censored (event = 0 in {manifest}): "
@@ -219,14 +300,33 @@ def load_inputs(
     if vqa is not None and answers is None:
         raise EvaluationError(f"BERTScore against {vqa} needs {answers_path} (generated answers)")
     return EvaluationInputs(
-        rows=rows, train=train, answers=answers, curves=curves, notes=notes,
+        rows=rows, first_scans=first_scans, patient_level=patient_level, train=train, answers=answers,
+        curves=curves, notes=notes,
         train_rows=merged[(merged.split == "train") & ~merged.scan_id.isin(set(rows.scan_id))],
         vqa=None if vqa is None else read_answers(vqa, answer_fields),
     )
 
 
+def _patient_level(cfg: EvaluationConfig, rows: pd.DataFrame, rule: str) -> dict:
+    """metrics.json's ``patient_level``: the method, the counts and which rows each statistic used."""
+    scans_per_patient = rows.patient_id.value_counts()
+    one_scan = f"one scan per patient ({rule})"
+    cluster = cfg.patient_level == "cluster"
+    return {
+        "method": "cluster_bootstrap" if cluster else "one_scan_per_patient",
+        "n_scans": len(rows), "n_patients": int(scans_per_patient.size),
+        "patients_with_several_scans": int((scans_per_patient > 1).sum()),
+        "one_scan_rule": rule,
+        "point_estimates": "all scans (C-index, Uno's C, td-AUC, IBS)" if cluster else one_scan,
+        "bootstrap": ("cluster bootstrap over patients: each resample draws patients with replacement and "
+                      "keeps all of their scans") if cluster else f"over patients, {one_scan}",
+        "kaplan_meier_logrank": one_scan + ": the log-rank test needs independent patients",
+        "calibration": one_scan + ": Kaplan-Meier observed risk and its CI need independent patients",
+    }
+
+
 def _concordance(cfg: EvaluationConfig, inputs: EvaluationInputs, tau: float) -> dict:
-    """Harrell's and Uno's C with percentile bootstrap CIs (same seeded resamples)."""
+    """Harrell's and Uno's C with percentile bootstrap CIs over patients (same seeded resamples)."""
     rows, train = inputs.rows, inputs.train
     time, event, risk = rows.time.to_numpy(float), rows.event.to_numpy(int), rows.risk.to_numpy(float)
     train_time, train_event = train.time.to_numpy(float), train.event.to_numpy(int)
@@ -234,12 +334,14 @@ def _concordance(cfg: EvaluationConfig, inputs: EvaluationInputs, tau: float) ->
     def uno(t, e, r):
         return M.uno_c(train_time, train_event, t, e, r, tau)
 
-    harrell = M.bootstrap_ci(M.concordance_index, time, event, risk, n=cfg.bootstrap, seed=cfg.seed)
-    uno_ci = M.bootstrap_ci(uno, time, event, risk, n=cfg.bootstrap, seed=cfg.seed)
+    options = {"n": cfg.bootstrap, "seed": cfg.seed, "groups": rows.patient_id.to_numpy()}
+    harrell = M.bootstrap_ci(M.concordance_index, time, event, risk, **options)
+    uno_ci = M.bootstrap_ci(uno, time, event, risk, **options)
     return {"c_index": harrell.estimate, "c_index_ci": harrell.as_list(), "uno_c": uno_ci.estimate,
             "uno_c_ci": uno_ci.as_list(), "uno_c_tau": tau,
             "bootstrap": {"resamples": cfg.bootstrap, "skipped_c_index": harrell.n_skipped,
-                          "skipped_uno_c": uno_ci.n_skipped, "seed": cfg.seed}}
+                          "skipped_uno_c": uno_ci.n_skipped, "seed": cfg.seed, "unit": "patient",
+                          "patients": harrell.n_groups}}
 
 
 def evaluate_predictions(
@@ -259,27 +361,29 @@ def evaluate_predictions(
     rows, train, notes = inputs.rows, inputs.train, inputs.notes
     time, event, risk = rows.time.to_numpy(float), rows.event.to_numpy(int), rows.risk.to_numpy(float)
     horizons, skipped = _valid_horizons(cfg, rows, train, notes)
-    results: dict = {"n": len(rows), "n_events": int(event.sum()),
-                     "splits": rows.split.value_counts().to_dict()}
+    first = inputs.first_scans
+    results: dict = {"n": len(rows), "n_events": int(event.sum()), "n_patients": len(first),
+                     "splits": rows.split.value_counts().to_dict(), "patient_level": inputs.patient_level}
     results.update(_concordance(cfg, inputs, max(horizons) if horizons else float(train.time.max())))
     results.update(horizons=horizons, skipped_horizons=skipped, td_auc={}, td_auc_mean=None,
                    per_question_c_index=_per_question_c_index(rows, notes))
     if inputs.curves is not None:
         results.update(_integrated_brier(inputs.curves, rows, train, notes))
-    split = M.logrank_split(time, event, risk)
+    split = M.logrank_split(time[first], event[first], risk[first], groups=rows.patient_id.to_numpy()[first])
     results["logrank_p"] = split.p_value
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    km_png = plot_kaplan_meier(time, event, split.high_risk, split.p_value, out / "km.png")
+    km_png = plot_kaplan_meier(time[first], event[first], split.high_risk, split.p_value, out / "km.png")
     images = {"Kaplan-Meier: high vs low risk (median split)": km_png}
     if horizons:
         auc, mean_auc = M.time_dependent_auc(train.time, train.event, time, event, risk, horizons)
         results["td_auc_mean"] = mean_auc
         results["td_auc"] = {f"{h:g}": v for h, v in auc.items()}
         probability, source = _risk_at_horizons(rows, inputs.train_rows, inputs.curves, horizons, notes)
-        tables = {h: M.calibration_table(time, event, probability[:, i], h) for i, h in enumerate(horizons)}
+        tables = {h: M.calibration_table(time[first], event[first], probability[first, i], h)
+                  for i, h in enumerate(horizons)}
         results["calibration"] = {f"{h:g}": t.to_dict("records") for h, t in tables.items()}
-        results["calibration_source"] = source
+        results.update(source)
         images["Calibration: predicted vs observed risk"] = plot_calibration(tables, out / "calibration.png")
     results.update(bertscore_f1=None, bertscore_precision=None, bertscore_recall=None)
     if inputs.vqa is not None:
@@ -342,16 +446,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bertscore-samples", type=int, default=500, help="pairs sampled for BERTScore")
     parser.add_argument("--examples", type=int, default=6, help="example scans shown in report.html")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the BERTScore sample")
+    parser.add_argument("--patient-level", choices=PATIENT_LEVELS, default="cluster",
+                        help="repeat scans of a patient: 'cluster' (all scans, bootstrap over patients; KM, "
+                             "log-rank and calibration on one scan per patient) or 'first-scan' (one scan "
+                             "per patient everywhere)")
+    parser.add_argument("--scan-order-column",
+                        help="manifest column (number or date) whose smallest value is a patient's first "
+                             "scan (default: the longest follow-up)")
     args = parser.parse_args(argv)
     options = {"horizons": args.horizons, "bootstrap": args.bootstrap,
                "bertscore_model": args.bertscore_model,
                "bertscore_layers": args.bertscore_layers, "bertscore_samples": args.bertscore_samples,
                "seed": args.seed, "split": args.split, "skip_invalid_horizons": args.skip_invalid_horizons,
-               "n_examples": args.examples}
+               "n_examples": args.examples, "patient_level": args.patient_level,
+               "scan_order_column": args.scan_order_column}
     cfg = from_dict(EvaluationConfig, options, source="command line")
     results = evaluate_predictions(args.predictions, args.manifest, args.out, args.vqa, cfg)
     low, high = results["c_index_ci"]
-    print(f"n={results['n']} events={results['n_events']} C-index {results['c_index']:.3f} "
-          f"[{low:.3f}, {high:.3f}] Uno's C {results['uno_c']:.3f} log-rank p {results['logrank_p']:.3g} "
+    print(f"n={results['n']} scans of {results['n_patients']} patients, events={results['n_events']} "
+          f"C-index {results['c_index']:.3f} [{low:.3f}, {high:.3f}] Uno's C {results['uno_c']:.3f} "
+          f"log-rank p {results['logrank_p']:.3g} ({results['patient_level']['method']}) "
           f"-> {Path(args.out) / 'report.html'}")
+    if results.get("calibration_in_sample"):
+        print(f"vlsurv evaluate: warning: {in_sample_warning(results['n'])}", file=sys.stderr)
     return 0

@@ -13,11 +13,13 @@ import warnings
 
 import torch
 
+from vlsurv.errors import InputError
+
 TIES = ("breslow", "efron")
 REDUCTIONS = ("mean", "sum")
 
 
-class LossInputError(ValueError):
+class LossInputError(InputError):
     """An argument of a loss has the wrong shape, dtype or values."""
 
 
@@ -143,28 +145,60 @@ def _check_logits(logits: torch.Tensor, bin_index: torch.Tensor, event: torch.Te
     return _check_event(event, n, where)
 
 
-def deephit_nll(logits: torch.Tensor, bin_index: torch.Tensor, event: torch.Tensor) -> torch.Tensor:
+def deephit_nll(
+    logits: torch.Tensor,
+    bin_index: torch.Tensor,
+    event: torch.Tensor,
+    censored_credit: torch.Tensor | None = None,
+) -> torch.Tensor:
     r"""DeepHit negative log-likelihood of ``logits`` (N, K+1) over K cut bins plus the tail bin.
 
-    With :math:`p = \operatorname{softmax}(\text{logits}_i)` and :math:`k(i)` = ``bin_index[i]``:
-    :math:`-\tfrac{1}{N} \sum_i [d_i \log p_{k(i)} + (1 - d_i) \log \sum_{l > k(i)} p_l]`, computed with
-    ``logsumexp`` (no ``log(0)``). This equals pycox's ``nll_pmf(phi, idx, events)`` (up to its epsilon) for
-    ``logits = cat(phi, 0)``. A censored row in the last column has no mass after it and is rejected.
+    With :math:`p = \operatorname{softmax}(\text{logits}_i)`, :math:`k = k(i)` = ``bin_index[i]`` (bin k holds
+    :math:`(c_{k-1}, c_k]`, :math:`c_{-1} = 0`, bin K the times after :math:`c_{K-1}`),
+    :math:`S_k = \sum_{l > k} p_l` the survival at :math:`c_k` (:math:`S_{-1} = 1`) and
+    :math:`w_i \in [0, 1]` = ``censored_credit[i]``, the fraction of its bin a censored row survived:
+
+    .. math:: \ell_i = d_i \log p_k + (1 - d_i) [(1 - w_i) \log S_{k-1} + w_i \log S_k],
+              \quad L = -\tfrac{1}{N} \sum_i \ell_i,
+
+    computed with ``logsumexp`` (no ``log(0)``). The censoring term interpolates :math:`\log S` linearly within
+    the bin, i.e. a constant hazard there, so with :math:`w_i = (t_i - c_{k-1}) / (c_k - c_{k-1})` it is
+    :math:`\log S(t_i)` (``DeepHitCuts`` scheme "interpolate", the default). An intercept-only fit then has the
+    bin hazards :math:`h_k = p_k / S_{k-1} = d_k / (n_k - \sum_{i \in C_k} (1 - w_i))` (:math:`d_k` events in
+    bin k, :math:`n_k` rows in bins :math:`\ge k`, :math:`C_k` the censored rows of bin k): a censored row leaves
+    the risk set where it was censored, as in Kaplan-Meier, and with ``DeepHitCuts.from_times``' default cuts the
+    fit is within 0.03 of Kaplan-Meier at the cuts on whas500, gbsg2 and flchain (tests/test_deephit_km.py). The
+    other schemes:
+    :math:`w = 1/2` ("life_table", the actuarial estimator), :math:`w = 1` ("deephit", the original
+    convention: survival to the end of the bin, biased up when a bin holds much censoring) and :math:`w = 0`
+    ("pycox": only to the cut before, biased down). A row of bin K contributes :math:`\log p_K = \log S_{K-1}`
+    (a censored one needs :math:`w = 0`). ``censored_credit=None`` means :math:`w = 1`, which equals pycox's
+    ``nll_pmf(phi, idx, events)`` (up to its epsilon) for ``logits = cat(phi, 0)``.
     """
     where = "deephit_nll"
     is_event = _check_logits(logits, bin_index, event, where)
-    columns = logits.shape[1]
-    if bool((~is_event & (bin_index == columns - 1)).any()):
+    n, columns = logits.shape
+    if censored_credit is None:
+        censored_credit = torch.ones(n, dtype=logits.dtype, device=logits.device)
+    _check_vector("censored_credit", censored_credit, n, where)
+    _check_floating("censored_credit", censored_credit, where)
+    if not bool(((censored_credit >= 0) & (censored_credit <= 1)).all()):
+        raise LossInputError(f"{where}: `censored_credit` must lie in [0, 1]")
+    if bool((~is_event & (bin_index == columns - 1) & (censored_credit > 0)).any()):
         raise LossInputError(
             f"{where}: a censored row has `bin_index` = {columns - 1} (the last column), which has no mass "
-            "after it; censored rows must have bin_index <= K-1"
+            "after it, and `censored_credit` > 0; it must be 0 there (survival only to the last cut)"
         )
+    bins = bin_index.long().unsqueeze(1)
+    column = torch.arange(columns, device=logits.device).unsqueeze(0)
     log_total = torch.logsumexp(logits, dim=1)
-    at_bin = logits.gather(1, bin_index.long().unsqueeze(1)).squeeze(1)
-    after = torch.arange(columns, device=logits.device).unsqueeze(0) > bin_index.unsqueeze(1)
-    after[is_event] = True  # event rows do not use this term; keeps their logsumexp finite
-    log_after = torch.logsumexp(logits.masked_fill(~after, -math.inf), dim=1)
-    log_likelihood = torch.where(is_event, at_bin, log_after) - log_total
+    at_bin = logits.gather(1, bins).squeeze(1)
+    log_from = torch.logsumexp(logits.masked_fill(column < bins, -math.inf), dim=1)  # log(S_{k-1} * total)
+    after = (column > bins) | (bins == columns - 1)  # the last column's rows have w = 0: keeps logsumexp finite
+    log_after = torch.logsumexp(logits.masked_fill(~after, -math.inf), dim=1)  # log(S_k * total)
+    credit = censored_credit.to(logits.dtype)
+    log_censored = log_from + credit * (log_after - log_from)
+    log_likelihood = torch.where(is_event, at_bin, log_censored) - log_total
     return -log_likelihood.mean()
 
 

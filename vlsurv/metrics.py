@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from vlsurv.errors import InputError
 
-class MetricError(ValueError):
+
+class MetricError(InputError):
     """A metric that is undefined on the given input (the message says why)."""
 
 
@@ -245,25 +247,54 @@ def curve_risk_at(survival, times, horizons: Sequence[float]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class BootstrapCI:
-    """Percentile interval of a metric over patient resamples."""
+    """Percentile interval of a metric over resamples of ``n_groups`` units (patients, or rows)."""
 
     estimate: float
     low: float
     high: float
     n_resamples: int
     n_skipped: int
+    n_groups: int
 
     def as_list(self) -> list[float]:
         return [self.low, self.high]
 
 
-def bootstrap_ci(
-    fn: Callable[..., float], *arrays, n: int = 1000, seed: int = 0, level: float = 0.95
-) -> BootstrapCI:
-    """Percentile bootstrap CI of ``fn(*arrays)``, resampling patients (rows) with replacement.
+def _group_codes(groups, size: int, what: str = "groups") -> np.ndarray:
+    """(N,) integer codes 0..G-1 numbered in order of first appearance."""
+    groups = np.asarray(groups).reshape(-1)
+    if groups.size != size:
+        raise MetricError(f"{what} has {groups.size} rows but there are {size} rows to group")
+    return pd.factorize(groups)[0]
 
-    Resamples on which the metric is undefined (``MetricError``: no event, constant risk) are
-    skipped and counted in ``n_skipped``; if fewer than half of them are usable, this raises.
+
+def first_row_per_group(groups, order) -> np.ndarray:
+    """Row indices (ascending) of one row per group: the row with the smallest ``order`` (ties: the first).
+
+    ``groups`` (N,) e.g. patient ids; ``order`` (N,) e.g. a scan date, or ``-time`` when the follow-up
+    time counts from the scan (the earliest scan then has the longest follow-up).
+    """
+    order = np.asarray(order).reshape(-1)
+    groups = np.asarray(groups).reshape(-1)
+    if groups.size != order.size:
+        raise MetricError(f"groups has {groups.size} rows but order has {order.size}")
+    codes = _group_codes(groups, order.size)
+    by_order = np.lexsort((np.arange(order.size), order, codes))  # group, then order, then row
+    is_first = np.concatenate([[True], codes[by_order][1:] != codes[by_order][:-1]])
+    return np.sort(by_order[is_first])
+
+
+def bootstrap_ci(
+    fn: Callable[..., float], *arrays, n: int = 1000, seed: int = 0, level: float = 0.95, groups=None
+) -> BootstrapCI:
+    """Percentile bootstrap CI of ``fn(*arrays)``, resampling rows, or whole groups, with replacement.
+
+    Without ``groups`` every row is a unit. With ``groups`` (N,) (patient ids) this is a cluster
+    bootstrap: each resample draws G of the G groups with replacement and keeps every row of each
+    drawn group, so one patient's scans stay together and count as one patient. With one row per
+    group it is the row bootstrap (same seed, same resamples). Resamples on which the metric is
+    undefined (``MetricError``: no event, constant risk) are skipped and counted in ``n_skipped``;
+    if fewer than half of them are usable, this raises.
     """
     if n < 1:
         raise MetricError(f"bootstrap needs n >= 1 resamples; got {n}")
@@ -271,11 +302,19 @@ def bootstrap_ci(
     size = arrays[0].shape[0]
     if any(a.shape[0] != size for a in arrays):
         raise MetricError(f"bootstrap arrays differ in length: {[a.shape[0] for a in arrays]}")
+    codes = np.arange(size) if groups is None else _group_codes(groups, size)
+    rows_by_group = np.argsort(codes, kind="stable")
+    counts = np.bincount(codes)
+    starts = np.cumsum(counts) - counts
     estimate = fn(*arrays)
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(n):
-        index = rng.integers(0, size, size)
+        picked = rng.integers(0, counts.size, counts.size)
+        picked_counts = counts[picked]
+        group_starts = np.repeat(np.cumsum(picked_counts) - picked_counts, picked_counts)
+        within_group = np.arange(picked_counts.sum()) - group_starts
+        index = rows_by_group[np.repeat(starts[picked], picked_counts) + within_group]
         try:
             values.append(fn(*(a[index] for a in arrays)))
         except MetricError:
@@ -284,7 +323,8 @@ def bootstrap_ci(
         raise MetricError(f"bootstrap: the metric is undefined on {n - len(values)} of {n} resamples")
     tail = (1.0 - level) / 2.0 * 100.0
     low, high = np.percentile(values, [tail, 100.0 - tail])
-    return BootstrapCI(float(estimate), float(low), float(high), len(values), n - len(values))
+    skipped = n - len(values)
+    return BootstrapCI(float(estimate), float(low), float(high), len(values), skipped, int(counts.size))
 
 
 def calibration_table(
@@ -334,12 +374,27 @@ class LogrankSplit:
     high_risk: np.ndarray
 
 
-def logrank_split(time, event, risk) -> LogrankSplit:
-    """Split at the median risk (high = risk > median) and compare with lifelines' log-rank test."""
+def logrank_split(time, event, risk, groups=None) -> LogrankSplit:
+    """Split at the median risk (high = risk > median) and compare with lifelines' log-rank test.
+
+    The test assumes independent patients: pass ``groups`` (N,) (patient ids) to have a repeated
+    patient refused instead of counted twice (keep one row per patient with ``first_row_per_group``).
+    """
     from lifelines.statistics import logrank_test
 
     time, event = _survival_arrays(time, event)
     risk = _risk_array(risk, time.size).reshape(-1)
+    if groups is not None:
+        codes = _group_codes(groups, time.size)
+        counts = np.bincount(codes)
+        if counts.max() > 1:
+            repeated = int(np.argmax(counts > 1))
+            name = np.asarray(groups).reshape(-1)[int(np.argmax(codes == repeated))]
+            raise MetricError(
+                f"the log-rank test needs independent patients: group {str(name)!r} has {counts[repeated]} "
+                f"rows ({int((counts > 1).sum())} of {counts.size} groups have several); "
+                "keep one row per patient"
+            )
     _require_events(event, "the log-rank test")
     _require_varying(risk, "the median risk split")
     threshold = float(np.median(risk))

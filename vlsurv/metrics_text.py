@@ -15,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vlsurv.errors import InputError
 
-class BertScoreError(ValueError):
+
+class BertScoreError(InputError):
     """A BERTScore input that cannot be scored (the message says which and why)."""
 
 

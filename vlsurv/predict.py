@@ -4,7 +4,8 @@ For each scan of the manifest's split: the clinical sentence (``clinical_sentenc
 image tokens from the feature cache, and the questions of ``prompts/questions/<set>.yaml``. Scans are batched
 and scored with the shared-prefix path (``vlsurv.model.ensemble.score_shared_prefix``): the clinical sentence
 and image tokens run once per scan, the decoder's KV cache is repeated over the questions. The scan's risk is
-the mean of its question risks.
+the mean of its question risks. Unset decoding options (``max_new_tokens``, ``pool``) take what training validated
+the model with (``selection.json`` in a model folder written by training), so that predict scores as validation did.
 
 Outputs in OUT (appended scan by scan; a rerun skips the scan_ids already in predictions.csv):
 - ``predictions.csv``: scan_id, risk, risk_<question_id> per question;
@@ -17,24 +18,27 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from vlsurv.config import from_dict, save_config
+from vlsurv.errors import InputError
 from vlsurv.files import cut_torn_last_line
 from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
 from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
 from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel
+from vlsurv.progress import progress_bar
 
 PREDICTIONS, ANSWERS, CURVES = "predictions.csv", "answers.jsonl", "survival_curves.csv"
 SPLIT_CHOICES = ("train", "val", "test", "all")
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
-class PredictError(ValueError):
+class PredictError(InputError):
     """Inputs or earlier outputs that `vlsurv predict` cannot work with."""
 
 
@@ -51,11 +55,12 @@ class PredictConfig:
     questions: str = "lung"
     split: str = "test"
     batch_scans: int = 8
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = None
     do_sample: bool = False
     temperature: float = 1.0
     seed: int = 0
     device: str = "auto"
+    clinical_missing_warn: float = 0.2  # warn when more of the scans lack a clinical template field
 
     def __post_init__(self) -> None:
         if self.pool is not None and self.pool not in POOLS:
@@ -64,7 +69,25 @@ class PredictConfig:
             raise PredictError(f"split: expected one of {SPLIT_CHOICES}, got {self.split!r}")
         if self.batch_scans < 1:
             raise PredictError(f"batch_scans: expected >= 1, got {self.batch_scans}")
-        DecodeOptions(self.generate, self.max_new_tokens, self.do_sample, self.temperature)
+        if not 0.0 <= self.clinical_missing_warn <= 1.0:
+            raise PredictError(
+                f"clinical_missing_warn: expected a fraction between 0 and 1, got {self.clinical_missing_warn}"
+            )
+        DecodeOptions(self.generate, self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, self.do_sample, self.temperature)
+
+
+def resolve_decoding(config: PredictConfig, model: VisionLanguageSurvivalModel) -> PredictConfig:
+    """``config`` with ``pool`` and ``max_new_tokens`` filled in: given values, else the settings the model was
+    validated with (its folder's ``selection.json``), else the model's pool and DEFAULT_MAX_NEW_TOKENS."""
+    from vlsurv.training.checkpoints import read_selection
+
+    selection = read_selection(config.model) if config.model and Path(config.model).is_dir() else None
+    scoring = (selection or {}).get("scoring", {})
+    return dataclasses.replace(
+        config,
+        pool=config.pool or model.config.pool,
+        max_new_tokens=config.max_new_tokens or scoring.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -142,7 +165,7 @@ def predict(
     config: PredictConfig, model: VisionLanguageSurvivalModel | None = None, progress: bool = True
 ) -> Path:
     """Run the prompt ensemble over the manifest's split; returns the output folder (see module docstring)."""
-    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.data.clinical import sentence_function
     from vlsurv.encoders.cache import FeatureCache
     from vlsurv.prompts import load_questions
 
@@ -152,10 +175,11 @@ def predict(
         if model.config.quantization == "none":
             model.to(device)
     model.eval()
+    config = resolve_decoding(config, model)
     cache = FeatureCache(config.cache)
     rows = _select_scans(config, cache)
     questions = load_questions(config.questions)
-    pool = config.pool or model.config.pool
+    pool = config.pool
     options = DecodeOptions(config.generate, config.max_new_tokens, config.do_sample, config.temperature)
     cuts = model.require_cuts() if model.config.survival.head == "deephit" else None
     out = Path(config.out)
@@ -167,15 +191,18 @@ def predict(
     generator = torch.Generator(device=model.language_model.get_input_embeddings().weight.device)
     generator.manual_seed(config.seed)
     texts = [q.text for q in questions]
-    with tqdm(
-        total=len(rows), initial=len(rows) - len(todo), desc="predict", unit="scan", disable=not progress
+    clinical = sentence_function(rows.to_dict("records"), model.config.clinical_template,
+                                 max_missing_fraction=config.clinical_missing_warn,
+                                 where=f"manifest {config.manifest}", option="clinical_missing_warn")
+    with progress_bar(
+        total=len(rows), initial=len(rows) - len(todo), desc="predict", unit="scan", enabled=progress
     ) as bar:
         for start in range(0, len(todo), config.batch_scans):
             batch = todo[start : start + config.batch_scans]
             scans = [
                 ScanInput(
                     str(row["scan_id"]),
-                    clinical_sentence(row.to_dict(), model.config.clinical_template),
+                    clinical(row.to_dict()),
                     cache.get(str(row["scan_id"])),
                 )
                 for row in batch
@@ -199,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", default="lung", help="question set name or YAML path")
     parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
     parser.add_argument("--batch-scans", type=int, default=8, help="scans per batch (x questions sequences)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=None,
+        help=f"answer length cap (default: the model folder's validation setting, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
     parser.add_argument("--do-sample", action="store_true", help="sample answers instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)

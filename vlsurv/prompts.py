@@ -11,11 +11,13 @@ A question file is YAML::
         rules: {...}                    # optional: settings of the offline rules backend (qa_extraction.rules)
 
 ``read_template("extraction/answer.txt")`` returns a template file's text. ``PROMPTS_DIR`` is the
-repository's ``prompts/`` folder unless the environment variable ``VLSURV_PROMPTS`` names another one.
+repository's ``prompts/`` folder (shipped in the wheel as ``vlsurv/_resources/prompts``, see ``resource_dir``)
+unless the environment variable ``VLSURV_PROMPTS`` names another one.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,12 +26,25 @@ from typing import Any
 
 import yaml
 
-PROMPTS_DIR = Path(os.environ.get("VLSURV_PROMPTS") or Path(__file__).resolve().parent.parent / "prompts")
+from vlsurv.errors import InputError
+
+
+def resource_dir(name: str) -> Path:
+    """The shipped folder ``name`` ("prompts" or "configs").
+
+    A wheel carries the repository's top-level folder as package data ``vlsurv/_resources/<name>``
+    (pyproject.toml maps it there); an editable install or a source checkout reads the top-level folder itself.
+    """
+    packaged = Path(str(importlib.resources.files("vlsurv") / "_resources" / name))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / name
+
+
+PROMPTS_DIR = Path(os.environ.get("VLSURV_PROMPTS") or resource_dir("prompts"))
 
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-class PromptError(ValueError):
+class PromptError(InputError):
     """A question file or template that is missing or not in the expected format."""
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from vlsurv.errors import InputError
+
 BACKENDS = ("rules", "transformers", "openai")
 DEFAULT_BASE_URL = "http://localhost:8000/v1"
 
 
-class BackendConfigError(ValueError):
+class BackendConfigError(InputError):
     """Backend flags that do not fit together (a missing --model, a batch size below 1...)."""
 
 

@@ -19,12 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 from qa_extraction.backends import BackendConfigError
 from qa_extraction.llm import ExtractionPrompts, Item, Messages, Result, answer_items
+from vlsurv.errors import InputError
 
 log = logging.getLogger("qa_extraction")
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
-class BackendUnavailableError(ValueError):
+class BackendUnavailableError(InputError):
     """The server cannot be reached or refuses the requests."""
 
 

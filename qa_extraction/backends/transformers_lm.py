@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 
 from qa_extraction.llm import ExtractionPrompts, Item, Messages, Result, answer_items
+from vlsurv.errors import ModelLoadError
 
 log = logging.getLogger("qa_extraction")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model folder that transformers cannot load."""
 
 
 def _fold_system(messages: Messages) -> Messages:

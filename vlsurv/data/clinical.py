@@ -4,6 +4,11 @@
 to such a file) for a mapping such as a manifest row. The file's format is described in its own
 header comment; a part or clause whose field is missing (None, NaN, "", "nan", "None") is dropped,
 so the sentence never prints "nan" or "None".
+
+``missing_field_fractions(rows, template)`` gives, per field, the fraction of the rows that need it and lack
+it; ``warn_missing_fields`` warns (``MissingClinicalFieldsWarning``) with the field names, their columns and
+fractions when one exceeds ``max_fraction``, never with row values or report text. ``sentence_function``
+does that check once for a run's rows and returns the per-row sentence function.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from vlsurv.errors import InputError
 from vlsurv.prompts import PROMPTS_DIR
 
 _FORMATS = ("int", "text", "decimal", "flag")
@@ -26,10 +33,15 @@ _MISSING_STRINGS = {"", "nan", "none", "null", "na", "<na>", "nat"}
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
 _PLACEHOLDER = re.compile(r"{(\w+)}")
+DEFAULT_MAX_MISSING_FRACTION = 0.2
 
 
-class ClinicalTemplateError(ValueError):
+class ClinicalTemplateError(InputError):
     """An unknown or malformed clinical template, or a row value the template cannot write."""
+
+
+class MissingClinicalFieldsWarning(UserWarning):
+    """More than the set fraction of rows lack some of a clinical template's fields."""
 
 
 @dataclass(frozen=True)
@@ -229,3 +241,66 @@ def clinical_sentence(row: Mapping, template: str | Path = "lung") -> str:
         head = f"{_article(head)} {head}"
     text = ", ".join(([head] if head else []) + clauses)
     return text[:1].upper() + text[1:] + "." if text else ""
+
+
+def _needed_fields(spec: ClinicalTemplate, values: dict[str, str | bool]) -> set[str]:
+    """Fields the sentence of a row with ``values`` would use: head fields, ``when`` fields, and the fields
+    of the clauses whose ``when`` holds (a "pe_acute" is not needed when "pe_positive" is false)."""
+    needed = {name for part in spec.head for name in _PLACEHOLDER.findall(part)}
+    for clause in spec.clauses:
+        needed.update(name for name, _ in clause.when)
+        if all(values.get(name) is flag for name, flag in clause.when):
+            needed.update(name for part in clause.parts for name in _PLACEHOLDER.findall(part))
+    return needed
+
+
+def missing_field_fractions(rows: Iterable[Mapping], template: str | Path) -> tuple[dict[str, float], int]:
+    """(field -> fraction of the rows needing the field that lack a value in all its columns, number of rows)."""
+    spec = load_template(template)
+    needing = dict.fromkeys(spec.fields, 0)
+    lacking = dict.fromkeys(spec.fields, 0)
+    count = 0
+    for row in rows:
+        count += 1
+        values = _values(spec, row)
+        for name in _needed_fields(spec, values):
+            needing[name] += 1
+            lacking[name] += name not in values
+    return {name: lacking[name] / needing[name] for name in spec.fields if needing[name]}, count
+
+
+def check_max_missing_fraction(value: float, option: str) -> float:
+    """``value`` when it is a fraction in [0, 1]; else ClinicalTemplateError naming ``option``."""
+    if not 0.0 <= value <= 1.0:
+        raise ClinicalTemplateError(f"{option}: expected a fraction between 0 and 1, got {value!r}")
+    return value
+
+
+def warn_missing_fields(rows: Iterable[Mapping], template: str | Path, *,
+                        max_fraction: float = DEFAULT_MAX_MISSING_FRACTION, where: str = "",
+                        option: str = "max_fraction") -> dict[str, float]:
+    """Warn once when more than ``max_fraction`` of the rows lack a field of ``template``; return those fields.
+
+    The warning names the template, ``where`` (e.g. the manifest), each such field with its columns and
+    fraction; it never holds a row value or report text. ``option`` names the threshold in errors.
+    """
+    check_max_missing_fraction(max_fraction, option)
+    spec = load_template(template)
+    fractions, count = missing_field_fractions(rows, template)
+    over = {name: fraction for name, fraction in fractions.items() if fraction > max_fraction}
+    if over:
+        listed = "; ".join(f"{name} {fraction:.0%} (columns {', '.join(spec.fields[name].columns)})"
+                           for name, fraction in over.items())
+        place = f"{where}: " if where else ""
+        warnings.warn(f"{place}clinical template {spec.path.name}: {len(over)} field(s) missing in more than "
+                      f"{max_fraction:.0%} of the {count} rows that need them: {listed}; those parts of the "
+                      f"clinical sentence are left out", MissingClinicalFieldsWarning, stacklevel=2)
+    return over
+
+
+def sentence_function(rows: Iterable[Mapping], template: str | Path, *,
+                      max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION, where: str = "",
+                      option: str = "max_missing_fraction") -> Callable[[Mapping], str]:
+    """Check ``rows`` once (``warn_missing_fields``), then return ``row -> clinical_sentence(row, template)``."""
+    warn_missing_fields(rows, template, max_fraction=max_missing_fraction, where=where, option=option)
+    return functools.partial(clinical_sentence, template=template)

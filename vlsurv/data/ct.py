@@ -17,11 +17,13 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from vlsurv.errors import InputError
+
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _SLICE_SPACING_TOLERANCE = 0.01  # relative deviation allowed between consecutive slice gaps
 
 
-class CTError(ValueError):
+class CTError(InputError):
     """A CT file or folder that cannot be read as a 3D volume in HU."""
 
 

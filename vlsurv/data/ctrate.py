@@ -13,6 +13,11 @@ Names follow ``<split>_<patient>_<reconstruction letter>_<n>.nii.gz``: "valid_1_
 patient "valid_1", scan "valid_1_a_1", split "val" ("train" stays "train"). Volumes are found in the
 CT-RATE layout ``<root>/<split>/<patient>/<patient>_<a>/<name>.nii.gz`` or in a flat folder.
 CT-RATE has no survival labels: manifests leave ``time`` and ``event`` empty.
+
+Demographics: the metadata's ``PatientAge`` (DICOM age string "036Y"; D/W/M/Y units) becomes ``age`` in
+years and ``PatientSex`` ("M"/"F"; "O" or empty stays empty) becomes ``sex`` (male/female) in the manifest.
+Their clinical sentence comes from the ``chest_ct`` template (``CLINICAL_TEMPLATE``), e.g. "A 36-year-old
+male patient undergoing chest CT." (not the lung template's "lung cancer patient").
 """
 
 from __future__ import annotations
@@ -30,14 +35,20 @@ import pandas as pd
 
 from vlsurv.data.ct import CTVolume, check_volume
 from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
+from vlsurv.errors import InputError
 
 _NAME_PATTERN = re.compile(r"^(?P<split>train|valid)_(?P<number>[0-9]+)_(?P<letter>[a-z]+)_(?P<index>[0-9]+)$")
 _SPLIT_NAMES = {"train": "train", "valid": "val"}
 _METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
 _REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
+_DICOM_AGE = re.compile(r"^(?P<number>[0-9]{1,3})\s*(?P<unit>[DWMY])$")
+_UNITS_PER_YEAR = {"D": 365.25, "W": 365.25 / 7.0, "M": 12.0, "Y": 1.0}
+_SEXES = {"M": "male", "F": "female", "O": None}
+DEMOGRAPHIC_COLUMNS = ("age", "sex")
+CLINICAL_TEMPLATE = "chest_ct"
 
 
-class CTRateError(ValueError):
+class CTRateError(InputError):
     """A CT-RATE file, row or volume name that does not follow CT-RATE's layout."""
 
 
@@ -126,6 +137,41 @@ def read_ctrate_metadata(path: str | Path) -> dict[str, CTRateGeometry]:
     return geometry
 
 
+def parse_dicom_age(text: object, where: str = "PatientAge") -> float:
+    """DICOM age string -> years: '036Y' -> 36.0, '006M' -> 0.5; empty -> NaN; CTRateError naming ``where``."""
+    if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
+        return math.nan
+    match = _DICOM_AGE.match(str(text).strip().upper())
+    if match is None:
+        raise CTRateError(f"{where}: got {text!r}; expected a DICOM age such as '036Y' (number + D, W, M or Y)")
+    return int(match["number"]) / _UNITS_PER_YEAR[match["unit"]]
+
+
+def _sex(text: object, where: str) -> str | None:
+    if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
+        return None
+    key = str(text).strip().upper()
+    if key not in _SEXES:
+        raise CTRateError(f"{where}: got {text!r}; expected M, F or O")
+    return _SEXES[key]
+
+
+def read_ctrate_demographics(path: str | Path) -> dict[str, dict[str, float | str | None]]:
+    """Map scan_id -> {"age": years or NaN, "sex": "male" / "female" / None} from the metadata CSV.
+
+    A metadata file without ``PatientAge`` / ``PatientSex`` gives empty values; a bad value is an error.
+    """
+    table = _read_csv(path, ("VolumeName",))
+    demographics = {}
+    for row_number, row in enumerate(table.to_dict("records"), start=1):
+        where = f"{path}: row {row_number} ({row['VolumeName']}): field"
+        demographics[scan_id_of(row["VolumeName"])] = {
+            "age": parse_dicom_age(row.get("PatientAge"), f"{where} 'PatientAge'"),
+            "sex": _sex(row.get("PatientSex"), f"{where} 'PatientSex'"),
+        }
+    return demographics
+
+
 def format_report(findings: object, impression: object) -> str:
     """'FINDINGS: ...\\n\\nIMPRESSION: ...', leaving out an empty part."""
     parts = [f"{title}: {str(text).strip()}" for title, text in (("FINDINGS", findings), ("IMPRESSION", impression))
@@ -176,11 +222,13 @@ def find_ctrate_volumes(root: str | Path) -> list[Path]:
     return volumes
 
 
-def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Path | None = None) -> pd.DataFrame:
+def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Path | None = None,
+                    metadata_csv: str | Path | None = None) -> pd.DataFrame:
     """Manifest rows (``MANIFEST_COLUMNS``, time/event empty) for volumes used as they are on disk.
 
     ``volumes`` is a folder (searched with ``find_ctrate_volumes``) or a list of paths. Use this for
     volumes that already hold HU with correct headers; for raw volumes use ``convert_ctrate``.
+    With ``metadata_csv`` the ``age`` (years) and ``sex`` columns are added (``read_ctrate_demographics``).
     """
     paths = find_ctrate_volumes(volumes) if isinstance(volumes, (str, Path)) else [Path(p) for p in volumes]
     reports = read_ctrate_reports(reports_csv) if reports_csv is not None else {}
@@ -191,7 +239,14 @@ def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Pat
             raise CTRateError(f"{reports_csv}: no report for volume {scan_id}")
         rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(path.resolve()),
                      "report": reports.get(scan_id, ""), "time": math.nan, "event": math.nan, "split": split})
-    return pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    return frame if metadata_csv is None else _with_demographics(frame, read_ctrate_demographics(metadata_csv))
+
+
+def _with_demographics(frame: pd.DataFrame, demographics: dict[str, dict]) -> pd.DataFrame:
+    """``frame`` plus ``age`` (float years, NaN when unknown) and ``sex`` (male / female / empty)."""
+    known = [demographics.get(scan_id, {}) for scan_id in frame["scan_id"]]
+    return frame.assign(age=[d.get("age", math.nan) for d in known], sex=[d.get("sex") for d in known])
 
 
 def iter_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path) -> Iterator[CTRateSample]:
@@ -210,10 +265,12 @@ def iter_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | P
 def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path,
                    out_dir: str | Path) -> Path:
     """Write HU volumes (int16, corrected affine) to ``out_dir/images/<scan_id>.nii.gz`` and
-    ``out_dir/manifest.csv`` (time/event empty); return the manifest path. Existing volumes are kept."""
+    ``out_dir/manifest.csv`` (time/event empty; ``age``, ``sex`` from the metadata); return the manifest path.
+    Existing volumes are kept."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     geometry = read_ctrate_metadata(metadata_csv)
+    demographics = read_ctrate_demographics(metadata_csv)
     reports = read_ctrate_reports(reports_csv)
     volumes = find_ctrate_volumes(root)
     missing = [scan_id_of(p) for p in volumes if scan_id_of(p) not in reports]
@@ -233,22 +290,36 @@ def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str 
             partial.replace(target)
         rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(target.resolve()),
                      "report": reports[scan_id], "time": math.nan, "event": math.nan, "split": split})
-    return write_manifest(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), out_dir / "manifest.csv")
+    frame = _with_demographics(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), demographics)
+    return write_manifest(frame, out_dir / "manifest.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
     """``vlsurv ctrate``: raw CT-RATE volumes + metadata + reports -> HU NIfTI files and a manifest."""
     import argparse
 
+    from vlsurv.data.clinical import (
+        DEFAULT_MAX_MISSING_FRACTION,
+        check_max_missing_fraction,
+        warn_missing_fields,
+    )
+
     parser = argparse.ArgumentParser(prog="vlsurv ctrate", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--volumes", required=True, help="folder searched for CT-RATE .nii.gz volumes")
     parser.add_argument("--metadata", required=True, help="metadata CSV (XYSpacing, ZSpacing, Rescale*)")
     parser.add_argument("--reports", required=True, help="reports CSV (VolumeName, Findings_EN, Impressions_EN)")
     parser.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
+    parser.add_argument("--max-missing-fraction", type=float, default=DEFAULT_MAX_MISSING_FRACTION,
+                        help=f"warn when more than this fraction of scans lack age or sex ({CLINICAL_TEMPLATE})")
     args = parser.parse_args(argv)
     try:
+        check_max_missing_fraction(args.max_missing_fraction, "--max-missing-fraction")
         manifest = convert_ctrate(args.volumes, args.metadata, args.reports, args.out)
-    except CTRateError as err:
+        rows = pd.read_csv(manifest, usecols=["scan_id", *DEMOGRAPHIC_COLUMNS]).to_dict("records")
+        warn_missing_fields(rows, CLINICAL_TEMPLATE, max_fraction=args.max_missing_fraction, where=str(manifest),
+                            option="--max-missing-fraction")
+    except InputError as err:
         parser.error(str(err))
-    print(f"{manifest}: CT-RATE manifest written (time and event are empty: CT-RATE has no follow-up)")
+    print(f"{manifest}: CT-RATE manifest written (time and event are empty: CT-RATE has no follow-up); "
+          f"clinical sentences (age, sex): model.clinical_template={CLINICAL_TEMPLATE}")
     return 0

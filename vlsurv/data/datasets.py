@@ -24,12 +24,13 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
 
 VQA_KEYS = ("scan_id", "question_id", "question", "answer")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A VQA file, manifest or cache that cannot give training samples (the message names file, row and field)."""
 
 

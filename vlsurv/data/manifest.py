@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vlsurv.errors import InputError
+
 MANIFEST_COLUMNS = ("patient_id", "scan_id", "image", "report", "time", "event", "split")
 SPLITS = ("train", "val", "test")
 
@@ -26,7 +28,7 @@ _SURVIVAL_COLUMNS = ("time", "event")
 _TEXT_COLUMNS = ("patient_id", "scan_id", "image", "report", "split")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest file, row or field that does not follow the manifest schema."""
 
 
@@ -133,6 +135,8 @@ def load_manifest(path: str | Path, *, require_survival: bool = True, check_file
         raise ManifestError(
             f"{path}: missing required column(s) {missing}; expected {list(required)}, found {list(table.columns)}"
         )
+    if table.empty:
+        raise ManifestError(f"{path}: no rows; expected one row per scan below the header")
     for column in ("report", *_SURVIVAL_COLUMNS):
         if column not in table.columns:
             table[column] = "" if column == "report" else float("nan")

@@ -37,6 +37,8 @@ from vlsurv.data.synthetic_anatomy import (
     render_scan,
 )
 from vlsurv.data.synthetic_reports import write_report
+from vlsurv.errors import InputError
+from vlsurv.metrics import MetricError, concordance_index
 
 QUESTION_IDS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "stage", "t_stage", "n_stage", "m_stage")
@@ -62,7 +64,7 @@ class SurvivalModel:
     followup_days: float = 2920.0
 
 
-class SyntheticCohortError(ValueError):
+class SyntheticCohortError(InputError):
     """A synthetic-cohort argument that cannot produce a valid cohort."""
 
 
@@ -236,12 +238,11 @@ def build_cohort_table(n: int, seed: int, model: SurvivalModel = SurvivalModel()
 
 
 def _c_index(time, event, risk) -> float | None:
-    """Harrell's C (higher risk = earlier event) via lifelines; None when no pair is comparable."""
-    from lifelines.utils import concordance_index
-
+    """Harrell's C (:func:`vlsurv.metrics.concordance_index`); None where it is undefined (no event, no
+    comparable pair, constant risk)."""
     try:
-        return float(concordance_index(np.asarray(time), -np.asarray(risk, dtype=float), np.asarray(event)))
-    except ZeroDivisionError:
+        return concordance_index(time, event, risk)
+    except MetricError:
         return None
 
 

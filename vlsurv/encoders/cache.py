@@ -31,7 +31,9 @@ from vlsurv.config import load_config, save_config
 from vlsurv.data.manifest import load_manifest
 from vlsurv.data.transforms import PreprocessConfig, config_hash, preprocess_ct
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder, tiny_config
+from vlsurv.errors import InputError
 from vlsurv.files import atomic_write
+from vlsurv.progress import progress_bar
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
@@ -40,7 +42,7 @@ STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 KEY_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype")
 
 
-class CacheError(ValueError):
+class CacheError(InputError):
     """A feature cache that is missing, inconsistent, or asked for a scan it does not hold."""
 
 
@@ -92,7 +94,7 @@ def encode_manifest(
     save_config(encoder.config, root / "encoder.yaml")
     save_config(preprocess, root / "preprocess.yaml")
     next_shard = _next_shard_number(root)
-    with tqdm(total=len(todo), desc="encode", unit="scan", disable=not progress) as bar:
+    with progress_bar(total=len(todo), desc="encode", unit="scan", enabled=progress) as bar:
         for start in range(0, len(todo), shard_size):
             shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
             tokens = _encode_scans(todo[start : start + shard_size], encoder, preprocess, dtype, batch_size, bar)

@@ -17,6 +17,7 @@ under ``torch.no_grad``.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -25,13 +26,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vlsurv.errors import CheckpointError
+
 OFFICIAL_PREFIX = "encode_image.i3_resnet."
 EXPANSION = 4
 MERLIN_LAYERS = (3, 8, 36, 3)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into the encoder (file, keys or shapes)."""
 
 
 @dataclass
@@ -228,6 +227,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _load_failure(err: Exception) -> str:
+    """One line saying why a file did not load (torch's weights-only refusal spans many lines)."""
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(err))
+    if refused:
+        return (f"refused: {refused.group(1).strip()}; only tensors are unpickled, so code in a pickle never runs; "
+                "expected a plain state dict of tensors or a .safetensors file")
+    return " ".join(str(err).split())
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -235,7 +243,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects refused by weights_only, ...
-        raise CheckpointError(f"checkpoint {path}: cannot read it as a state dict ({err})") from err
+        raise CheckpointError(f"checkpoint {path}: cannot read it as a state dict ({_load_failure(err)})") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path}: expected a flat state dict of tensors, got {type(state).__name__}")
     return state

@@ -10,15 +10,17 @@ tokens, ``pool="all"`` over prompt + generated answer (EOS included), so their r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel, positions_from_mask
+from vlsurv.errors import InputError
+from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel, masked_sum, positions_from_mask
 
 
-class EnsembleError(ValueError):
+class EnsembleError(InputError):
     """Inputs that the prompt ensemble cannot score."""
 
 
@@ -71,10 +73,6 @@ def split_prompts(model: VisionLanguageSurvivalModel, clinical: str, questions: 
     return prefix, [ids[end:] for ids in prompts]
 
 
-def _masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (hidden.float() * mask.unsqueeze(-1).float()).sum(1)
-
-
 def _next_token(
     logits, options: DecodeOptions, generator: torch.Generator | None, image_token_id: int
 ) -> torch.Tensor:
@@ -98,6 +96,13 @@ def _decode_answers(model, rows: list[list[int]]) -> list[str]:
     return answers
 
 
+def _cache_argument(lm) -> str:
+    """The name under which ``lm``'s forward takes the KV cache: ``cache`` since transformers 5 renamed it
+    (the old name warns), ``past_key_values`` in earlier versions and in remote-code decoders."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator):
     """Decode up to max_new_tokens per row on ``cache``; -> (tokens (N, n), hidden sum (N, d), count (N,))."""
     lm, pad, eos = model.language_model, model.processor.pad_token_id, model.processor.eos_token_id
@@ -105,7 +110,7 @@ def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator)
     finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
     hidden_sum = torch.zeros(n, model.hidden_size, device=logits.device)
     count = torch.zeros(n, device=logits.device)
-    tokens = []
+    tokens, cache_kwarg = [], {_cache_argument(lm): cache}
     for _ in range(options.max_new_tokens):
         active = ~finished
         token = torch.where(
@@ -119,11 +124,11 @@ def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator)
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_pos[:, None],
-            past_key_values=cache,
+            **cache_kwarg,
             use_cache=True,
             output_hidden_states=True,
         )
-        hidden_sum += out.hidden_states[-1][:, -1].float() * active[:, None]
+        hidden_sum += masked_sum(out.hidden_states[-1][:, -1:], active[:, None])
         count += active
         next_pos = next_pos + active.long()
         finished |= token == eos
@@ -134,7 +139,7 @@ def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator)
 
 
 def _survival(model, z: torch.Tensor, shape: tuple[int, int]):
-    survival = model.survival_branch(z.to(model.device))
+    survival = model.survive(z)
     risks = model.risk(survival).float().reshape(shape)
     curves = None
     if model.config.survival.head == "deephit":
@@ -181,16 +186,17 @@ def score_shared_prefix(
     ids, mask = prefix["input_ids"].to(device), prefix["attention_mask"].to(device)
     images = torch.stack([scan.image_tokens for scan in scans])
     cache = DynamicCache()
+    cache_kwarg = {_cache_argument(lm): cache}
     out = lm(
         inputs_embeds=model.embed_inputs(ids, images),
         attention_mask=mask,
         position_ids=positions_from_mask(mask),
-        past_key_values=cache,
+        **cache_kwarg,
         use_cache=True,
         output_hidden_states=True,
         logits_to_keep=1,
     )
-    hidden_sum = _masked_sum(out.hidden_states[-1], mask).repeat_interleave(n_questions, 0)
+    hidden_sum = masked_sum(out.hidden_states[-1], mask).repeat_interleave(n_questions, 0)
     count = mask.sum(-1).float().repeat_interleave(n_questions, 0)
     cache.batch_repeat_interleave(n_questions)
     mask = mask.repeat_interleave(n_questions, 0)
@@ -206,12 +212,12 @@ def score_shared_prefix(
         input_ids=suffix_ids,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        **cache_kwarg,
         use_cache=options.generate,
         output_hidden_states=True,
         logits_to_keep=0 if options.generate else 1,
     )
-    hidden_sum += _masked_sum(out.hidden_states[-1], suffix_mask)
+    hidden_sum += masked_sum(out.hidden_states[-1], suffix_mask)
     count += suffix_mask.sum(-1)
 
     answers = [[""] * n_questions for _ in scans]

@@ -10,6 +10,10 @@ the plain template ``prompts/model/plain.txt``. The single ``<image>`` special t
 - ``attention_mask``: 1 everywhere (padding is added by ``collate``);
 - ``labels``: -100 except the answer tokens and the EOS;
 - ``prompt_mask``: 1 on the prompt (clinical sentence, image placeholders, question), 0 on the answer.
+
+Length caps: an answer keeps at most ``max_answer_tokens`` tokens, and prompt + answer + EOS at most
+``max_seq_len``; a longer answer is cut (its EOS kept) and counted in ``truncated_answers`` (a count only, never
+the text). A prompt that alone leaves no room for the EOS under ``max_seq_len`` is an error.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from collections.abc import Sequence
 
 import torch
 
+from vlsurv.errors import InputError
+
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "model/plain.txt"
 PADDING_SIDES = ("right", "left")
 
 
-class ProcessorError(ValueError):
+class ProcessorError(InputError):
     """A tokenizer or text that cannot make a valid prompt."""
 
 
@@ -38,9 +44,18 @@ def plain_template() -> str:
 class VLMProcessor:
     """Turns (clinical sentence, question, answer) into model inputs; pads batches."""
 
-    def __init__(self, tokenizer, num_image_tokens: int, template: str | None = None) -> None:
-        if num_image_tokens < 1:
-            raise ProcessorError(f"num_image_tokens: expected >= 1, got {num_image_tokens}")
+    def __init__(
+        self,
+        tokenizer,
+        num_image_tokens: int,
+        template: str | None = None,
+        max_answer_tokens: int | None = None,
+        max_seq_len: int | None = None,
+    ) -> None:
+        for name, value in (("num_image_tokens", num_image_tokens), ("max_answer_tokens", max_answer_tokens),
+                            ("max_seq_len", max_seq_len)):
+            if value is not None and value < 1:
+                raise ProcessorError(f"{name}: expected >= 1, got {value}")
         if IMAGE_TOKEN not in tokenizer.get_vocab():
             raise ProcessorError(
                 f"tokenizer {tokenizer.name_or_path!r} has no {IMAGE_TOKEN} token; "
@@ -50,6 +65,9 @@ class VLMProcessor:
             raise ProcessorError(f"tokenizer {tokenizer.name_or_path!r} has no eos_token; expected one")
         self.tokenizer = tokenizer
         self.num_image_tokens = num_image_tokens
+        self.max_answer_tokens = max_answer_tokens
+        self.max_seq_len = max_seq_len
+        self.truncated_answers = 0
         self.image_token_id = int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
         self.eos_token_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
@@ -93,8 +111,25 @@ class VLMProcessor:
     def encode(self, clinical: str, question: str, answer: str | None = None) -> dict[str, torch.Tensor]:
         """One sequence (see the module docstring); ``answer=None`` gives the generation prompt only."""
         prompt = self.prompt_ids(clinical, question)
-        answer_part = self.answer_ids(answer) if answer is not None else []
+        answer_part = self.capped_answer(self.answer_ids(answer), len(prompt)) if answer is not None else []
         return self.from_ids(prompt, answer_part)
+
+    def capped_answer(self, answer: list[int], n_prompt: int) -> list[int]:
+        """``answer`` (ending in EOS) cut to the length caps, EOS kept; each cut adds 1 to ``truncated_answers``."""
+        room = len(answer) - 1
+        if self.max_answer_tokens is not None:
+            room = min(room, self.max_answer_tokens)
+        if self.max_seq_len is not None:
+            if n_prompt + 1 > self.max_seq_len:
+                raise ProcessorError(
+                    f"max_seq_len={self.max_seq_len}: the prompt (clinical sentence, image tokens, question) has "
+                    f"{n_prompt} tokens; expected at most max_seq_len - 1, so that the answer's EOS fits"
+                )
+            room = min(room, self.max_seq_len - n_prompt - 1)
+        if room >= len(answer) - 1:
+            return answer
+        self.truncated_answers += 1
+        return answer[:room] + [self.eos_token_id]
 
     def from_ids(self, prompt: Sequence[int], answer: Sequence[int] = ()) -> dict[str, torch.Tensor]:
         """Model inputs from already tokenized prompt (with placeholders) and answer (with EOS) ids."""

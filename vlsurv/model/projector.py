@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vlsurv.errors import InputError
+
 PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
 PROJECTOR_NORMS = ("none", "layernorm", "standardize")
 
 
-class ProjectorError(ValueError):
+class ProjectorError(InputError):
     """An unknown projector kind or input norm, or statistics of the wrong shape."""
 
 

@@ -4,8 +4,9 @@
   (CLIP-Adapter style; r = 0.2, q = 4 by default).
 - ``SurvivalBranch``: adapter then head. DeepSurv: Linear(d, 1) -> log-risk (B,). DeepHit: Linear(d, K+1) ->
   logits (B, K+1), softmax over K time bins plus one tail bin "beyond the last cut".
-- ``DeepHitCuts``: K cut times at quantiles of the training event times; ``bin_index(time)`` =
-  clamp(searchsorted(cuts, time), max=K-1) as pycox's label transform; bin k holds (cut_{k-1}, cut_k].
+- ``DeepHitCuts``: K cut times at quantiles of the training event times, and the censoring scheme of the
+  training labels (``labels(time, event)``; see ``vlsurv.losses.deephit_nll``); bin k holds (cut_{k-1}, cut_k],
+  bin K the times after the last cut. Both are saved with the model in ``deephit_cuts.json``.
 """
 
 from __future__ import annotations
@@ -13,15 +14,28 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from vlsurv.errors import InputError
+
 HEADS = ("deepsurv", "deephit")
 DEEPHIT_RISKS = ("expected_time", "cif_at_horizon")
+# How much of its bin a censored row is credited with surviving (the NLL's censoring term; losses.deephit_nll):
+# "interpolate" the fraction of the bin it was followed, "life_table" half, "deephit" all (the original DeepHit
+# convention), "pycox" none (pycox's label transform).
+DeepHitCensoring = Literal["interpolate", "life_table", "deephit", "pycox"]
+# Where the K cuts go: "event_quantiles_with_tail" at the k/(K+1) quantiles of the event times (the tail bin
+# after the last cut holds as many events as a bin), "event_quantiles" at the k/K quantiles (the last cut is the
+# largest event time, the original scheme).
+DeepHitCutPlacement = Literal["event_quantiles_with_tail", "event_quantiles"]
+DEEPHIT_CENSORING: tuple[str, ...] = get_args(DeepHitCensoring)
+DEEPHIT_CUT_PLACEMENTS: tuple[str, ...] = get_args(DeepHitCutPlacement)
 
 
-class SurvivalConfigError(ValueError):
+class SurvivalConfigError(InputError):
     """A survival-branch setting or DeepHit cut that is not what is expected."""
 
 
@@ -35,6 +49,8 @@ class SurvivalConfig:
     adapter_reduction: int = 4
     deephit_risk: str = "expected_time"
     horizon: float | None = None
+    deephit_censoring: DeepHitCensoring = "interpolate"
+    deephit_cut_placement: DeepHitCutPlacement = "event_quantiles_with_tail"
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -42,6 +58,15 @@ class SurvivalConfig:
         if self.deephit_risk not in DEEPHIT_RISKS:
             raise SurvivalConfigError(
                 f"survival.deephit_risk: expected one of {DEEPHIT_RISKS}, got {self.deephit_risk!r}"
+            )
+        if self.deephit_censoring not in DEEPHIT_CENSORING:
+            raise SurvivalConfigError(
+                f"survival.deephit_censoring: expected one of {DEEPHIT_CENSORING}, got {self.deephit_censoring!r}"
+            )
+        if self.deephit_cut_placement not in DEEPHIT_CUT_PLACEMENTS:
+            raise SurvivalConfigError(
+                f"survival.deephit_cut_placement: expected one of {DEEPHIT_CUT_PLACEMENTS}, "
+                f"got {self.deephit_cut_placement!r}"
             )
         if self.num_bins < 1:
             raise SurvivalConfigError(f"survival.num_bins: expected >= 1, got {self.num_bins}")
@@ -97,26 +122,60 @@ class SurvivalBranch(nn.Module):
         return SurvivalOutput(z_surv=z_surv, logits=out)
 
 
+@dataclass
+class DeepHitLabels:
+    """Training labels of N rows on K cuts (see ``vlsurv.losses.deephit_nll``).
+
+    ``bin_index`` (N,) long in [0, K] (K = after the last cut); ``event`` (N,) bool, an event after the last cut
+    counts as censored at it; ``censored_credit`` (N,) float64 in [0, 1], the fraction of its bin a censored row
+    is credited with surviving (0 in bin K).
+    """
+
+    bin_index: torch.Tensor
+    event: torch.Tensor
+    censored_credit: torch.Tensor
+
+
 class DeepHitCuts:
-    """K increasing cut times (float64); bin k covers (cut_{k-1}, cut_k], bin K is the tail."""
+    """K increasing cut times (float64) and the censoring scheme of the labels; bin k covers (cut_{k-1}, cut_k]
+    (cut_{-1} = 0), bin K the times after the last cut. ``placement`` records how the cuts were chosen (None when
+    they were given or the file predates it)."""
 
     FILE_NAME = "deephit_cuts.json"
 
-    def __init__(self, cuts) -> None:
+    def __init__(
+        self, cuts, censoring: DeepHitCensoring = "interpolate", placement: DeepHitCutPlacement | None = None
+    ) -> None:
         cuts = torch.as_tensor(cuts, dtype=torch.float64).flatten()
         if cuts.numel() < 1 or not bool(torch.all(cuts[1:] > cuts[:-1])):
             raise SurvivalConfigError(
                 f"DeepHit cuts: expected strictly increasing times, got {cuts.tolist()}"
             )
+        if censoring not in DEEPHIT_CENSORING:
+            raise SurvivalConfigError(f"DeepHit censoring: expected one of {DEEPHIT_CENSORING}, got {censoring!r}")
+        if placement is not None and placement not in DEEPHIT_CUT_PLACEMENTS:
+            raise SurvivalConfigError(
+                f"DeepHit cut placement: expected one of {DEEPHIT_CUT_PLACEMENTS} or null, got {placement!r}"
+            )
         self.cuts = cuts
+        self.censoring = censoring
+        self.placement = placement
 
     @property
     def num_bins(self) -> int:
         return int(self.cuts.numel())
 
     @classmethod
-    def from_times(cls, time, event, num_bins: int) -> DeepHitCuts:
-        """Cuts at the 1/K, 2/K, ..., 1 quantiles of the event times (rows with event == 1)."""
+    def from_times(
+        cls,
+        time,
+        event,
+        num_bins: int,
+        placement: DeepHitCutPlacement = "event_quantiles_with_tail",
+        censoring: DeepHitCensoring = "interpolate",
+    ) -> DeepHitCuts:
+        """Cuts at quantiles of the event times (rows with event == 1): the k/(K+1) quantiles, k = 1..K, for
+        ``event_quantiles_with_tail``, the k/K quantiles for ``event_quantiles``."""
         time = torch.as_tensor(time, dtype=torch.float64).flatten()
         event = torch.as_tensor(event).flatten().bool()
         event_times = time[event]
@@ -124,32 +183,63 @@ class DeepHitCuts:
             raise SurvivalConfigError(
                 "DeepHit cuts: the training set has no event (event == 1); expected at least one"
             )
-        levels = torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64)[1:]
+        if placement not in DEEPHIT_CUT_PLACEMENTS:
+            raise SurvivalConfigError(
+                f"DeepHit cut placement: expected one of {DEEPHIT_CUT_PLACEMENTS}, got {placement!r}"
+            )
+        steps = num_bins + 1 if placement == "event_quantiles_with_tail" else num_bins
+        levels = torch.arange(1, num_bins + 1, dtype=torch.float64) / steps
         cuts = torch.unique(torch.quantile(event_times, levels))
         if cuts.numel() < num_bins:
             raise SurvivalConfigError(
                 f"DeepHit cuts: only {cuts.numel()} distinct quantiles of {event_times.numel()} event times; "
                 f"expected survival.num_bins = {num_bins}, lower it"
             )
-        return cls(cuts)
+        return cls(cuts, censoring=censoring, placement=placement)
 
     def bin_index(self, time) -> torch.Tensor:
-        """(N,) long bin of each time: clamp(searchsorted(cuts, time), max=K-1)."""
+        """(N,) long bin of each time in [0, K]: searchsorted(cuts, time), K = after the last cut."""
         time = torch.as_tensor(time, dtype=torch.float64)
-        return torch.searchsorted(self.cuts, time.contiguous()).clamp(max=self.num_bins - 1)
+        return torch.searchsorted(self.cuts, time.contiguous())
+
+    def labels(self, time, event) -> DeepHitLabels:
+        """``DeepHitLabels`` of ``time`` (N,) and ``event`` (N,) under this censoring scheme (CPU tensors)."""
+        time = torch.as_tensor(time, dtype=torch.float64).flatten()
+        bins = self.bin_index(time)
+        after_last = bins == self.num_bins
+        inside = bins.clamp(max=self.num_bins - 1)
+        lower = torch.cat([self.cuts.new_zeros(1), self.cuts])[inside]
+        upper = self.cuts[inside]
+        if self.censoring == "interpolate":
+            width = upper - lower  # 0 or less only in bin 0 when cut_0 <= 0: the row survived to cut_0
+            credit = torch.where(width > 0, ((time - lower) / width).clamp(0.0, 1.0), 1.0)
+        else:
+            credit = torch.full_like(time, {"life_table": 0.5, "deephit": 1.0, "pycox": 0.0}[self.censoring])
+        event = torch.as_tensor(event).flatten().bool() & ~after_last
+        return DeepHitLabels(bin_index=bins, event=event, censored_credit=credit.masked_fill(after_last, 0.0))
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / self.FILE_NAME
-        path.write_text(json.dumps({"cuts": self.cuts.tolist()}))
+        record = {"cuts": self.cuts.tolist(), "censoring": self.censoring, "placement": self.placement}
+        path.write_text(json.dumps(record))
         return path
 
     @classmethod
     def load(cls, directory: str | Path) -> DeepHitCuts:
+        """Read ``deephit_cuts.json``; a file without ``censoring`` predates the schemes: its model was trained
+        with the original DeepHit credit."""
         path = Path(directory) / cls.FILE_NAME
         try:
-            return cls(json.loads(path.read_text())["cuts"])
-        except (KeyError, json.JSONDecodeError) as err:
-            raise SurvivalConfigError(f'{path}: expected JSON {{"cuts": [times...]}}') from err
+            record = json.loads(path.read_text())
+            cuts = record["cuts"]
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise SurvivalConfigError(
+                f'{path}: expected JSON {{"cuts": [times...], "censoring": ..., "placement": ...}}'
+            ) from err
+        try:
+            return cls(cuts, record.get("censoring", "deephit"), record.get("placement"))
+        except SurvivalConfigError as err:
+            raise SurvivalConfigError(f"{path}: {err}") from err
 
 
 def deephit_probabilities(logits: torch.Tensor) -> torch.Tensor:

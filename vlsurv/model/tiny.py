@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN
 
 PAD_TOKEN = "<pad>"
@@ -29,7 +30,7 @@ EOS_TOKEN = "</s>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 
 
-class TinyDecoderError(ValueError):
+class TinyDecoderError(InputError):
     """Bad arguments for the tiny decoder factory."""
 
 

@@ -7,6 +7,8 @@ pooled last hidden state) and an optional frozen ``vision_encoder`` used only wh
 Forward: token embeddings, with the projected image tokens scattered over the ``<image>`` placeholders, go
 through the decoder; ``lm_loss`` is the causal LM loss on the answer tokens (labels != -100);
 ``z_pooled`` (B, d) = masked mean of the last hidden states over ``pool_mask`` (default: the attention mask).
+The survival branch always runs in float32 (autocast off, its weights cast up when the model is stored in
+bf16/fp16), in training, validation and predict alike.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
 from vlsurv.model.projector import PROJECTOR_KINDS, PROJECTOR_NORMS, build_projector
 from vlsurv.model.survival import (
@@ -45,11 +48,11 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 POOLS = ("all", "prompt")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError):
     """A model config value that is not what is expected."""
 
 
-class ImageTokenCountError(ValueError):
+class ImageTokenCountError(InputError):
     """The number of ``<image>`` placeholders differs from the number of image tokens given."""
 
 
@@ -80,6 +83,8 @@ class ModelConfig:
     survival: SurvivalConfig = field(default_factory=SurvivalConfig)
     pool: str = "all"
     clinical_template: str = "lung"
+    max_answer_tokens: int | None = 256
+    max_seq_len: int | None = 1024
 
     def __post_init__(self) -> None:
         choices = {
@@ -94,8 +99,8 @@ class ModelConfig:
                 raise ModelConfigError(
                     f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
                 )
-        for name in ("image_token_dim", "num_image_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("image_token_dim", "num_image_tokens", "max_answer_tokens", "max_seq_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ModelConfigError(f"model.{name}: expected >= 1, got {getattr(self, name)}")
 
 
@@ -109,11 +114,17 @@ class VLMOutput:
     survival: SurvivalOutput
 
 
+def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, d), (B, L) -> (B, d) float32 sum over positions where mask is 1; ``torch.where``, so a NaN or inf at
+    a masked position stays out (a product with 0 would keep it)."""
+    keep = mask.bool().unsqueeze(-1)
+    return torch.where(keep, hidden.float(), torch.zeros((), device=hidden.device)).sum(1)
+
+
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, d), (B, L) -> (B, d) float32 mean over positions where mask is 1."""
-    weights = mask.to(torch.float32).unsqueeze(-1)
-    counts = weights.sum(1).clamp(min=1.0)
-    return (hidden.float() * weights).sum(1) / counts
+    counts = mask.bool().sum(1, keepdim=True).clamp(min=1).to(torch.float32)
+    return masked_sum(hidden, mask) / counts
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +153,10 @@ class VisionLanguageSurvivalModel(nn.Module):
                 decoder, local_files_only=True, trust_remote_code=config.trust_remote_code
             )
         self.tokenizer = prepare_tokenizer(tokenizer, IMAGE_TOKEN)
-        self.processor = VLMProcessor(self.tokenizer, config.num_image_tokens)
+        self.processor = VLMProcessor(
+            self.tokenizer, config.num_image_tokens, max_answer_tokens=config.max_answer_tokens,
+            max_seq_len=config.max_seq_len,
+        )
         self.language_model = load_language_model(
             config, self.tokenizer, Path(adapter_dir) if adapter_dir else None
         )
@@ -252,9 +266,18 @@ class VisionLanguageSurvivalModel(nn.Module):
         )
         mask = attention_mask if pool_mask is None else pool_mask * attention_mask
         z_pooled = masked_mean(out.hidden_states[-1], mask).to(self.device)
-        return VLMOutput(
-            lm_loss=out.loss, logits=out.logits, z_pooled=z_pooled, survival=self.survival_branch(z_pooled)
-        )
+        return VLMOutput(lm_loss=out.loss, logits=out.logits, z_pooled=z_pooled, survival=self.survive(z_pooled))
+
+    def survive(self, z_pooled: torch.Tensor) -> SurvivalOutput:
+        """The survival branch on (B, d) ``z_pooled`` in float32: autocast off, and weights stored in bf16/fp16
+        cast up for the call (differentiably; the stored parameters are unchanged)."""
+        branch = self.survival_branch
+        z = z_pooled.to(device=self.device, dtype=torch.float32)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            if all(p.dtype == torch.float32 for p in branch.parameters()):
+                return branch(z)
+            weights = {name: p.float() for name, p in branch.named_parameters()}
+            return torch.func.functional_call(branch, weights, (z,))
 
     def risk(self, survival: SurvivalOutput) -> torch.Tensor:
         """(B,) ranking score (higher = earlier event): DeepSurv log-risk, DeepHit per ``survival.deephit_risk``."""
@@ -322,9 +345,12 @@ class VisionLanguageSurvivalModel(nn.Module):
         return {name: [p for p in params if p.requires_grad] for name, params in parts.items()}
 
     # --- persistence --------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, merge_decoder: bool = False) -> Path:
-        """Config JSON, projector + survival safetensors, LoRA adapter, tokenizer, DeepHit cuts (no pickle)."""
-        return save_model(self, directory, merge_decoder=merge_decoder)
+    def save_pretrained(
+        self, directory: str | Path, merge_decoder: bool = False, state_dict: dict | None = None
+    ) -> Path:
+        """Config JSON, projector + survival safetensors, LoRA adapter, tokenizer, DeepHit cuts (no pickle);
+        ``state_dict``: the full state dict gathered under FSDP / ZeRO-3 (see ``vlm_io.save_model``)."""
+        return save_model(self, directory, merge_decoder=merge_decoder, state_dict=state_dict)
 
     @classmethod
     def from_pretrained(

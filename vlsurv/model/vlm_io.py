@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlsurv.config import from_dict, to_dict
+from vlsurv.errors import ModelLoadError
 
 CONFIG_NAME = "config.json"
 PROJECTOR_NAME = "projector.safetensors"
@@ -28,10 +33,6 @@ SURVIVAL_NAME = "survival_branch.safetensors"
 ADAPTER_DIR = "adapter"
 MERGED_DECODER_DIR = "decoder"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelLoadError(ValueError):
-    """A model directory, decoder directory or weight file that cannot be loaded as expected."""
 
 
 class KbitUnavailableError(ModelLoadError):
@@ -84,8 +85,43 @@ def _resize_embeddings(model, vocab_size: int) -> None:
                 layer.weight[old:] = layer.weight[:old].mean(0, keepdim=True)
 
 
+@contextmanager
+def _peft_scope(kbit: bool) -> Iterator[None]:
+    """Around peft's import and its wrapping of the decoder.
+
+    - peft imports bitsandbytes whenever it is installed (at ``import peft`` and in LoRA's layer dispatch); that
+      import compiles kernels and logs "Failed to load CPU gemm_4bit_forward" on some CPUs. Unless k-bit weights
+      are asked for, a ``None`` entry in ``sys.modules`` hides it (``import`` fails, ``find_spec`` gives None).
+      On exit the entry goes and peft's cached availability checks are cleared, so a later k-bit model in the
+      same process gets bitsandbytes.
+    - ``PeftModel.__init__`` reads transformers' deprecated ``is_gradient_checkpointing``: that one FutureWarning
+      is ignored here.
+    """
+    hide = not kbit and "bitsandbytes" not in sys.modules
+    if hide:
+        sys.modules["bitsandbytes"] = None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning, module="transformers.modeling_utils")
+            yield
+    finally:
+        if hide and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
+            del sys.modules["bitsandbytes"]
+            peft_imports = sys.modules.get("peft.import_utils")
+            if peft_imports is not None:
+                peft_imports.is_bnb_available.cache_clear()
+                peft_imports.is_bnb_4bit_available.cache_clear()
+
+
 def load_language_model(config, tokenizer, adapter_dir: Path | None = None):
-    """Base causal LM from ``config.decoder_path`` wrapped with LoRA (fresh, or from ``adapter_dir``)."""
+    """Base causal LM from ``config.decoder_path`` wrapped with LoRA (fresh, or from ``adapter_dir``); imports
+    bitsandbytes only for k-bit weights (``_peft_scope``)."""
+    with _peft_scope(kbit=config.quantization != "none"):
+        return _load_language_model(config, tokenizer, adapter_dir)
+
+
+def _load_language_model(config, tokenizer, adapter_dir: Path | None):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
@@ -128,9 +164,15 @@ def load_language_model(config, tokenizer, adapter_dir: Path | None = None):
     return get_peft_model(base, lora)
 
 
-def save_module(module: nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(path))
+def save_module(module: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """``module``'s weights (or ``state``, the same keys gathered elsewhere) as safetensors."""
+    state = module.state_dict() if state is None else state
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def part_of(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a whole-model state dict under ``prefix`` (e.g. "survival_branch."), prefix removed."""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def load_module(module: nn.Module, path: Path) -> None:
@@ -150,9 +192,15 @@ def load_module(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def save_model(model, directory: str | Path, merge_decoder: bool = False) -> Path:
-    """Write ``model`` (a VisionLanguageSurvivalModel) to ``directory``; see the module docstring."""
+def save_model(model, directory: str | Path, merge_decoder: bool = False, state_dict: dict | None = None) -> Path:
+    """Write ``model`` (a VisionLanguageSurvivalModel) to ``directory``; see the module docstring.
+
+    ``state_dict``: the model's full state dict gathered by the caller (``accelerator.get_state_dict`` under
+    FSDP / ZeRO-3, where the module's own parameters are shards); written instead of the module's parameters.
+    """
     directory = Path(directory)
+    if state_dict is not None and merge_decoder:
+        raise ModelLoadError("save_pretrained: merge_decoder=True takes the module's own weights; give no state_dict")
     directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
     if merge_decoder:
@@ -166,10 +214,12 @@ def save_model(model, directory: str | Path, merge_decoder: bool = False) -> Pat
         config.decoder_path = MERGED_DECODER_DIR
     else:
         # Resized embedding rows are rebuilt deterministically on load, so the adapter never stores embeddings.
-        model.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
+        gathered = {} if state_dict is None else {"state_dict": part_of(state_dict, "language_model.")}
+        model.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False, **gathered)
     (directory / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
-    save_module(model.multi_modal_projector, directory / PROJECTOR_NAME)
-    save_module(model.survival_branch, directory / SURVIVAL_NAME)
+    for module, name, prefix in ((model.multi_modal_projector, PROJECTOR_NAME, "multi_modal_projector."),
+                                 (model.survival_branch, SURVIVAL_NAME, "survival_branch.")):
+        save_module(module, directory / name, None if state_dict is None else part_of(state_dict, prefix))
     model.tokenizer.save_pretrained(directory)
     if model.deephit_cuts is not None:
         model.deephit_cuts.save(directory)

@@ -9,6 +9,9 @@ folder, so a run killed mid-save leaves only a temporary folder, which the next 
 Single-process and DDP checkpoints hold only the weights that change: the trainable parameters plus the projector
 and survival branch (the frozen base decoder is rebuilt from ``model.decoder_path``), loaded back with
 ``strict=False``. FSDP and DeepSpeed save through their own writers.
+
+The final model (``save_final``) is gathered on every process and written by the main one; ``selection.json``
+beside it records which step it holds and its validation metric.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from pathlib import Path
 
 from torch import nn
 
+from vlsurv.errors import CheckpointError
+
 STATE_NAME = "trainer_state.json"
+SELECTION_NAME = "selection.json"
 PREFIX, TMP_PREFIX = "step-", ".tmp-step-"
 ALWAYS_SAVED = ("multi_modal_projector.", "survival_branch.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint to resume from that does not exist or is incomplete."""
 
 
 def step_dir_name(step: int, prefix: str = PREFIX) -> str:
@@ -34,8 +36,12 @@ def step_dir_name(step: int, prefix: str = PREFIX) -> str:
 
 
 def keep_changing_weights(model: nn.Module):
-    """A ``register_save_state_pre_hook`` hook that drops the frozen base-decoder weights from the saved state."""
-    keep = {name for name, p in model.named_parameters() if p.requires_grad}
+    """A ``register_save_state_pre_hook`` hook that drops the frozen base-decoder weights from the saved state.
+
+    ``model`` is the prepared model; a DDP wrapper's ``module.`` prefix is removed, since the saved state holds the
+    unwrapped model's keys (with the prefix kept, a DDP checkpoint lost every LoRA weight).
+    """
+    keep = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
 
     def hook(models, weights, output_dir) -> None:
         for state in weights:
@@ -137,3 +143,31 @@ class CheckpointManager:
 def read_state(path: str | Path) -> dict:
     """The ``trainer_state.json`` of a checkpoint folder."""
     return json.loads((Path(path) / STATE_NAME).read_text())
+
+
+def save_final(accelerator, model, directory: str | Path) -> Path:
+    """``save_pretrained`` of the prepared ``model`` into ``directory``; call on every process.
+
+    The full state dict is gathered on every process first (``accelerator.get_state_dict``: under FSDP or ZeRO-3
+    an all-gather that each rank must join), then only the main process writes it, so no rank waits in a
+    collective that another never enters and no shard is written as if it were the whole model.
+    """
+    directory = Path(directory)
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def write_selection(directory: str | Path, record: dict) -> Path:
+    """``selection.json`` in the final model folder: which checkpoint it holds and by what metric."""
+    path = Path(directory) / SELECTION_NAME
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def read_selection(directory: str | Path) -> dict | None:
+    """The ``selection.json`` of a model folder written by training, or None when there is none."""
+    path = Path(directory) / SELECTION_NAME
+    return json.loads(path.read_text()) if path.is_file() else None

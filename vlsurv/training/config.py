@@ -25,11 +25,16 @@ SCHEDULERS = ("cosine", "constant")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 TRACKERS = ("tensorboard", "none")
 TIES = ("breslow", "efron")
+RISK_SETS = ("micro_batch", "window", "memory")
 
 
 @dataclass
 class DataConfig:
-    """Inputs: the cohort manifest, the VQA JSONL, the feature cache and (stage 2) the stage-1 model directory."""
+    """Inputs: the cohort manifest, the VQA JSONL, the feature cache and (stage 2) the stage-1 model directory.
+
+    ``clinical_missing_warn``: warn (once per run) when more than this fraction of the run's scans lack a
+    field of ``model.clinical_template`` (vlsurv.data.clinical.warn_missing_fields).
+    """
 
     manifest: str = ""
     vqa: str = ""
@@ -38,6 +43,7 @@ class DataConfig:
     questions: str = "lung"
     train_split: str = "train"
     val_split: str = "val"
+    clinical_missing_warn: float = 0.2
 
 
 @dataclass
@@ -46,6 +52,9 @@ class OptimConfig:
 
     ``batch_size`` is per process; one optimizer step sees ``batch_size * num_processes * grad_accum`` samples.
     ``max_steps`` > 0 caps the run in optimizer steps; otherwise ``epochs`` passes over the training data.
+    Warmup: exactly one of ``warmup_steps`` (optimizer steps) and ``warmup_ratio`` (a fraction in [0, 1) of the
+    run's planned optimizer steps, rounded down) is set, the other null; a ``warmup_steps`` at least the planned
+    steps stops the run (vlsurv.training.setup.warmup_steps), as the learning rate would never leave warmup.
     """
 
     lr_projector: float = 1e-6
@@ -55,7 +64,8 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     scheduler: str = "cosine"
-    warmup_steps: int = 500
+    warmup_steps: int | None = 500
+    warmup_ratio: float | None = None
     batch_size: int = 12
     grad_accum: int = 8
     max_grad_norm: float = 1.0
@@ -69,6 +79,12 @@ class LossConfig:
 
     ``dispersion_sigma`` None = the std of the global batch's event times; ``deephit_ranking_weight`` adds
     DeepHit's ranking loss to L_surv with that weight.
+
+    ``risk_set`` (stage 2) sets the rows that the coupled terms (Cox risk set, DeepHit ranking pairs, dispersion
+    pairs) span: "micro_batch" = one micro-batch across processes (``batch_size x processes``); "window" = the
+    optimizer step's whole accumulation window (``x grad_accum``), exact, at the cost of one extra forward pass
+    without grad per micro-batch; "memory" = the micro-batch plus the detached rows of the ``memory_batches``
+    micro-batches before it, as constants (vlsurv.training.risk_sets).
     """
 
     alpha: float = 0.5
@@ -79,6 +95,8 @@ class LossConfig:
     dispersion_tau: float = 0.5
     deephit_ranking_weight: float = 0.0
     deephit_ranking_sigma: float = 0.1
+    risk_set: str = "micro_batch"
+    memory_batches: int = 7
 
 
 @dataclass
@@ -130,14 +148,19 @@ class TrainConfig:
         check_choice("tracker", self.tracker, TRACKERS)
         check_choice("optim.scheduler", self.optim.scheduler, SCHEDULERS)
         check_choice("loss.ties", self.loss.ties, TIES)
+        if not 0.0 <= self.data.clinical_missing_warn <= 1.0:
+            raise ConfigError(f"data.clinical_missing_warn: expected a fraction between 0 and 1, got "
+                              f"{self.data.clinical_missing_warn}")
+        check_choice("loss.risk_set", self.loss.risk_set, RISK_SETS)
+        check_at_least("loss.memory_batches", self.loss.memory_batches, 1)
         for name in ("lr_projector", "lr_lora", "lr_survival"):
             value = getattr(self.optim, name)
             if not value >= 0.0:
                 raise ConfigError(f"optim.{name}: expected a learning rate >= 0, got {value}")
         for name in ("batch_size", "grad_accum", "epochs"):
             check_at_least(f"optim.{name}", getattr(self.optim, name), 1)
-        for name in ("warmup_steps", "max_steps"):
-            check_at_least(f"optim.{name}", getattr(self.optim, name), 0)
+        check_at_least("optim.max_steps", self.optim.max_steps, 0)
+        self.check_warmup()
         for name in ("weight_decay", "max_grad_norm"):
             check_at_least(f"optim.{name}", getattr(self.optim, name), 0.0)
         if not all(0.0 <= b < 1.0 for b in self.optim.betas):
@@ -160,6 +183,18 @@ class TrainConfig:
             )
         if self.deephit_cuts is not None:
             self.check_given_cuts()
+
+    def check_warmup(self) -> None:
+        steps, ratio = self.optim.warmup_steps, self.optim.warmup_ratio
+        if (steps is None) == (ratio is None):
+            raise ConfigError(
+                f"optim.warmup_steps = {steps}, optim.warmup_ratio = {ratio}: expected exactly one of them set and "
+                "the other null (e.g. optim.warmup_steps=null optim.warmup_ratio=0.1)"
+            )
+        if steps is not None:
+            check_at_least("optim.warmup_steps", steps, 0)
+        elif not 0.0 <= ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio: expected a fraction in [0, 1), got {ratio}")
 
     def check_given_cuts(self) -> None:
         cuts = list(self.deephit_cuts or [])

@@ -1,17 +1,19 @@
-"""Validation during training: LM loss, C-index of the mean question risk, a few generated answers.
+"""Validation during training: LM loss, the C-index of what predict deploys, a few generated answers.
 
-The validation set is every val scan x every question of the set (``scan_question_samples``), teacher-forced with
-the reference answer where the VQA file has one (prompt only where it has none), pooled as ``model.pool`` says.
-- ``lm_loss``: the token-mean NLL of the reference answers;
-- ``c_index`` (stage 2, and only when survival data is loaded): Harrell's C of each scan's risk = the mean of its
-  question risks (the prompt ensemble of predict, with reference instead of generated answers); None with a
-  ``c_index_note`` when it is undefined (no event, constant risk);
+- ``lm_loss``: the token-mean NLL of the reference answers, teacher-forced over every val scan x every question of
+  the set (``scan_question_samples``; prompt only where the VQA file has no answer);
+- ``c_index`` (stage 2, and only when survival data is loaded): Harrell's C of each scan's risk as ``vlsurv predict``
+  computes it: ``vlsurv.model.ensemble.score_shared_prefix`` over the scan's questions with predict's defaults
+  (greedy answers of at most ``eval.max_new_tokens`` tokens, the model's ``pool``), scan risk = mean question risk.
+  Reference answers play no part in it. None with a ``c_index_note`` when it is undefined (no event, constant
+  risk) or under FSDP, whose sharded parameters the scoring path cannot use (score ``final/`` with predict);
 - ``samples``: ``eval.sample_answers`` greedy answers of the first val prompts, as {scan_id, question_id, answer}
-  (generated text only; reference answers and reports are never logged). Skipped under FSDP, whose sharded
-  parameters the unwrapped model cannot generate with.
+  (generated text only; reference answers and reports are never logged): in stage 2 the scoring pass's own
+  answers. Skipped under FSDP.
 
-Scans are sharded over processes; every process runs the same number of forward passes (a process out of scans
-repeats its last batch and drops the result) so that FSDP / ZeRO collectives stay matched.
+The LM-loss passes are sharded over processes, each running the same number of forward passes (a process out of
+scans repeats its last batch and drops the result) so that FSDP / ZeRO collectives stay matched. The scoring pass
+runs on the unwrapped model (no collectives), each process on its share of the scans.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object, send_to_device
 
 from vlsurv.metrics import MetricError, concordance_index
+from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
 from vlsurv.training.objective import token_nll
 
 
@@ -54,10 +57,10 @@ def _scan_batches(dataset, rank: int, world: int, batch_size: int) -> tuple[list
 
 
 @torch.no_grad()
-def _forward_records(model, unwrapped, dataset, accelerator, batch_size: int, with_risk: bool):
-    """Per sample (scan_id, risk or None), and this process's (NLL sum, token count)."""
+def _lm_totals(model, unwrapped, dataset, accelerator, batch_size: int) -> tuple[float, int]:
+    """This process's (NLL sum, token count) of the teacher-forced reference answers."""
     batches, rounds = _scan_batches(dataset, accelerator.process_index, accelerator.num_processes, batch_size)
-    records, nll_total, tokens = [], 0.0, 0
+    nll_total, tokens = 0.0, 0
     for round_index in range(rounds):
         real = round_index < len(batches)
         indices = batches[round_index] if real else (batches[-1] if batches else [0])
@@ -74,26 +77,58 @@ def _forward_records(model, unwrapped, dataset, accelerator, batch_size: int, wi
         nll, count = token_nll(output.logits, batch["labels"])
         nll_total += float(nll)
         tokens += int(count)
-        risks = unwrapped.risk(output.survival).float().cpu().tolist() if with_risk else [None] * len(indices)
-        records.extend(zip(batch["scan_id"], risks))
-    return records, nll_total, tokens
+    return nll_total, tokens
 
 
-def _c_index(dataset, records) -> tuple[float | None, str]:
-    risks: dict[str, list[float]] = defaultdict(list)
-    for scan_id, risk in records:
-        risks[scan_id].append(risk)
+def _scans_and_questions(dataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """[(scan_id, clinical sentence)] in sample order and the question set [(question_id, text)] in its order."""
+    scans: dict[str, str] = {}
+    questions: dict[str, str] = {}
+    for sample in dataset.samples:
+        scans.setdefault(sample.scan_id, sample.clinical)
+        questions.setdefault(sample.question_id, sample.question)
+    return list(scans.items()), list(questions.items())
+
+
+@torch.no_grad()
+def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_per_batch: int) -> list[dict]:
+    """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers}] (risk = mean of
+    the question risks; answers = one per question, in the question set's order)."""
+    scans, questions = _scans_and_questions(dataset)
+    mine = scans[accelerator.process_index :: accelerator.num_processes]
+    texts = [text for _, text in questions]
+    records = []
+    for start in range(0, len(mine), scans_per_batch):
+        batch = [ScanInput(sid, clinical, dataset.tokens.get(sid)) for sid, clinical in mine[start : start + scans_per_batch]]
+        with accelerator.autocast():
+            result = score_shared_prefix(unwrapped, batch, texts, unwrapped.config.pool, options)
+        for scan, risk, answers in zip(batch, result.risks.mean(1).tolist(), result.answers):
+            records.append({"scan_id": scan.scan_id, "risk": risk, "answers": answers})
+    return records
+
+
+def _c_index(dataset, records: list[dict]) -> tuple[float | None, str]:
     outcome = {s.scan_id: (s.time, s.event) for s in dataset.samples}
-    scan_ids = sorted(risks)
     try:
         value = concordance_index(
-            [outcome[s][0] for s in scan_ids],
-            [outcome[s][1] for s in scan_ids],
-            [sum(risks[s]) / len(risks[s]) for s in scan_ids],
+            [outcome[r["scan_id"]][0] for r in records],
+            [outcome[r["scan_id"]][1] for r in records],
+            [r["risk"] for r in records],
         )
     except MetricError as err:
         return None, str(err)
     return value, ""
+
+
+def _first_answers(dataset, records: list[dict], count: int) -> list[dict]:
+    """The scoring pass's answers to the first ``count`` val prompts, in sample order."""
+    _, questions = _scans_and_questions(dataset)
+    by_scan = {r["scan_id"]: r["answers"] for r in records}
+    position = {qid: i for i, (qid, _) in enumerate(questions)}
+    return [
+        {"scan_id": s.scan_id, "question_id": s.question_id, "answer": by_scan[s.scan_id][position[s.question_id]]}
+        for s in dataset.samples[:count]
+    ]
 
 
 @torch.no_grad()
@@ -119,19 +154,32 @@ def sample_answers(unwrapped, dataset, count: int, max_new_tokens: int, device) 
     ]
 
 
+def scoring_options(model, max_new_tokens: int) -> dict:
+    """The settings the C-index is scored with (recorded with the selected model, read back by predict)."""
+    return {"pool": model.config.pool, "generate": True, "max_new_tokens": max_new_tokens, "do_sample": False}
+
+
 def validate(model, dataset, accelerator, *, batch_size: int, with_risk: bool, answers: int, max_new_tokens: int):
     """Run validation on every process; the returned ``ValidationResult`` is the same on each."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    records, nll_total, tokens = _forward_records(model, unwrapped, dataset, accelerator, batch_size, with_risk)
-    gathered = gather_object([(records, nll_total, tokens)])
-    all_records = [record for part in gathered for record in part[0]]
-    total_tokens = sum(part[2] for part in gathered)
-    lm_loss = sum(part[1] for part in gathered) / total_tokens if total_tokens else None
-    c_index, note = _c_index(dataset, all_records) if with_risk else (None, "")
-    samples = []
-    if answers and accelerator.is_main_process and accelerator.distributed_type != DistributedType.FSDP:
+    nll_total, tokens = _lm_totals(model, unwrapped, dataset, accelerator, batch_size)
+    gathered = gather_object([(nll_total, tokens)])
+    total_tokens = sum(part[1] for part in gathered)
+    lm_loss = sum(part[0] for part in gathered) / total_tokens if total_tokens else None
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    c_index, note, samples = None, "", []
+    if with_risk and fsdp:
+        note = "not scored under FSDP: the prediction path needs unsharded parameters; run vlsurv predict on final/"
+    elif with_risk:
+        options = DecodeOptions(**{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"})
+        _, questions = _scans_and_questions(dataset)
+        records = score_scans(unwrapped, dataset, accelerator, options, max(1, batch_size // len(questions)))
+        records = sorted(gather_object(records), key=lambda r: r["scan_id"])
+        c_index, note = _c_index(dataset, records)
+        samples = _first_answers(dataset, records, answers) if accelerator.is_main_process else []
+    elif answers and accelerator.is_main_process and not fsdp:
         samples = sample_answers(unwrapped, dataset, answers, max_new_tokens, accelerator.device)
     model.train(was_training)
     return ValidationResult(lm_loss=lm_loss, c_index=c_index, c_index_note=note, samples=samples)

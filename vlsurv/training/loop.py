@@ -5,10 +5,12 @@ make an optimizer step (``accelerator.accumulate``; an accumulation may span an 
 log the loss components and learning rates; validate every ``eval.every_n_steps`` steps, at the end of each epoch
 and at the end of the run; save a checkpoint every ``checkpoint.every_n_steps`` steps and whenever validation finds
 a new best. The run ends after ``total_steps`` steps with ``save_pretrained`` into ``<output_dir>/final`` (what
-predict loads).
+predict loads): the best checkpoint's weights when ``checkpoint.keep_best`` and one has a metric, else the last
+step's; ``final/selection.json`` says which step and metric (and the scoring settings predict takes as defaults).
 
 Run directory: ``config.yaml`` (resolved), ``checkpoints/``, ``train_log.jsonl`` (one line per optimizer step),
-``validation.jsonl`` (one line per validation), ``samples.jsonl`` (generated validation answers with scan and
+``validation.jsonl`` (one line per validation, with the running count of answers cut to the model's length caps),
+``samples.jsonl`` (generated validation answers with scan and
 question ids), tracker logs (``tensorboard/``), ``final/``.
 """
 
@@ -21,14 +23,21 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, send_to_device, set_seed
-from tqdm.auto import tqdm
 
 from vlsurv.config import save_config, to_dict
 from vlsurv.jsonl import to_line
-from vlsurv.training.checkpoints import CheckpointManager, keep_changing_weights, read_state
+from vlsurv.progress import progress_bar
+from vlsurv.training.checkpoints import (
+    CheckpointManager,
+    keep_changing_weights,
+    read_state,
+    save_final,
+    write_selection,
+)
 from vlsurv.training.config import TrainConfig
-from vlsurv.training.evaluation import ValidationResult, validate
+from vlsurv.training.evaluation import ValidationResult, scoring_options, validate
 from vlsurv.training.objective import step_loss
+from vlsurv.training.risk_sets import RiskMemory, WindowCache, cache_window, set_rng_state, window_step_loss
 from vlsurv.training.sampling import BatchPlan
 from vlsurv.training.setup import (
     build_model,
@@ -39,6 +48,7 @@ from vlsurv.training.setup import (
     flat_hparams,
     load_data,
     total_steps,
+    warmup_steps,
 )
 
 FINAL_DIR = "final"
@@ -85,8 +95,14 @@ class Trainer:
             self.data.train.patients(), config.optim.batch_size * world, config.sampling, config.seed, world
         )
         self.total_steps = total_steps(config, self.plan)
+        self.warmup_steps = warmup_steps(config, self.total_steps, self.plan.batches_per_epoch())
+        self.accelerator.print(
+            f"planned optimizer steps: {self.total_steps} ({self.plan.batches_per_epoch()} batches per epoch, "
+            f"optim.grad_accum {config.optim.grad_accum}); warmup steps: {self.warmup_steps}; "
+            f"schedule: {config.optim.scheduler}"
+        )
         optimizer = build_optimizer(model, config)
-        scheduler = build_scheduler(optimizer, config, self.total_steps)
+        scheduler = build_scheduler(optimizer, config, self.total_steps, self.warmup_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.accelerator.register_save_state_pre_hook(keep_changing_weights(self.model))
         self.checkpoints = CheckpointManager(
@@ -97,6 +113,12 @@ class Trainer:
         )
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_metric: float | None = None
+        self.last_validation: tuple[int, float | None] | None = None
+        risk_set = config.loss.risk_set if config.stage == 2 else "micro_batch"
+        self.memory = RiskMemory(config.loss.memory_batches) if risk_set == "memory" else None
+        self.window_risk_set = risk_set == "window"
+        self.window: WindowCache | None = None
+        self.window_index = 0
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
     def start(self, resume: str | None) -> None:
@@ -136,8 +158,10 @@ class Trainer:
             max_new_tokens=cfg.max_new_tokens,
         )
         self.accelerator.log(result.metrics(), step=self.step)
+        self.last_validation = (self.step, self.metric_of(result))
         if self.accelerator.is_main_process:
-            line = {"step": self.step, "epochs_completed": self.epoch, **result.metrics(), "note": result.c_index_note}
+            line = {"step": self.step, "epochs_completed": self.epoch, **result.metrics(), "note": result.c_index_note,
+                    "truncated_answers": self.data.val.processor.truncated_answers}
             with (self.run_dir / "validation.jsonl").open("a") as handle:
                 handle.write(to_line(line))
             with (self.run_dir / "samples.jsonl").open("a") as handle:
@@ -166,20 +190,58 @@ class Trainer:
                 handle.write(to_line({"step": self.step, "epoch": self.epoch, **values}))
 
     # --- the loop ------------------------------------------------------------------------------------------
+    def collate(self, indices: list[int]) -> dict:
+        train = self.data.train
+        return send_to_device(train.collate([train[i] for i in indices]), self.accelerator.device)
+
+    def forward(self, batch: dict):
+        return self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            image_tokens=batch["image_tokens"],
+            pool_mask=self.accelerator.unwrap_model(self.model).pool_mask(batch),
+        )
+
+    def following_batches(self, count: int) -> list[list[int]]:
+        """This process's indices of the ``count`` micro-batches after the current one (across epoch ends)."""
+        found, epoch, start = [], self.epoch, self.position + 1
+        while len(found) < count:
+            for _, indices in self.plan.local_batches(epoch, self.accelerator.process_index, start):
+                found.append(indices)
+                if len(found) == count:
+                    break
+            epoch, start = epoch + 1, 0
+        return found
+
+    def window_loss(self, indices: list[int]):
+        """``loss.risk_set=window``: at a window's first micro-batch, cache the window (vlsurv.training.risk_sets);
+        then forward this micro-batch from its recorded RNG state and return its share."""
+        if self.window is None or self.window_index == len(self.window.batches):
+            following = self.following_batches(self.config.optim.grad_accum - 1)
+            batches = [self.collate(i) for i in [indices, *following]]
+            self.window = cache_window(self.forward, batches, self.config.loss, self.cuts)
+            self.window_index = 0
+        index = self.window_index
+        self.window_index += 1
+        set_rng_state(self.window.rng_states[index])
+        batch = self.window.batches[index]
+        return window_step_loss(self.forward(batch), batch, self.window, index)
+
     def micro_step(self, indices: list[int]) -> dict[str, float]:
         """Forward + backward of one micro-batch (and the optimizer step when the accumulation is complete)."""
         acc = self.accelerator
-        train = self.data.train
-        batch = send_to_device(train.collate([train[i] for i in indices]), acc.device)
         with acc.accumulate(self.model):
-            output = self.model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                image_tokens=batch["image_tokens"],
-                pool_mask=acc.unwrap_model(self.model).pool_mask(batch),
-            )
-            loss = step_loss(output, batch, self.config.stage, self.config.loss, self.cuts)
-            acc.backward(loss.backward)
+            if self.window_risk_set:
+                loss = self.window_loss(indices)
+                # accelerate divides by grad_accum; the window's loss is the sum of its micro-batches' shares
+                acc.backward(loss.backward * self.config.optim.grad_accum)
+            else:
+                batch = self.collate(indices)
+                memory = self.memory.rows() if self.memory is not None else None
+                loss = step_loss(self.forward(batch), batch, self.config.stage, self.config.loss, self.cuts, memory)
+                if self.memory is not None:
+                    self.memory.push(loss.rows)
+                acc.backward(loss.backward)
             if acc.sync_gradients and self.config.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
             self.optimizer.step()
@@ -209,8 +271,8 @@ class Trainer:
         self.start(resume)
         acc = self.accelerator
         cfg = self.config
-        progress = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and acc.is_local_main_process),
-                        desc=f"stage {cfg.stage}")
+        progress = progress_bar(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
+                                enabled=cfg.progress and acc.is_local_main_process)
         sums: dict[str, float] = defaultdict(float)
         micro = 0
         n_batches = self.plan.batches_per_epoch()
@@ -224,7 +286,7 @@ class Trainer:
                 if synced:
                     self.step += 1
                     progress.update(1)
-                    progress.set_postfix(loss=f"{sums['loss'] / micro:.4f}")
+                    progress.set_postfix(loss=f"{sums['loss'] / micro:.4f}", refresh=False)
                     self.log_step(sums, micro)
                     sums, micro = defaultdict(float), 0
                 self.epoch, self.position = (self.epoch + 1, 0) if epoch_end else (self.epoch, position + 1)
@@ -234,14 +296,40 @@ class Trainer:
         progress.close()
         return self.finish()
 
+    def select_final(self) -> dict:
+        """Load the best checkpoint into the model when ``checkpoint.keep_best`` found one (every process), and
+        return the record of what ``final/`` will hold: {selected, step, metric, value, last_step, scoring}."""
+        name = "val/c_index" if self.config.stage == 2 else "val/lm_loss"
+        best = self.checkpoints.best() if self.config.checkpoint.keep_best else None
+        if best is not None:
+            step, path = best
+            if step != self.step:
+                self.accelerator.load_state(str(path), strict=False)
+            selected, value = "best", self.checkpoints.metric_of(path)
+        else:
+            step = self.step
+            selected = "last"
+            value = self.last_validation[1] if self.last_validation and self.last_validation[0] == step else None
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return {
+            "selected": selected, "step": step, "metric": name, "value": value, "last_step": self.step,
+            "scoring": scoring_options(unwrapped, self.config.eval.max_new_tokens),
+        }
+
     def finish(self) -> Path:
-        """``save_pretrained`` into ``<output_dir>/final`` (main process) and close the trackers."""
+        """The selected weights (``select_final``) saved into ``<output_dir>/final`` (``save_final``: gathered on
+        every process, written by the main one) with ``selection.json``; close the trackers."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        final = self.run_dir / FINAL_DIR
+        selection = self.select_final()
+        final = save_final(acc, self.model, self.run_dir / FINAL_DIR)
         if acc.is_main_process:
-            acc.unwrap_model(self.model).save_pretrained(final)
-            acc.print(f"saved the final model to {final}")
+            write_selection(final, selection)
+            acc.print(
+                f"saved the final model to {final}: step {selection['step']} ({selection['selected']}, "
+                f"{selection['metric']} {selection['value']}); answers cut to the length caps: "
+                f"{self.data.train.processor.truncated_answers}"
+            )
         acc.wait_for_everyone()
         acc.end_training()
         return final

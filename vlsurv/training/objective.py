@@ -3,10 +3,11 @@
 Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch.
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
 - DeepSurv: L_surv = Cox partial likelihood (``loss.ties``), L_disp = continuous dispersion on time;
-- DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the cut bins of the time,
-  L_disp = discrete dispersion over the bins;
+- DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'
+  censoring scheme (``DeepHitCuts.labels``), L_disp = discrete dispersion over the bins;
 and L_align between z_surv and z_pooled. Time, event, the head's output, z_surv and z_pooled are gathered from all
-processes, so the risk set and the dispersion pairs span the global batch.
+processes, so the risk set and the dispersion pairs span the global batch of one micro-batch (``loss.risk_set``
+"micro_batch"); vlsurv.training.risk_sets widens them to the accumulation window or joins a memory of earlier rows.
 
 ``StepLoss.backward`` is what the process backpropagates (world size x its share of L); ``StepLoss.parts`` holds
 the global values of L and its components (floats, equal on every process) for logging.
@@ -30,6 +31,7 @@ from vlsurv.training.distributed import all_sizes, gather_with_grad, global_sum,
 class StepLoss:
     backward: torch.Tensor
     parts: dict[str, float]
+    rows: SurvivalRows | None = None
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,41 +54,98 @@ def lm_share(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return nll_sum / global_count, global_sum(nll_sum) / global_count
 
 
-def survival_terms(
-    output, batch: dict, config: LossConfig, cuts: DeepHitCuts | None
-) -> dict[str, torch.Tensor]:
-    """L_surv, L_disp, L_align over the global batch (gradient through this process's samples)."""
+@dataclass
+class SurvivalRows:
+    """The survival tensors of N rows: ``time`` (N,) float32, ``event`` (N,), ``head`` (N,) DeepSurv log-risk or
+    (N, K+1) DeepHit logits, ``z_surv`` and ``z_pooled`` (N, d) float32."""
+
+    time: torch.Tensor
+    event: torch.Tensor
+    head: torch.Tensor
+    z_surv: torch.Tensor
+    z_pooled: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.time, self.event, self.head, self.z_surv, self.z_pooled
+
+    def detached(self) -> SurvivalRows:
+        return SurvivalRows(*(t.detach() for t in self.tensors()))
+
+    @staticmethod
+    def cat(parts: list[SurvivalRows]) -> SurvivalRows:
+        return SurvivalRows(*(torch.cat(column, dim=0) for column in zip(*(p.tensors() for p in parts))))
+
+
+def local_rows(output, batch: dict) -> SurvivalRows:
+    """This process's rows of a ``VLMOutput`` and its batch (gradient kept)."""
     survival = output.survival
     device = survival.z_surv.device
-    sizes = all_sizes(survival.z_surv.shape[0], device)
-    time = gather_with_grad(batch["time"].to(device=device, dtype=torch.float32), sizes)
-    event = gather_with_grad(batch["event"].to(device), sizes)
-    z_surv = gather_with_grad(survival.z_surv.float(), sizes)
-    z_pooled = gather_with_grad(output.z_pooled.float(), sizes)
-    if survival.log_risk is not None:
-        log_risk = gather_with_grad(survival.log_risk.float(), sizes)
-        surv = losses.cox_loss(log_risk, time, event, ties=config.ties)
+    head = survival.log_risk if survival.log_risk is not None else survival.logits
+    return SurvivalRows(
+        time=batch["time"].to(device=device, dtype=torch.float32), event=batch["event"].to(device),
+        head=head.float(), z_surv=survival.z_surv.float(), z_pooled=output.z_pooled.float(),
+    )
+
+
+def gathered_rows(rows: SurvivalRows) -> SurvivalRows:
+    """The rows of every process in rank order (gradient through this process's rows only)."""
+    sizes = all_sizes(rows.time.shape[0], rows.time.device)
+    return SurvivalRows(*(gather_with_grad(t, sizes) for t in rows.tensors()))
+
+
+def survival_terms(
+    rows: SurvivalRows, config: LossConfig, cuts: DeepHitCuts | None, memory: SurvivalRows | None = None
+) -> dict[str, torch.Tensor]:
+    """L_surv, L_disp, L_align over ``rows`` (N rows, usually the gathered global batch).
+
+    ``memory`` (M rows, detached) joins the coupled terms as constants: the Cox risk set, the DeepHit ranking
+    pairs and the dispersion pairs span N + M rows; the DeepHit NLL and L_align, which are sums over single rows,
+    stay over the N rows.
+    """
+    n = rows.time.shape[0]
+    joined = rows if memory is None else SurvivalRows.cat([rows, memory])
+    device = rows.z_surv.device
+    time, event, z_surv = joined.time, joined.event, joined.z_surv
+    if rows.head.dim() == 1:
+        surv = losses.cox_loss(joined.head, time, event, ties=config.ties)
         disp = losses.dispersion_loss_continuous(z_surv, time, event, sigma=config.dispersion_sigma)
     else:
-        logits = gather_with_grad(survival.logits.float(), sizes)
-        bins = cuts.bin_index(time.detach().cpu()).to(device)
-        surv = losses.deephit_nll(logits, bins, event)
+        logits = joined.head
+        labels = cuts.labels(time.detach().cpu(), event.detach().cpu())  # the scheme saved with the cuts
+        bins, binned_event = labels.bin_index.to(device), labels.event.to(device)
+        credit = labels.censored_credit[:n].to(device=device, dtype=logits.dtype)
+        surv = losses.deephit_nll(logits[:n], bins[:n], binned_event[:n], credit)
         if config.deephit_ranking_weight > 0:
-            ranking = losses.deephit_ranking_loss(logits, bins, event, sigma=config.deephit_ranking_sigma)
+            ranking = losses.deephit_ranking_loss(logits, bins, binned_event, sigma=config.deephit_ranking_sigma)
             surv = surv + config.deephit_ranking_weight * ranking
         disp = losses.dispersion_loss_discrete(z_surv, bins, event, tau=config.dispersion_tau)
-    return {"surv": surv, "disp": disp, "align": losses.alignment_loss(z_surv, z_pooled)}
+    return {"surv": surv, "disp": disp, "align": losses.alignment_loss(rows.z_surv, rows.z_pooled)}
+
+
+def survival_part(terms: dict[str, torch.Tensor], config: LossConfig) -> torch.Tensor:
+    """alpha L_surv + lambda_d L_disp + lambda_a L_align."""
+    return config.alpha * terms["surv"] + config.lambda_d * terms["disp"] + config.lambda_a * terms["align"]
 
 
 def step_loss(
-    output, batch: dict, stage: int, config: LossConfig, cuts: DeepHitCuts | None = None
+    output,
+    batch: dict,
+    stage: int,
+    config: LossConfig,
+    cuts: DeepHitCuts | None = None,
+    memory: SurvivalRows | None = None,
 ) -> StepLoss:
-    """The stage's loss for one micro-batch; ``output`` is a ``VLMOutput`` of this process's samples."""
+    """The stage's loss for one micro-batch; ``output`` is a ``VLMOutput`` of this process's samples.
+
+    ``memory``: detached rows of earlier micro-batches joined to the coupled terms (``loss.risk_set=memory``).
+    ``StepLoss.rows`` holds this micro-batch's gathered rows, detached (stage 2), for the memory.
+    """
     _, size = world()
     lm_local, lm_value = lm_share(output.logits, batch["labels"])
     if stage == 1:
         return StepLoss(backward=size * lm_local, parts={"loss": float(lm_value), "lm": float(lm_value)})
-    terms = survival_terms(output, batch, config, cuts)
+    rows = gathered_rows(local_rows(output, batch))
+    terms = survival_terms(rows, config, cuts, memory)
     weights = {"alpha": config.alpha, "lambda_d": config.lambda_d, "lambda_a": config.lambda_a}
     total_local, _ = losses.objective(lm_local, terms["surv"], terms["disp"], terms["align"], **weights)
     total_value, _ = losses.objective(
@@ -94,4 +153,4 @@ def step_loss(
     )
     parts = {"loss": float(total_value), "lm": float(lm_value)}
     parts.update({name: float(value.detach()) for name, value in terms.items()})
-    return StepLoss(backward=size * total_local, parts=parts)
+    return StepLoss(backward=size * total_local, parts=parts, rows=rows.detached())

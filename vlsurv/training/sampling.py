@@ -20,10 +20,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from vlsurv.errors import InputError
 from vlsurv.training.config import SAMPLINGS
 
 
-class SamplingError(ValueError):
+class SamplingError(InputError):
     """A sampling request that cannot give every process a batch."""
 
 

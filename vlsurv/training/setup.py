@@ -9,6 +9,7 @@ LoRA); trained: LoRA + residual adapter + head (``set_stage(2)``). A DeepHit hea
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from vlsurv.config import ConfigError
-from vlsurv.data.clinical import clinical_sentence
+from vlsurv.data.clinical import sentence_function
 from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples, training_samples
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
@@ -48,7 +49,31 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
             f"data.stage1_dir {folder}: no {PROJECTOR_NAME}; expected the `final` folder of a stage-1 run"
         )
     adapter = folder / ADAPTER_DIR
-    return projector, adapter if adapter.is_dir() else None
+    if not adapter.is_dir():
+        return projector, None
+    check_lora_matches(config, adapter)
+    return projector, adapter
+
+
+def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
+    """ConfigError naming each ``model.lora`` field (r, alpha, target_modules) that the stage-1 adapter disagrees with;
+    stage 2 loads that adapter, so a different ``model.lora`` would otherwise be silently ignored."""
+    path = adapter / "adapter_config.json"
+    if not path.is_file():
+        raise ConfigError(f"data.stage1_dir: {path} does not exist; expected the LoRA adapter's config (PEFT)")
+    saved = json.loads(path.read_text())
+    lora = config.model.lora
+    pairs = {
+        "r": (lora.r, saved.get("r")),
+        "alpha": (lora.alpha, saved.get("lora_alpha")),
+        "target_modules": (sorted(lora.target_modules), sorted(saved.get("target_modules") or [])),
+    }
+    differ = [f"model.lora.{name}={ours} (adapter: {theirs})" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    if differ:
+        raise ConfigError(
+            f"data.stage1_dir: the stage-1 LoRA adapter {path} disagrees with the stage-2 config: {'; '.join(differ)}; "
+            "expected model.lora to match the adapter that stage 2 continues to train"
+        )
 
 
 def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
@@ -69,12 +94,11 @@ def load_data(config: TrainConfig, processor) -> RunData:
     manifest = load_manifest(config.data.manifest, require_survival=survival, check_files=False)
     vqa = read_vqa(config.data.vqa)
     cache = FeatureCache(config.data.cache)
-    template = config.model.clinical_template
-
-    def clinical(row) -> str:
-        return clinical_sentence(row, template)
-
     where = f"data.manifest {config.data.manifest}"
+    used = manifest[manifest["split"].isin([config.data.train_split, config.data.val_split])]
+    clinical = sentence_function(used.to_dict("records"), config.model.clinical_template, where=where,
+                                 max_missing_fraction=config.data.clinical_missing_warn,
+                                 option="data.clinical_missing_warn")
     train = training_samples(manifest, vqa, config.data.train_split, cache, clinical, survival, where)
     questions = load_questions(config.data.questions)
     val = scan_question_samples(manifest, vqa, questions, config.data.val_split, cache, clinical, survival, where)
@@ -97,11 +121,16 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
 
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
-    """The configured cuts, or quantile cuts of the training scans' event times (ConfigError when impossible)."""
+    """The configured cuts, or quantile cuts of the training scans' event times placed per
+    ``model.survival.deephit_cut_placement``, with ``deephit_censoring``'s labels (ConfigError when impossible)."""
+    survival = config.model.survival
     if config.deephit_cuts is not None:
-        return DeepHitCuts(config.deephit_cuts)
+        return DeepHitCuts(config.deephit_cuts, censoring=survival.deephit_censoring)
     try:
-        return DeepHitCuts.from_times(data.train_time, data.train_event, config.model.survival.num_bins)
+        return DeepHitCuts.from_times(
+            data.train_time, data.train_event, survival.num_bins,
+            placement=survival.deephit_cut_placement, censoring=survival.deephit_censoring,
+        )
     except SurvivalConfigError as err:
         raise ConfigError(
             f"model.survival.head=deephit: cannot compute the DeepHit cuts from the {config.data.train_split!r} "
@@ -128,13 +157,32 @@ def total_steps(config: TrainConfig, plan: BatchPlan) -> int:
     return max(1, math.floor(config.optim.epochs * plan.batches_per_epoch() / config.optim.grad_accum))
 
 
-def build_scheduler(optimizer, config: TrainConfig, steps: int):
-    """transformers' cosine (or constant) schedule with ``warmup_steps`` linear warmup, stepped per optimizer step."""
+def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int:
+    """The run's warmup in optimizer steps: ``optim.warmup_steps``, or ``optim.warmup_ratio`` x ``steps`` rounded
+    down; ConfigError when a ``warmup_steps`` is not below the ``steps`` planned (the schedule would never decay)."""
+    optim = config.optim
+    if optim.warmup_ratio is not None:
+        return math.floor(optim.warmup_ratio * steps)
+    if optim.warmup_steps >= steps:
+        plan = (f"optim.max_steps = {optim.max_steps}" if optim.max_steps > 0 else
+                f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / optim.grad_accum = "
+                f"{optim.grad_accum}")
+        raise ConfigError(
+            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {steps} planned optimizer steps "
+            f"({plan}): the learning rate would never leave warmup; lower optim.warmup_steps or set "
+            "optim.warmup_steps=null optim.warmup_ratio=<fraction in [0, 1)>"
+        )
+    return optim.warmup_steps
+
+
+def build_scheduler(optimizer, config: TrainConfig, steps: int, warmup: int):
+    """transformers' cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer step;
+    the cosine reaches 0 after ``steps`` steps."""
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     if config.optim.scheduler == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, config.optim.warmup_steps, steps)
-    return get_constant_schedule_with_warmup(optimizer, config.optim.warmup_steps)
+        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    return get_constant_schedule_with_warmup(optimizer, warmup)
 
 
 def flat_hparams(data, prefix: str = "") -> dict:
