@@ -22,7 +22,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from vlsurv.data.clinical import clinical_sentence
+from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples
+from vlsurv.data.manifest import load_manifest
 from vlsurv.data.synthetic import SurvivalModel, make_cohort
+from vlsurv.data.transforms import PreprocessConfig
+from vlsurv.demo import _decoder_texts, _extract_vqa
+from vlsurv.encoders.cache import FeatureCache, encode_manifest
+from vlsurv.encoders.merlin import MerlinImageEncoder
+from vlsurv.metrics import concordance_index
+from vlsurv.model.tiny import build_tiny_decoder
+from vlsurv.prompts import load_questions
 from vlsurv.training.config import load_train_config
 from vlsurv.training.loop import Trainer
 
@@ -39,12 +49,6 @@ class FixedBudgetTrainer(Trainer):
 
 def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: float) -> list[str]:
     """Cohort, VQA, decoder, cache and stage 1; the shared ``key=value`` overrides of every stage-2 run."""
-    from vlsurv.data.transforms import PreprocessConfig
-    from vlsurv.demo import _decoder_texts, _extract_vqa
-    from vlsurv.encoders.cache import FeatureCache, encode_manifest
-    from vlsurv.encoders.merlin import MerlinImageEncoder
-    from vlsurv.model.tiny import build_tiny_decoder
-
     model = SurvivalModel(censor_mean_days=censor_mean_days, followup_days=followup_days)
     manifest = make_cohort(patients, 0, out / "cohort", shape=(48, 48, 32), model=model)
     vqa = _extract_vqa(manifest, out / "qa")
@@ -65,20 +69,14 @@ def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: fl
 
 def test_c_index(trainer: Trainer) -> float:
     """Harrell's C on the test split: mean risk over the six questions with their reference answers."""
-    from vlsurv.data.clinical import clinical_sentence
-    from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples
-    from vlsurv.data.manifest import load_manifest
-    from vlsurv.metrics import concordance_index
-    from vlsurv.prompts import load_questions
-
     config = trainer.config
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     manifest = load_manifest(config.data.manifest, require_survival=True, check_files=False)
     samples = scan_question_samples(
-        manifest, read_vqa(config.data.vqa), load_questions(config.data.questions), "test", trainer.data.train.tokens,
+        manifest, read_vqa(config.data.vqa), load_questions(config.data.questions), "test", trainer.data.train.feature_cache,
         lambda row: clinical_sentence(row, config.model.clinical_template), True,
     )
-    dataset = SampleDataset(samples, trainer.data.train.tokens, model.processor)
+    dataset = SampleDataset(samples, trainer.data.train.feature_cache, model.processor)
     risks: dict[str, list[float]] = {}
     with torch.no_grad():
         for start in range(0, len(dataset), 32):

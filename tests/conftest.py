@@ -159,31 +159,35 @@ def build_model(decoder: str, head: str):
     return model
 
 
-def global_batch(processor, indices: list[int]) -> dict:
-    """The rows ``indices`` of the fixed global batch, right-padded."""
+def global_batch(processor, indices: list[int], cuts=None) -> dict:
+    """The rows ``indices`` of the fixed global batch, right-padded; with DeepHit ``cuts``, each row's labels
+    (``bin_index``, ``binned_event``, ``censored_credit``) as ``SampleDataset.set_deephit_cuts`` gives them."""
     import torch
 
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randn(GLOBAL_BATCH, 4, 16, generator=generator)
+    labels = None if cuts is None else cuts.labels(torch.tensor(TIMES), torch.tensor(EVENTS))
     items = []
     for i in indices:
         clinical, question, answer = TEXTS[i % len(TEXTS)]
         item = processor.encode(clinical, question, answer if i % 4 else answer + " Stable.")
         item.update(image_tokens=tokens[i], time=torch.tensor(TIMES[i]), event=torch.tensor(EVENTS[i]))
+        if labels is not None:
+            item.update(bin_index=labels.bin_index[i], binned_event=labels.event[i],
+                        censored_credit=labels.censored_credit[i])
         items.append(item)
     return processor.collate(items)
 
 
-def run_step(model, forward, batch: dict, head: str):
+def run_step(forward, batch: dict):
     """(loss parts, the tensor to backpropagate) of the stage-2 step loss on ``batch`` through ``forward``."""
     from vlsurv.training.config import LossConfig
     from vlsurv.training.objective import step_loss
 
     output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
-    cuts = model.deephit_cuts if head == "deephit" else None
-    loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5), cuts=cuts)
-    return loss.parts, loss.backward
+    loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5))
+    return loss.parts, loss.to_backpropagate
 
 
 def gradients(model) -> dict:

@@ -293,11 +293,11 @@ def test_predict_warns_once_per_run_about_missing_template_fields(tmp_path, tiny
 
 def test_run_thresholds_are_checked_where_they_are_configured():
     from vlsurv.config import ConfigError
-    from vlsurv.predict import PredictConfig, PredictError
+    from vlsurv.predict import PredictConfig
     from vlsurv.training.config import DataConfig, TrainConfig
 
     assert TrainConfig().data.clinical_missing_warn == 0.2 and PredictConfig().clinical_missing_warn == 0.2
-    with pytest.raises(ConfigError, match=r"data\.clinical_missing_warn: expected a fraction between 0 and 1, got 1\.5"):
+    with pytest.raises(ConfigError, match=r"^data\.clinical_missing_warn: expected a fraction in \[0, 1\], got 1\.5"):
         TrainConfig(data=DataConfig(clinical_missing_warn=1.5))
-    with pytest.raises(PredictError, match=r"clinical_missing_warn: expected a fraction between 0 and 1, got -0\.1"):
+    with pytest.raises(ConfigError, match=r"^clinical_missing_warn: expected a fraction in \[0, 1\], got -0\.1"):
         PredictConfig(clinical_missing_warn=-0.1)

@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from vlsurv.demo import DemoConfig, DemoError, main, run_demo
+from vlsurv.config import ConfigError
+from vlsurv.demo import DemoConfig, main, run_demo
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +53,9 @@ def test_demo_model_learned_the_risk_and_the_answers(small_demo):
 
 
 def test_bad_demo_options_are_named(tmp_path):
-    with pytest.raises(DemoError, match="n_patients: expected at least 30"):
+    with pytest.raises(ConfigError, match=r"^n_patients: expected a value >= 30 \(train, val and test need events\), got 10"):
         DemoConfig(n_patients=10)
-    with pytest.raises(DemoError, match="head: expected 'deepsurv' or 'deephit', got 'cox'"):
+    with pytest.raises(ConfigError, match=r"^head: expected one of \['deepsurv', 'deephit'\], got 'cox'"):
         DemoConfig(head="cox")
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--n-patients", "5"])

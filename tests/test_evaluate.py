@@ -11,6 +11,7 @@ from lifelines.statistics import logrank_test
 
 from vlsurv import metrics as M
 from vlsurv.cli import main as cli_main
+from vlsurv.config import ConfigError
 from vlsurv.errors import InputError
 from vlsurv.evaluate import EvaluationConfig, EvaluationError, evaluate_predictions
 
@@ -126,6 +127,21 @@ def test_survival_curves_give_integrated_brier_and_curve_calibration(tmp_path):
         train.time, train.event, manifest.time[test], manifest.event[test], shuffled, times[inside]
     )
     assert 0 < metrics["integrated_brier_score"] < blind - 0.02
+
+
+def test_curves_that_end_before_a_horizon_skip_only_its_calibration_with_a_note(tmp_path):
+    """A DeepHit curve ends at its last cut: S beyond it is unknown, so calibration there is skipped, not
+    extrapolated, while the time-dependent AUC (risk ranking only) is still computed at that horizon."""
+    manifest, predictions = make_case(tmp_path)
+    times = np.arange(100.0, 1000.0, 100.0)
+    hazard = np.exp(predictions.risk.to_numpy())[:, None] / 900
+    curves = pd.DataFrame(np.exp(-hazard * times), columns=[f"S@{t:g}" for t in times])
+    curves.insert(0, "scan_id", predictions.scan_id)
+    curves.to_csv(tmp_path / "out" / "survival_curves.csv", index=False)
+    metrics = evaluate_predictions(tmp_path / "out", tmp_path / "manifest.csv", tmp_path / "eval", config=_config())
+    assert set(metrics["td_auc"]) == {"365", "1095"} and set(metrics["calibration"]) == {"365"}
+    assert metrics["calibration_skipped_horizons"] == ["1095"]
+    assert any("1095" in note and "last survival-curve time 900" in note for note in metrics["notes"])
 
 
 def test_predictions_without_train_rows_fit_the_breslow_baseline_in_sample(tmp_path):
@@ -326,7 +342,7 @@ def test_later_scans_are_left_out_of_the_log_rank_and_first_scan_mode_keeps_one_
 
 def test_bad_patient_level_options_name_the_field(tmp_path):
     make_case(tmp_path)
-    with pytest.raises(EvaluationError, match=r"patient_level: expected 'cluster' or 'first-scan', got 'sc'"):
+    with pytest.raises(ConfigError, match=r"^patient_level: expected one of \['cluster', 'first-scan'\], got 'sc'"):
         _config(patient_level="sc")
     with pytest.raises(
         EvaluationError,

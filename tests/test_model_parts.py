@@ -170,14 +170,16 @@ def test_deephit_risk_and_survival_curve_by_hand():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"projector": "conv"}, "model.projector: expected one of"),
-        ({"quantization": "2bit"}, "model.quantization: expected one of"),
-        ({"dtype": "int8"}, "model.dtype: expected one of"),
-        ({"pool": "answer"}, "model.pool: expected one of"),
-        ({"num_image_tokens": 0}, "model.num_image_tokens: expected >= 1"),
-        ({"survival": {"head": "cox"}}, "survival.head: expected one of"),
-        ({"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}}, "survival.horizon: required"),
-        ({"survival": {"adapter_ratio": 1.5}}, r"survival.adapter_ratio: expected a value in \[0, 1\]"),
+        ({"projector": "conv"}, r"^projector in model.yaml: expected one of \['linear', 'mlp2x_gelu'\], got 'conv'"),
+        ({"quantization": "2bit"}, r"^quantization in model.yaml: expected one of \['none', '4bit', '8bit'\]"),
+        ({"dtype": "int8"}, r"^dtype in model.yaml: expected one of \['float32', 'bfloat16', 'float16'\]"),
+        ({"pool": "answer"}, r"^pool in model.yaml: expected one of \['all', 'prompt'\], got 'answer'"),
+        ({"num_image_tokens": 0}, "^num_image_tokens in model.yaml: expected a value >= 1, got 0"),
+        ({"max_seq_len": 0}, "^max_seq_len in model.yaml: expected a value >= 1 or null, got 0"),
+        ({"survival": {"head": "cox"}}, r"^survival.head in model.yaml: expected one of \['deepsurv', 'deephit'\]"),
+        ({"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}},
+         "^survival.horizon in model.yaml: required when deephit_risk is 'cif_at_horizon'"),
+        ({"survival": {"adapter_ratio": 1.5}}, r"^survival.adapter_ratio in model.yaml: expected a value in \[0, 1\]"),
         ({"survival": {"deephit_censoring": "half"}}, r"survival.deephit_censoring.*expected one of \['interp"),
         ({"survival": {"deephit_cut_placement": "km"}}, r"survival.deephit_cut_placement.*expected one of"),
         ({"lora": {"rank": 8}}, "unknown key lora.rank"),
@@ -191,7 +193,7 @@ def test_model_config_rejects_bad_values(data, message):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("deephit_censoring", "half", r"survival.deephit_censoring: expected one of \('interpolate', .*got 'half'"),
+        ("deephit_censoring", "half", r"survival.deephit_censoring: expected one of \['interpolate', .*got 'half'"),
         ("deephit_cut_placement", "km", r"survival.deephit_cut_placement: expected one of .*got 'km'"),
     ],
 )

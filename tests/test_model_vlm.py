@@ -10,7 +10,7 @@ from conftest import TINY_IMAGE_DIM, TINY_IMAGE_TOKENS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vlsurv.model import DeepHitCuts, SurvivalConfig, VisionLanguageSurvivalModel
+from vlsurv.model import DeepHitCuts, LoRAConfig, SurvivalConfig, VisionLanguageSurvivalModel
 from vlsurv.model.survival import SurvivalConfigError
 from vlsurv.model.vlm import ImageTokenCountError, ModelConfigError, masked_mean
 from vlsurv.model.vlm_io import KbitUnavailableError, ModelLoadError
@@ -77,7 +77,7 @@ def test_image_token_count_mismatch_names_both_counts(model):
     batch = make_batch(model)
     with pytest.raises(
         ImageTokenCountError,
-        match=r"placeholders in input_ids: 8 .*image tokens given: 6 \(shape \(2, 3, 16\)\)",
+        match=r"placeholders in input_ids: 8 .*image features given: 6 \(shape \(2, 3, 64\)\)",
     ):
         model(batch["input_ids"], batch["attention_mask"], batch["image_tokens"][:, :3])
 
@@ -219,12 +219,12 @@ def test_bfloat16_decoder(tiny_model_config):
     assert out.z_pooled.dtype == torch.float32 and torch.isfinite(out.survival.log_risk).all()
 
 
-def test_pixel_values_go_through_the_frozen_encoder(tiny_model_config):
+def test_pixel_values_go_through_the_frozen_vision_tower(tiny_model_config):
     from vlsurv.encoders.merlin import MerlinImageEncoder
 
     encoder = MerlinImageEncoder.tiny()
     config = dataclasses.replace(tiny_model_config, image_token_dim=encoder.out_dim)
-    model = VisionLanguageSurvivalModel(config, vision_encoder=encoder).eval()
+    model = VisionLanguageSurvivalModel(config, vision_tower=encoder).eval()
     batch = make_batch(model)
     pixels = torch.rand(2, 1, 64, 64, 32)
     with torch.no_grad():
@@ -233,8 +233,8 @@ def test_pixel_values_go_through_the_frozen_encoder(tiny_model_config):
     assert torch.equal(from_pixels.z_pooled, from_tokens.z_pooled)
     model.set_stage(1)
     model.train()
-    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
-    assert not model.vision_encoder.training and model.multi_modal_projector.training
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert not model.vision_tower.training and model.multi_modal_projector.training
     with pytest.raises(ModelConfigError, match="image_tokens not given"):
         model(batch["input_ids"], batch["attention_mask"])
 
@@ -286,3 +286,26 @@ def test_from_pretrained_takes_config_overrides(model, tmp_path):
         VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved", pooling="prompt")
     with pytest.raises(ModelConfigError, match="model.quantization: expected one of"):
         VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved", quantization="3bit")
+
+
+def test_load_adapter_puts_a_saved_lora_into_a_model_built_from_its_config(model, tiny_model_config, tmp_path):
+    with torch.no_grad():  # LoRA B starts at zero; move it so that a load that does nothing shows
+        for name, p in model.language_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(tmp_path / "saved")
+    fresh = VisionLanguageSurvivalModel(tiny_model_config)
+    fresh.load_adapter(tmp_path / "saved" / "adapter")
+    saved = dict(model.language_model.named_parameters())
+    loaded = {n: p for n, p in fresh.language_model.named_parameters() if "lora_" in n}
+    assert loaded and all(torch.equal(p, saved[n]) and p.requires_grad for n, p in loaded.items())
+    wider = VisionLanguageSurvivalModel(dataclasses.replace(tiny_model_config, lora=LoRAConfig(
+        r=8, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])))
+    with pytest.raises(ModelLoadError, match=r"LoRA adapter .*saved/adapter: its weights do not fit the model's LoRA"):
+        wider.load_adapter(tmp_path / "saved" / "adapter")
+    more_modules = VisionLanguageSurvivalModel(dataclasses.replace(tiny_model_config, lora=LoRAConfig(
+        r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])))
+    with pytest.raises(ModelLoadError, match=r"do not fit the model's LoRA \(missing \['[^']*k_proj.lora_A"):
+        more_modules.load_adapter(tmp_path / "saved" / "adapter")
+    with pytest.raises(ModelLoadError, match=r"LoRA adapter .*nowhere: directory does not exist"):
+        fresh.load_adapter(tmp_path / "nowhere")

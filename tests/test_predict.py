@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_IMAGE_DIM, TINY_IMAGE_TOKENS
 from safetensors.torch import save_file
 
+from vlsurv.config import ConfigError
 from vlsurv.model import DeepHitCuts, SurvivalConfig, VisionLanguageSurvivalModel
 from vlsurv.model.ensemble import DecodeOptions, EnsembleError, ScanInput, score_naive, score_shared_prefix
 from vlsurv.predict import PredictConfig, PredictError, main, predict
@@ -261,7 +262,11 @@ def test_predict_bad_inputs_are_named(tiny_model_config, cohort):
     (cohort / "o" / "predictions.csv").write_text("scan_id,risk,risk_other\n")
     with pytest.raises(PredictError, match="predictions.csv: columns .* differ from this run's"):
         predict(base, model=model, progress=False)
-    with pytest.raises(PredictError, match="split: expected one of"):
+    with pytest.raises(ConfigError, match=r"^split: expected one of \['train', 'val', 'test', 'all'\], got 'holdout'"):
         PredictConfig(split="holdout")
-    with pytest.raises(PredictError, match="batch_scans: expected >= 1"):
+    with pytest.raises(ConfigError, match=r"^batch_scans: expected a value >= 1, got 0"):
         PredictConfig(batch_scans=0)
+    with pytest.raises(ConfigError, match=r"^max_new_tokens: expected a value >= 1 or null, got -1"):
+        PredictConfig(max_new_tokens=-1)
+    with pytest.raises(ConfigError, match=r"^pool: expected one of \['all', 'prompt'\] or null, got 'mean'"):
+        PredictConfig(pool="mean")

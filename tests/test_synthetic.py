@@ -24,8 +24,8 @@ from vlsurv.data.synthetic import (
     resolve_grid,
     sample_findings,
 )
-from vlsurv.data.synthetic_anatomy import LOBES, Findings, Tissue, render_scan
-from vlsurv.data.synthetic_reports import LOBE_NAMES
+from vlsurv.data.synthetic.anatomy import LOBES, Findings, Tissue, render_scan
+from vlsurv.data.synthetic.reports import LOBE_NAMES
 
 SMALL = {"shape": (48, 48, 32)}  # spread over the standard 384 mm cube: 8 x 8 x 12 mm voxels
 

@@ -82,16 +82,16 @@ def test_unknown_key_is_named():
 
 @pytest.mark.parametrize("key", ["lr_projector", "lr_lora", "lr_survival"])
 def test_negative_learning_rate_is_rejected(key):
-    with pytest.raises(ConfigError, match=rf"optim\.{key}: expected a learning rate >= 0, got -1e-06"):
+    with pytest.raises(ConfigError, match=rf"optim\.{key} in .*stage1\.yaml: expected a learning rate >= 0, got -1e-06"):
         load_train_config(ROOT / "configs/stage1.yaml", [f"optim.{key}=-1e-6"])
 
 
 def test_other_bad_values_name_their_key():
     with pytest.raises(ConfigError, match=r"sampling: expected one of \['patient_balanced', 'pairs'\]"):
         TrainConfig(sampling="random")
-    with pytest.raises(ConfigError, match=r"optim\.batch_size: expected a value >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"optim\.batch_size in .*stage1\.yaml: expected a value >= 1, got 0"):
         load_train_config(ROOT / "configs/stage1.yaml", ["optim.batch_size=0"])
-    with pytest.raises(ConfigError, match=r"optim\.betas: expected two values in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"optim\.betas in .*stage1\.yaml: expected two values in \[0, 1\), got \[0\.9, 1\.5\]"):
         load_train_config(ROOT / "configs/stage1.yaml", ["optim.betas=[0.9, 1.5]"])
 
 
@@ -104,7 +104,7 @@ def test_stage2_without_a_stage1_projector_is_rejected(tmp_path):
 
 
 def test_deephit_without_cuts_is_rejected():
-    with pytest.raises(ConfigError, match=r"survival\.num_bins: expected >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"model\.survival\.num_bins in .*stage2_deephit\.yaml: expected a value >= 1, got 0"):
         load_train_config(STAGE2, ["model.survival.num_bins=0"])
     with pytest.raises(ConfigError, match=r"deephit_cuts: got 2 cut times, expected model\.survival\.num_bins = 4"):
         load_train_config(STAGE2, ["deephit_cuts=[30, 90]"])

@@ -41,8 +41,8 @@ def launched_main(decoder: str, out: Path) -> None:
     for head in ("deepsurv", "deephit"):
         model = build_model(decoder, head)
         wrapped = accelerator.prepare(model)
-        batch = global_batch(model.processor, shard(list(range(GLOBAL_BATCH)), rank, world))
-        parts, backward = run_step(model, wrapped, batch, head)
+        batch = global_batch(model.processor, shard(list(range(GLOBAL_BATCH)), rank, world), model.deephit_cuts)
+        parts, backward = run_step(wrapped, batch)
         accelerator.backward(backward)
         results[head] = parts
         if accelerator.is_main_process:
@@ -63,8 +63,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_d
     assert launched["world"] == 2
     for head in ("deepsurv", "deephit"):
         model = build_model(str(tiny_decoder_dir), head)
-        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)))
-        parts, backward = run_step(model, model, batch, head)
+        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)), model.deephit_cuts)
+        parts, backward = run_step(model, batch)
         backward.backward()
         assert parts.keys() == launched[head].keys() == {"loss", "lm", "surv", "disp", "align"}
         for name, value in parts.items():

@@ -49,7 +49,7 @@ def test_memory_joins_the_cox_risk_set_as_constants():
     remembered = memory.rows()
     assert remembered.time.shape == (36,) and torch.equal(remembered.time, whas500_rows(36, 72).time)
 
-    terms = survival_terms(current, LossConfig(ties="efron"), None, remembered)
+    terms = survival_terms(current, LossConfig(ties="efron"), remembered)
     log_risk = torch.cat([current.head, remembered.head])
     time, event = torch.cat([current.time, remembered.time]), torch.cat([current.event, remembered.event])
     direct = losses.cox_loss(log_risk, time, event, ties="efron")
@@ -57,13 +57,28 @@ def test_memory_joins_the_cox_risk_set_as_constants():
     reference = neg_partial_log_likelihood(log_risk.detach().double().unsqueeze(1), event.bool(), time.double(),
                                            ties_method="efron", reduction="sum") / int(event.sum())
     assert float(terms["surv"].detach()) == pytest.approx(float(reference), rel=1e-5)
-    alone = survival_terms(current, LossConfig(ties="efron"), None)["surv"]
+    alone = survival_terms(current, LossConfig(ties="efron"))["surv"]
     assert float(terms["surv"].detach()) != pytest.approx(float(alone.detach()))
     disp = losses.dispersion_loss_continuous(torch.cat([current.z_surv, remembered.z_surv]), time, event)
     torch.testing.assert_close(terms["disp"], disp)
     torch.testing.assert_close(terms["align"], losses.alignment_loss(current.z_surv, current.z_pooled))
     terms["surv"].backward()
     assert current.head.grad.abs().sum() > 0 and remembered.head.grad is None
+
+
+def test_a_deephit_batch_without_its_labels_is_named():
+    from vlsurv.model.survival import SurvivalConfigError, SurvivalOutput
+    from vlsurv.model.vlm import VLMOutput
+
+    survival = SurvivalOutput(z_surv=torch.zeros(2, 4), logits=torch.zeros(2, len(CUTS) + 1))
+    output = VLMOutput(lm_loss=None, logits=torch.zeros(2, 3, 5), z_pooled=torch.zeros(2, 4), survival=survival)
+    batch = {"time": torch.tensor([50.0, 800.0]), "event": torch.tensor([1, 0])}
+    with pytest.raises(SurvivalConfigError, match=r"DeepHit step: the batch has no \['bin_index', 'binned_event', "
+                       r"'censored_credit'\]; expected .*SampleDataset.set_deephit_cuts\(cuts\)"):
+        local_rows(output, batch)
+    labels = DeepHitCuts(CUTS).labels(batch["time"], batch["event"])
+    batch.update(bin_index=labels.bin_index, binned_event=labels.event, censored_credit=labels.censored_credit)
+    assert local_rows(output, batch).bin_index.tolist() == [0, 2]
 
 
 def dropout_model(decoder: str, head: str) -> VisionLanguageSurvivalModel:
@@ -97,8 +112,7 @@ def test_window_backward_equals_holding_every_graph_with_dropout(tiny_decoder_di
     config = LossConfig(deephit_ranking_weight=0.5)
     model = dropout_model(str(tiny_decoder_dir), head)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-    cuts = model.deephit_cuts if head == "deephit" else None
-    batches = [global_batch(model.processor, rows) for rows in ([0, 1, 2], [3, 4], [5, 6])]
+    batches = [global_batch(model.processor, rows, model.deephit_cuts) for rows in ([0, 1, 2], [3, 4], [5, 6])]
     forward = forward_of(model)
 
     torch.manual_seed(5)  # reference: the window's loss with the three graphs held, same RNG draws in order
@@ -106,15 +120,15 @@ def test_window_backward_equals_holding_every_graph_with_dropout(tiny_decoder_di
     nll = [token_nll(output.logits, batch["labels"]) for output, batch in zip(outputs, batches)]
     lm = sum(total for total, _ in nll) / sum(count for _, count in nll)
     window = SurvivalRows.cat([local_rows(output, batch) for output, batch in zip(outputs, batches)])
-    (lm + survival_part(survival_terms(window, config, cuts), config)).backward()
+    (lm + survival_part(survival_terms(window, config), config)).backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
 
     torch.manual_seed(5)
-    cache = cache_window(forward, batches, config, cuts)
+    cache = cache_window(forward, batches, config)
     for index, batch in enumerate(batches):
         set_rng_state(cache.rng_states[index])
-        window_step_loss(forward(batch), batch, cache, index).backward.backward()
+        window_step_loss(forward(batch), batch, cache, index).to_backpropagate.backward()
     assert cache.parts["lm"] == pytest.approx(float(lm), rel=1e-6)
     for name, p in model.named_parameters():
         if p.requires_grad:

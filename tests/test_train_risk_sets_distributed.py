@@ -41,12 +41,11 @@ def launched_main(decoder: str, out: Path) -> None:
             return wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
 
-        batches = [global_batch(model.processor, shard(rows, rank, world)) for rows in WINDOW]
-        cuts = model.deephit_cuts if head == "deephit" else None
-        cache = cache_window(forward, batches, LossConfig(deephit_ranking_weight=0.5), cuts)
+        batches = [global_batch(model.processor, shard(rows, rank, world), model.deephit_cuts) for rows in WINDOW]
+        cache = cache_window(forward, batches, LossConfig(deephit_ranking_weight=0.5))
         for index, batch in enumerate(batches):
             set_rng_state(cache.rng_states[index])
-            accelerator.backward(window_step_loss(forward(batch), batch, cache, index).backward)
+            accelerator.backward(window_step_loss(forward(batch), batch, cache, index).to_backpropagate)
         results[head] = cache.parts
         if accelerator.is_main_process:
             save_file(gradients(model), str(out / f"grads_{head}.safetensors"))
@@ -66,8 +65,8 @@ def test_two_process_window_matches_one_batch_in_one_process(tiny_decoder_dir, t
     assert launched["world"] == 2
     for head in ("deepsurv", "deephit"):
         model = build_model(str(tiny_decoder_dir), head)
-        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)))
-        parts, backward = run_step(model, model, batch, head)
+        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)), model.deephit_cuts)
+        parts, backward = run_step(model, batch)
         backward.backward()
         for name, value in parts.items():
             assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)

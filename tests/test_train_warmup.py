@@ -52,13 +52,15 @@ def test_warmup_steps_not_below_the_planned_steps_stop_with_the_keys_named():
      "optim.warmup_steps = 500, optim.warmup_ratio = 0.1: expected exactly one of them set and the other null"),
     (["optim.warmup_ratio=null", "optim.warmup_steps=null"],
      "optim.warmup_steps = None, optim.warmup_ratio = None: expected exactly one of them set and the other null"),
-    (["optim.warmup_ratio=1.0"], "optim.warmup_ratio: expected a fraction in [0, 1), got 1.0"),
-    (["optim.warmup_ratio=null", "optim.warmup_steps=-1"], "optim.warmup_steps: expected a value >= 0, got -1"),
+    (["optim.warmup_ratio=1.0"],
+     "optim.warmup_ratio in {config}: expected a fraction in [0, 1) or null, got 1.0"),
+    (["optim.warmup_ratio=null", "optim.warmup_steps=-1"],
+     "optim.warmup_steps in {config}: expected a value >= 0 or null, got -1"),
 ])
 def test_exactly_one_valid_warmup_setting(overrides, message):
     with pytest.raises(ConfigError) as caught:
         stage2(*overrides)
-    assert message in str(caught.value)
+    assert message.format(config=ROOT / "configs/stage2_deepsurv.yaml") in str(caught.value)
 
 
 @pytest.mark.parametrize(("name", "units", "expected"), [

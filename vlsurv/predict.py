@@ -21,20 +21,25 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
 import torch
 
-from vlsurv.config import from_dict, save_config
+from vlsurv.config import add_config_arguments, bounded, check_fields, config_from_args, save_config
+from vlsurv.data.clinical import sentence_function
+from vlsurv.data.datasets import split_rows
+from vlsurv.data.manifest import load_manifest
 from vlsurv.errors import InputError
 from vlsurv.files import cut_torn_last_line
 from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
 from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
-from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel
+from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
 from vlsurv.progress import progress_bar
+from vlsurv.prompts import load_questions
+from vlsurv.training.checkpoints import read_selection
 
 PREDICTIONS, ANSWERS, CURVES = "predictions.csv", "answers.jsonl", "survival_curves.csv"
-SPLIT_CHOICES = ("train", "val", "test", "all")
 DEFAULT_MAX_NEW_TOKENS = 64
 
 
@@ -44,43 +49,46 @@ class PredictError(InputError):
 
 @dataclass
 class PredictConfig:
-    """Options of `vlsurv predict` (``pool`` None = the model's configured pool)."""
+    """Options of `vlsurv predict` (the command's options are these fields)."""
 
     model: str = ""
+    """Model folder written by save_pretrained (training)."""
     manifest: str = ""
+    """Cohort manifest (CSV or JSONL)."""
     cache: str = ""
+    """Feature cache folder (vlsurv encode)."""
     out: str = ""
-    pool: str | None = None
+    """Output folder (rerun to resume)."""
+    pool: Pool | None = None
+    """Pooling for the risk; null = the model's."""
     generate: bool = True
+    """Generate answers."""
     questions: str = "lung"
-    split: str = "test"
-    batch_scans: int = 8
-    max_new_tokens: int | None = None
+    """Question set name or YAML path."""
+    split: Literal["train", "val", "test", "all"] = "test"
+    """Manifest split to predict."""
+    batch_scans: int = bounded(8, ge=1)
+    """Scans per batch (x questions sequences)."""
+    max_new_tokens: int | None = bounded(None, ge=1)
+    """Answer length cap; null = the model folder's validation setting, else 64 (DEFAULT_MAX_NEW_TOKENS)."""
     do_sample: bool = False
-    temperature: float = 1.0
+    """Sample answers instead of greedy decoding."""
+    temperature: float = bounded(1.0, gt=0.0)
+    """Sampling temperature."""
     seed: int = 0
+    """Seed of the answer sampling."""
     device: str = "auto"
-    clinical_missing_warn: float = 0.2  # warn when more of the scans lack a clinical template field
+    """auto, cpu, cuda, cuda:1, ..."""
+    clinical_missing_warn: float = bounded(0.2, ge=0.0, le=1.0, what="a fraction")
+    """Warn when more than this fraction of the scans lack a field of the clinical template."""
 
     def __post_init__(self) -> None:
-        if self.pool is not None and self.pool not in POOLS:
-            raise PredictError(f"pool: expected one of {POOLS}, got {self.pool!r}")
-        if self.split not in SPLIT_CHOICES:
-            raise PredictError(f"split: expected one of {SPLIT_CHOICES}, got {self.split!r}")
-        if self.batch_scans < 1:
-            raise PredictError(f"batch_scans: expected >= 1, got {self.batch_scans}")
-        if not 0.0 <= self.clinical_missing_warn <= 1.0:
-            raise PredictError(
-                f"clinical_missing_warn: expected a fraction between 0 and 1, got {self.clinical_missing_warn}"
-            )
-        DecodeOptions(self.generate, self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, self.do_sample, self.temperature)
+        check_fields(self)
 
 
 def resolve_decoding(config: PredictConfig, model: VisionLanguageSurvivalModel) -> PredictConfig:
     """``config`` with ``pool`` and ``max_new_tokens`` filled in: given values, else the settings the model was
     validated with (its folder's ``selection.json``), else the model's pool and DEFAULT_MAX_NEW_TOKENS."""
-    from vlsurv.training.checkpoints import read_selection
-
     selection = read_selection(config.model) if config.model and Path(config.model).is_dir() else None
     scoring = (selection or {}).get("scoring", {})
     return dataclasses.replace(
@@ -95,9 +103,6 @@ def _device(name: str) -> torch.device:
 
 
 def _select_scans(config: PredictConfig, cache) -> pd.DataFrame:
-    from vlsurv.data.datasets import split_rows
-    from vlsurv.data.manifest import load_manifest
-
     manifest = load_manifest(config.manifest, require_survival=False, check_files=False)
     where = f"{config.manifest} with feature cache {config.cache}"
     return split_rows(manifest, config.split, cache, where, PredictError)
@@ -165,9 +170,7 @@ def predict(
     config: PredictConfig, model: VisionLanguageSurvivalModel | None = None, progress: bool = True
 ) -> Path:
     """Run the prompt ensemble over the manifest's split; returns the output folder (see module docstring)."""
-    from vlsurv.data.clinical import sentence_function
-    from vlsurv.encoders.cache import FeatureCache
-    from vlsurv.prompts import load_questions
+    from vlsurv.encoders.cache import FeatureCache  # loads MONAI (~5 s); `vlsurv predict --help` does not
 
     device = _device(config.device)
     if model is None:
@@ -215,27 +218,8 @@ def predict(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder written by save_pretrained (training)")
-    parser.add_argument("--manifest", required=True, help="cohort manifest (CSV or JSONL)")
-    parser.add_argument("--cache", required=True, help="feature cache folder (vlsurv encode)")
-    parser.add_argument("--out", required=True, help="output folder (rerun to resume)")
-    parser.add_argument("--pool", choices=POOLS, default=None, help="pooling for risk (default: the model's)")
-    parser.add_argument(
-        "--generate", action=argparse.BooleanOptionalAction, default=True, help="generate answers"
-    )
-    parser.add_argument("--questions", default="lung", help="question set name or YAML path")
-    parser.add_argument("--split", choices=SPLIT_CHOICES, default="test")
-    parser.add_argument("--batch-scans", type=int, default=8, help="scans per batch (x questions sequences)")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=None,
-        help=f"answer length cap (default: the model folder's validation setting, else {DEFAULT_MAX_NEW_TOKENS})",
-    )
-    parser.add_argument("--do-sample", action="store_true", help="sample answers instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    args = parser.parse_args(argv)
-    config = from_dict(PredictConfig, {k: v for k, v in vars(args).items()}, source="command line")
+    add_config_arguments(parser, PredictConfig, required=("model", "manifest", "cache", "out"))
+    config = config_from_args(PredictConfig, parser.parse_args(argv))
     out = predict(config)
     print(f"predictions written to {out / PREDICTIONS}")
     return 0

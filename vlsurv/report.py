@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# matplotlib (selected as Agg before pyplot loads) and lifelines are imported when a plot is drawn, so that
+# importing this module (by `vlsurv evaluate`) does not load them.
+
 
 def _pyplot():
     import matplotlib

@@ -6,16 +6,18 @@
 
 Overrides are dotted keys of ``TrainConfig`` (``optim.lr_lora=1e-5``, ``model.decoder_path=/models/radllama``).
 The same code runs in one process (`vlsurv train`) or in several (`accelerate launch`); see the README, "Training".
+
+This module is only the command line, like ``vlsurv/predict.py`` and ``vlsurv/evaluate.py`` beside it: the training
+itself lives in ``vlsurv.training`` (``config``: ``TrainConfig``; ``setup``: model, data, optimizer; ``loop``: the
+``Trainer``; ``objective`` and ``risk_sets``: the step loss; ``validation``; ``checkpoints``).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from vlsurv.training.config import TrainConfig, load_train_config
+from vlsurv.training.config import load_train_config
 from vlsurv.training.loop import train
-
-__all__ = ["TrainConfig", "load_train_config", "main", "train"]
 
 
 def main(argv: list[str] | None = None) -> int:

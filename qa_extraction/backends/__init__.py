@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from qa_extraction.backends.rules import RulesBackend
 from vlsurv.errors import InputError
 
 BACKENDS = ("rules", "transformers", "openai")
@@ -43,19 +44,17 @@ def add_backend_arguments(parser: argparse.ArgumentParser, default: str | None =
 def build_backend(args: argparse.Namespace, questions=None):
     """The backend the parsed flags ask for (``questions`` are needed by the rules backend)."""
     if args.backend == "rules":
-        from qa_extraction.backends.rules import RulesBackend
-
         return RulesBackend(questions)
     if args.batch_size < 1:
         raise BackendConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.backend == "transformers":
-        from qa_extraction.backends.transformers_lm import TransformersBackend
+        from qa_extraction.backends.transformers_lm import TransformersBackend  # torch + transformers, ~3 s
 
         if not args.model:
             raise BackendConfigError("--backend transformers needs --model, a local model folder")
         return TransformersBackend(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                    trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=args.device)
-    from qa_extraction.backends.openai_api import OpenAIBackend
+    from qa_extraction.backends.openai_api import OpenAIBackend  # it imports BackendConfigError from here
 
     if not args.model:
         raise BackendConfigError("--backend openai needs --model, the model name the server serves")

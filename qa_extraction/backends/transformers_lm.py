@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qa_extraction.llm import ExtractionPrompts, Item, Messages, Result, answer_items
 from vlsurv.errors import ModelLoadError
@@ -40,8 +41,6 @@ class TransformersBackend:
 
     def __init__(self, model_dir: str | Path, *, batch_size: int = 8, max_new_tokens: int = 160,
                  trust_remote_code: bool = False, dtype: str = "auto", device: str | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         path = Path(model_dir)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"--model {path}: not a model folder (no config.json); expected a local folder "

@@ -22,6 +22,7 @@ male patient undergoing chest CT." (not the lung template's "lung cancer patient
 
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 import re
@@ -33,6 +34,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from vlsurv.data.clinical import DEFAULT_MAX_MISSING_FRACTION, check_max_missing_fraction, warn_missing_fields
 from vlsurv.data.ct import CTVolume, check_volume
 from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
 from vlsurv.errors import InputError
@@ -296,14 +298,6 @@ def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str 
 
 def main(argv: list[str] | None = None) -> int:
     """``vlsurv ctrate``: raw CT-RATE volumes + metadata + reports -> HU NIfTI files and a manifest."""
-    import argparse
-
-    from vlsurv.data.clinical import (
-        DEFAULT_MAX_MISSING_FRACTION,
-        check_max_missing_fraction,
-        warn_missing_fields,
-    )
-
     parser = argparse.ArgumentParser(prog="vlsurv ctrate", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--volumes", required=True, help="folder searched for CT-RATE .nii.gz volumes")
     parser.add_argument("--metadata", required=True, help="metadata CSV (XYSpacing, ZSpacing, Rescale*)")

@@ -4,13 +4,16 @@
 - ``training_samples``: one ``Sample`` per VQA pair of a split's scans (stage 1 and stage 2 training).
 - ``scan_question_samples``: every scan of a split x every question of the set, with the reference answer when the
   VQA file has one (else ``answer=None``: prompt only); validation uses them for the mean six-question risk.
-- ``SampleDataset(samples, tokens, processor)``: item = the processor's encoding (1-D ``input_ids``,
+- ``SampleDataset(samples, feature_cache, processor)``: item = the processor's encoding (1-D ``input_ids``,
   ``attention_mask``, ``labels``, ``prompt_mask`` of one length L) + ``image_tokens`` (T, C) + ``time`` and
-  ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``. ``collate`` pads (right) to (B, L) and stacks
-  ``image_tokens`` (B, T, C), ``time`` (B,) float32 and ``event`` (B,) long.
+  ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``; after ``set_deephit_cuts(cuts)`` also the
+  sample's DeepHit labels (0-d): ``bin_index`` long, ``binned_event`` bool, ``censored_credit`` float64.
+  ``collate`` pads (right) to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event`` (B,)
+  long and the labels (B,).
 
-This module imports no model or encoder code: ``tokens`` is any object with ``get(scan_id) -> (T, C)`` and
-``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a ``VLMProcessor``).
+This module imports no model or encoder code: ``feature_cache`` is any object with ``get(scan_id) -> (T, C)`` and
+``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a ``VLMProcessor``),
+``cuts`` any object with ``labels(time, event)`` (a ``DeepHitCuts``).
 """
 
 from __future__ import annotations
@@ -74,13 +77,13 @@ def _sample(
 
 
 def split_rows(
-    manifest: pd.DataFrame, split: str, tokens, where: str, error: type[Exception] = DatasetError
+    manifest: pd.DataFrame, split: str, feature_cache, where: str, error: type[Exception] = DatasetError
 ) -> pd.DataFrame:
-    """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in ``tokens``."""
+    """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in ``feature_cache``."""
     rows = manifest if split == "all" else manifest[manifest["split"].astype(str) == split]
     if rows.empty:
         raise error(f"{where}: no scan has split == {split!r}; expected at least one")
-    missing = [s for s in rows["scan_id"].astype(str) if s not in tokens]
+    missing = [s for s in rows["scan_id"].astype(str) if s not in feature_cache]
     if missing:
         raise error(
             f"{where}: {len(missing)} {split} scans are not in the feature cache (first: {missing[:3]}); "
@@ -93,13 +96,13 @@ def training_samples(
     manifest: pd.DataFrame,
     vqa: Sequence[Mapping[str, str]],
     split: str,
-    tokens,
+    feature_cache,
     clinical: Callable[[Mapping], str],
     require_survival: bool,
     where: str = "manifest",
 ) -> list[Sample]:
     """Every VQA pair whose scan is in ``split``; VQA rows of scans outside the split are left out."""
-    rows = split_rows(manifest, split, tokens, where)
+    rows = split_rows(manifest, split, feature_cache, where)
     by_scan = {str(r["scan_id"]): (r, clinical(r)) for r in rows.to_dict("records")}
     samples = []
     for pair in vqa:
@@ -118,13 +121,13 @@ def scan_question_samples(
     vqa: Sequence[Mapping[str, str]],
     questions: Sequence,
     split: str,
-    tokens,
+    feature_cache,
     clinical: Callable[[Mapping], str],
     require_survival: bool,
     where: str = "manifest",
 ) -> list[Sample]:
     """Each scan of ``split`` x each question (objects with ``id`` and ``text``), answered from the VQA file."""
-    rows = split_rows(manifest, split, tokens, where)
+    rows = split_rows(manifest, split, feature_cache, where)
     answers = {(pair["scan_id"], pair["question_id"]): pair["answer"] for pair in vqa}
     samples = []
     for row in rows.to_dict("records"):
@@ -138,10 +141,21 @@ def scan_question_samples(
 class SampleDataset(Dataset):
     """Encoded samples with their image tokens; see the module docstring for the item layout."""
 
-    def __init__(self, samples: Sequence[Sample], tokens, processor) -> None:
+    def __init__(self, samples: Sequence[Sample], feature_cache, processor) -> None:
         self.samples = list(samples)
-        self.tokens = tokens
+        self.feature_cache = feature_cache
         self.processor = processor
+        self.deephit_labels: dict[str, torch.Tensor] | None = None
+
+    def set_deephit_cuts(self, cuts) -> None:
+        """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
+        float32 ``time`` (the value the batch carries) and ``event``; items then carry the labels."""
+        time = torch.tensor([s.time for s in self.samples], dtype=torch.float32)
+        event = torch.tensor([s.event for s in self.samples], dtype=torch.long)
+        labels = cuts.labels(time, event)
+        self.deephit_labels = {
+            "bin_index": labels.bin_index, "binned_event": labels.event, "censored_credit": labels.censored_credit,
+        }
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -149,16 +163,19 @@ class SampleDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         item = self.processor.encode(sample.clinical, sample.question, sample.answer)
-        item["image_tokens"] = self.tokens.get(sample.scan_id)
+        item["image_tokens"] = self.feature_cache.get(sample.scan_id)
         item["time"] = torch.tensor(sample.time, dtype=torch.float32)
         item["event"] = torch.tensor(sample.event, dtype=torch.long)
+        for key, column in (self.deephit_labels or {}).items():
+            item[key] = column[index]
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id
         return item
 
     def collate(self, items: Sequence[dict]) -> dict:
-        """Right-padded batch: (B, L) sequences, (B, T, C) image tokens, (B,) time and event, id lists."""
+        """Right-padded batch: (B, L) sequences, (B, T, C) image tokens, (B,) time, event (and DeepHit labels),
+        id lists."""
         batch = self.processor.collate(list(items), padding_side="right")
         for key in ("scan_id", "patient_id", "question_id"):
             batch[key] = [item[key] for item in items]

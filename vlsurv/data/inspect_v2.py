@@ -33,13 +33,15 @@ a mortality label are left out unless ``keep_unlabelled=True`` (then time/event 
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
 
 import pandas as pd
 
-from vlsurv.data.manifest import MANIFEST_COLUMNS
+from vlsurv.data.clinical import DEFAULT_MAX_MISSING_FRACTION, warn_missing_fields
+from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
 from vlsurv.errors import InputError
 
 LABEL_COLUMNS = ("impression_id", "tte_mortality", "is_censored_mortality")
@@ -256,11 +258,6 @@ def _extra_columns(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``vlsurv inspect``: an INSPECT v2 folder -> the cohort manifest (time in days)."""
-    import argparse
-
-    from vlsurv.data.clinical import DEFAULT_MAX_MISSING_FRACTION, warn_missing_fields
-    from vlsurv.data.manifest import write_manifest
-
     parser = argparse.ArgumentParser(prog="vlsurv inspect", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--root", required=True, help="INSPECT folder (labels_*.tsv, ..., CTPA/)")
     parser.add_argument("--out", required=True, help="manifest file to write (.csv or .jsonl)")

@@ -173,6 +173,7 @@ def score_shared_prefix(
     generator: torch.Generator | None = None,
 ) -> EnsembleOutput:
     """Risks of S scans x Q questions with one prefix pass per scan and a KV cache repeated Q times."""
+    # transformers loads with a model, not when `vlsurv predict --help` imports this module
     from transformers import DynamicCache
 
     options = options or DecodeOptions()
@@ -188,7 +189,7 @@ def score_shared_prefix(
     cache = DynamicCache()
     cache_kwarg = {_cache_argument(lm): cache}
     out = lm(
-        inputs_embeds=model.embed_inputs(ids, images),
+        inputs_embeds=model.embed_inputs(ids, model.get_image_features(images)),
         attention_mask=mask,
         position_ids=positions_from_mask(mask),
         **cache_kwarg,

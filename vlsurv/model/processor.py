@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from vlsurv.errors import InputError
+from vlsurv.prompts import read_template
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
@@ -36,8 +37,6 @@ class ProcessorError(InputError):
 
 def plain_template() -> str:
     """The plain prompt template with ``{clinical}``, ``<image>`` and ``{question}``."""
-    from vlsurv.prompts import read_template
-
     return read_template(PLAIN_TEMPLATE)
 
 

@@ -13,13 +13,17 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
 from vlsurv.errors import InputError
 
-PROJECTOR_KINDS = ("linear", "mlp2x_gelu")
-PROJECTOR_NORMS = ("none", "layernorm", "standardize")
+ProjectorKind = Literal["linear", "mlp2x_gelu"]
+ProjectorNorm = Literal["none", "layernorm", "standardize"]
+PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
+PROJECTOR_NORMS: tuple[str, ...] = get_args(ProjectorNorm)
 
 
 class ProjectorError(InputError):

@@ -19,10 +19,13 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from vlsurv.errors import InputError
+from vlsurv.config import ConfigError, bounded, check_fields, invalid
 
-HEADS = ("deepsurv", "deephit")
-DEEPHIT_RISKS = ("expected_time", "cif_at_horizon")
+SurvivalHead = Literal["deepsurv", "deephit"]
+# The ranking score of a DeepHit head: minus the expected time, or the CIF at ``horizon``.
+DeepHitRisk = Literal["expected_time", "cif_at_horizon"]
+HEADS: tuple[str, ...] = get_args(SurvivalHead)
+DEEPHIT_RISKS: tuple[str, ...] = get_args(DeepHitRisk)
 # How much of its bin a censored row is credited with surviving (the NLL's censoring term; losses.deephit_nll):
 # "interpolate" the fraction of the bin it was followed, "life_table" half, "deephit" all (the original DeepHit
 # convention), "pycox" none (pycox's label transform).
@@ -35,7 +38,7 @@ DEEPHIT_CENSORING: tuple[str, ...] = get_args(DeepHitCensoring)
 DEEPHIT_CUT_PLACEMENTS: tuple[str, ...] = get_args(DeepHitCutPlacement)
 
 
-class SurvivalConfigError(InputError):
+class SurvivalConfigError(ConfigError):
     """A survival-branch setting or DeepHit cut that is not what is expected."""
 
 
@@ -43,43 +46,28 @@ class SurvivalConfigError(InputError):
 class SurvivalConfig:
     """Survival branch settings (``survival:`` in the model config)."""
 
-    head: str = "deepsurv"
-    num_bins: int = 10
-    adapter_ratio: float = 0.2
-    adapter_reduction: int = 4
-    deephit_risk: str = "expected_time"
+    head: SurvivalHead = "deepsurv"
+    """DeepSurv (a log-risk, Cox loss) or DeepHit (a distribution over time bins)."""
+    num_bins: int = bounded(10, ge=1)
+    """DeepHit: time cuts K (K + 1 bins with the tail bin)."""
+    adapter_ratio: float = bounded(0.2, ge=0.0, le=1.0)
+    """Residual adapter mix r: r * MLP(z) + (1 - r) * z."""
+    adapter_reduction: int = bounded(4, ge=1)
+    """Residual adapter bottleneck: hidden width d / reduction."""
+    deephit_risk: DeepHitRisk = "expected_time"
+    """DeepHit's ranking score: minus the expected time, or the CIF at ``horizon``."""
     horizon: float | None = None
+    """Time of ``cif_at_horizon`` (required for it)."""
     deephit_censoring: DeepHitCensoring = "interpolate"
+    """How much of its bin a censored row is credited with surviving (see DeepHitCensoring)."""
     deephit_cut_placement: DeepHitCutPlacement = "event_quantiles_with_tail"
+    """Where the K cuts go among the training event times (see DeepHitCutPlacement)."""
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise SurvivalConfigError(f"survival.head: expected one of {HEADS}, got {self.head!r}")
-        if self.deephit_risk not in DEEPHIT_RISKS:
-            raise SurvivalConfigError(
-                f"survival.deephit_risk: expected one of {DEEPHIT_RISKS}, got {self.deephit_risk!r}"
-            )
-        if self.deephit_censoring not in DEEPHIT_CENSORING:
-            raise SurvivalConfigError(
-                f"survival.deephit_censoring: expected one of {DEEPHIT_CENSORING}, got {self.deephit_censoring!r}"
-            )
-        if self.deephit_cut_placement not in DEEPHIT_CUT_PLACEMENTS:
-            raise SurvivalConfigError(
-                f"survival.deephit_cut_placement: expected one of {DEEPHIT_CUT_PLACEMENTS}, "
-                f"got {self.deephit_cut_placement!r}"
-            )
-        if self.num_bins < 1:
-            raise SurvivalConfigError(f"survival.num_bins: expected >= 1, got {self.num_bins}")
-        if not 0.0 <= self.adapter_ratio <= 1.0:
-            raise SurvivalConfigError(
-                f"survival.adapter_ratio: expected a value in [0, 1], got {self.adapter_ratio}"
-            )
-        if self.adapter_reduction < 1:
-            raise SurvivalConfigError(
-                f"survival.adapter_reduction: expected >= 1, got {self.adapter_reduction}"
-            )
+        check_fields(self, "survival", SurvivalConfigError)
         if self.head == "deephit" and self.deephit_risk == "cif_at_horizon" and self.horizon is None:
-            raise SurvivalConfigError("survival.horizon: required when deephit_risk is 'cif_at_horizon'")
+            raise invalid("survival", "horizon", "required when deephit_risk is 'cif_at_horizon'",
+                          SurvivalConfigError)
 
 
 @dataclass

@@ -1,11 +1,12 @@
-"""The vision-language survival model, composed in the manner of transformers' LLaVA.
+"""The vision-language survival model, composed and named as transformers' LLaVA.
 
 Parts: ``multi_modal_projector`` (image tokens (B, T, C) -> (B, T, d)), ``language_model`` (a local HF causal
 LM wrapped with peft LoRA, optionally 4/8-bit), ``survival_branch`` (adapter + DeepSurv/DeepHit head on the
-pooled last hidden state) and an optional frozen ``vision_encoder`` used only when tokens are not given.
+pooled last hidden state) and an optional frozen ``vision_tower`` used only when image tokens are not given.
 
-Forward: token embeddings, with the projected image tokens scattered over the ``<image>`` placeholders, go
-through the decoder; ``lm_loss`` is the causal LM loss on the answer tokens (labels != -100);
+``get_image_features`` gives the projected image features (B, T, d); ``embed_inputs`` scatters them over the
+``<image>`` placeholders of the token embeddings (``masked_scatter``), and the embeddings go through the
+decoder; ``lm_loss`` is the causal LM loss on the answer tokens (labels != -100);
 ``z_pooled`` (B, d) = masked mean of the last hidden states over ``pool_mask`` (default: the attention mask).
 The survival branch always runs in float32 (autocast off, its weights cast up when the model is stored in
 bf16/fp16), in training, validation and predict alike.
@@ -13,15 +14,18 @@ bf16/fp16), in training, validation and predict alike.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
+from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
-from vlsurv.model.projector import PROJECTOR_KINDS, PROJECTOR_NORMS, build_projector
+from vlsurv.model.projector import ProjectorKind, ProjectorNorm, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
     SurvivalBranch,
@@ -33,9 +37,9 @@ from vlsurv.model.survival import (
 )
 from vlsurv.model.vlm_io import (
     ADAPTER_DIR,
-    DTYPES,
     PROJECTOR_NAME,
     SURVIVAL_NAME,
+    load_adapter,
     load_language_model,
     load_module,
     prepare_tokenizer,
@@ -44,11 +48,13 @@ from vlsurv.model.vlm_io import (
     save_model,
 )
 
-QUANTIZATIONS = ("none", "4bit", "8bit")
-POOLS = ("all", "prompt")
+Quantization = Literal["none", "4bit", "8bit"]
+Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES
+Pool = Literal["all", "prompt"]
+POOLS: tuple[str, ...] = get_args(Pool)
 
 
-class ModelConfigError(InputError):
+class ModelConfigError(ConfigError):
     """A model config value that is not what is expected."""
 
 
@@ -61,9 +67,13 @@ class LoRAConfig:
     """peft LoRA settings (``lora:`` in the model config)."""
 
     r: int = 8
+    """LoRA rank."""
     alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the LoRA input."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Decoder modules that get LoRA weights."""
 
 
 @dataclass
@@ -71,37 +81,38 @@ class ModelConfig:
     """Everything needed to build (and rebuild) a ``VisionLanguageSurvivalModel``."""
 
     decoder_path: str = ""
-    image_token_dim: int = 2048
-    num_image_tokens: int = 49
-    projector: str = "linear"
-    projector_input_norm: str = "none"
+    """Local folder of the Hugging Face causal LM (decoder and tokenizer)."""
+    image_token_dim: int = bounded(2048, ge=1)
+    """Channels C of an image token from the encoder."""
+    num_image_tokens: int = bounded(49, ge=1)
+    """Image tokens T per scan (one ``<image>`` placeholder each)."""
+    projector: ProjectorKind = "linear"
+    """Multi-modal projector: the paper's linear map or LLaVA-1.5's two-layer GELU MLP."""
+    projector_input_norm: ProjectorNorm = "none"
+    """Normalisation of the image tokens in front of the projector."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    quantization: str = "none"
-    dtype: str = "float32"
+    """LoRA on the decoder."""
+    quantization: Quantization = "none"
+    """Load the decoder in 4 or 8 bits (bitsandbytes, CUDA only)."""
+    dtype: Dtype = "float32"
+    """Storage dtype of the decoder and projector (the survival branch always computes in float32)."""
     gradient_checkpointing: bool = False
+    """Recompute the decoder's activations in the backward pass to save memory."""
     trust_remote_code: bool = False
+    """Let transformers run the decoder folder's own modelling code."""
     survival: SurvivalConfig = field(default_factory=SurvivalConfig)
-    pool: str = "all"
+    """Survival branch (adapter and head)."""
+    pool: Pool = "all"
+    """Positions averaged into z_pooled: all, or the prompt's (clinical sentence, image, question)."""
     clinical_template: str = "lung"
-    max_answer_tokens: int | None = 256
-    max_seq_len: int | None = 1024
+    """Clinical sentence template: a name under prompts/clinical or a YAML path."""
+    max_answer_tokens: int | None = bounded(256, ge=1)
+    """Tokens an answer keeps (a longer answer is cut, its EOS kept); null = no cap."""
+    max_seq_len: int | None = bounded(1024, ge=1)
+    """Tokens of prompt + answer + EOS; null = no cap."""
 
     def __post_init__(self) -> None:
-        choices = {
-            "projector": PROJECTOR_KINDS,
-            "projector_input_norm": PROJECTOR_NORMS,
-            "quantization": QUANTIZATIONS,
-            "dtype": tuple(DTYPES),
-            "pool": POOLS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ModelConfigError(
-                    f"model.{name}: expected one of {allowed}, got {getattr(self, name)!r}"
-                )
-        for name in ("image_token_dim", "num_image_tokens", "max_answer_tokens", "max_seq_len"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ModelConfigError(f"model.{name}: expected >= 1, got {getattr(self, name)}")
+        check_fields(self, "model", ModelConfigError)
 
 
 @dataclass
@@ -133,17 +144,14 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class VisionLanguageSurvivalModel(nn.Module):
-    """Projector + LoRA decoder + survival branch (+ optional frozen vision encoder); see the module docstring."""
+    """Projector + LoRA decoder + survival branch (+ optional frozen vision tower); see the module docstring."""
 
-    def __init__(
-        self,
-        config: ModelConfig,
-        vision_encoder: nn.Module | None = None,
-        *,
-        tokenizer=None,
-        adapter_dir: str | Path | None = None,
-    ) -> None:
+    def __init__(self, config: ModelConfig, vision_tower: nn.Module | None = None, *, tokenizer=None) -> None:
+        """A new model built from ``config``: the base decoder of ``config.decoder_path`` with a fresh LoRA, a fresh
+        projector and survival branch; ``tokenizer`` defaults to the decoder's. A saved model loads with
+        ``from_pretrained``, stage-1 parts with ``load_adapter`` and ``load_projector``."""
         super().__init__()
+        # transformers loads with a model, not when `vlsurv predict --help` imports this module
         from transformers import AutoTokenizer
 
         self.config = config
@@ -157,19 +165,17 @@ class VisionLanguageSurvivalModel(nn.Module):
             self.tokenizer, config.num_image_tokens, max_answer_tokens=config.max_answer_tokens,
             max_seq_len=config.max_seq_len,
         )
-        self.language_model = load_language_model(
-            config, self.tokenizer, Path(adapter_dir) if adapter_dir else None
-        )
+        self.language_model = load_language_model(config, self.tokenizer)
         d_model = self.language_model.get_input_embeddings().weight.shape[1]
         self.multi_modal_projector = build_projector(
             config.projector, config.image_token_dim, d_model, config.projector_input_norm,
             config.num_image_tokens,
         )
         self.survival_branch = SurvivalBranch(d_model, config.survival)
-        self.vision_encoder = vision_encoder
-        if vision_encoder is not None:
-            vision_encoder.requires_grad_(False)
-            vision_encoder.eval()
+        self.vision_tower = vision_tower
+        if vision_tower is not None:
+            vision_tower.requires_grad_(False)
+            vision_tower.eval()
         self.deephit_cuts: DeepHitCuts | None = None
         if config.quantization != "none":
             device = self.language_model.get_input_embeddings().weight.device
@@ -177,10 +183,10 @@ class VisionLanguageSurvivalModel(nn.Module):
             self.survival_branch.to(device)
 
     def train(self, mode: bool = True) -> VisionLanguageSurvivalModel:
-        """Train mode for every part except the frozen vision encoder, which stays in eval mode."""
+        """Train mode for every part except the frozen vision tower, which stays in eval mode."""
         super().train(mode)
-        if self.vision_encoder is not None:
-            self.vision_encoder.eval()
+        if self.vision_tower is not None:
+            self.vision_tower.eval()
         return self
 
     @property
@@ -212,34 +218,42 @@ class VisionLanguageSurvivalModel(nn.Module):
         return self.deephit_cuts
 
     # --- inputs -------------------------------------------------------------------------------------------
-    def image_features(
-        self, image_tokens: torch.Tensor | None, pixel_values: torch.Tensor | None
+    def get_image_features(
+        self, image_tokens: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, T, C) image tokens as given, or from the frozen encoder on ``pixel_values`` (B, 1, H, W, D)."""
-        if image_tokens is not None:
-            return image_tokens
-        if pixel_values is None or self.vision_encoder is None:
-            raise ModelConfigError(
-                "forward: image_tokens not given; expected image_tokens (B, T, C), or pixel_values with a "
-                "vision_encoder attached to the model"
-            )
-        with torch.no_grad():
-            return self.vision_encoder(pixel_values)
+        """(B, T, d) projected image features: ``multi_modal_projector`` on the image tokens (B, T, C), given as
+        ``image_tokens`` (the feature cache) or computed by the frozen ``vision_tower`` on ``pixel_values``
+        (B, 1, H, W, D)."""
+        if image_tokens is None:
+            if pixel_values is None or self.vision_tower is None:
+                raise ModelConfigError(
+                    "forward: image_tokens not given; expected image_tokens (B, T, C), or pixel_values with a "
+                    "vision_tower attached to the model"
+                )
+            with torch.no_grad():
+                image_tokens = self.vision_tower(pixel_values)
+        weight = next(self.multi_modal_projector.parameters())
+        return self.multi_modal_projector(image_tokens.to(device=weight.device, dtype=weight.dtype))
 
-    def embed_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids + (B, T, C) image tokens -> (B, L, d) embeddings with images at the placeholders."""
-        embeds = self.language_model.get_input_embeddings()(input_ids)
+    def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, L, 1) bool mask of the ``<image>`` placeholders in ``input_ids`` (B, L); ImageTokenCountError unless
+        every row has as many as ``image_features`` (B, T, d) has tokens."""
         placeholder = input_ids == self.processor.image_token_id
         per_row = placeholder.sum(-1)
-        n_images, n_tokens = image_tokens.shape[0], image_tokens.shape[1]
-        if image_tokens.dim() != 3 or n_images != input_ids.shape[0] or bool((per_row != n_tokens).any()):
+        n_images, n_tokens = image_features.shape[0], image_features.shape[1]
+        if image_features.dim() != 3 or n_images != input_ids.shape[0] or bool((per_row != n_tokens).any()):
             raise ImageTokenCountError(
-                f"image placeholders in input_ids: {int(placeholder.sum())} (per row {per_row.tolist()}); image tokens "
-                f"given: {n_images * n_tokens} (shape {tuple(image_tokens.shape)}); expected equal counts"
+                f"image placeholders in input_ids: {int(placeholder.sum())} (per row {per_row.tolist()}); image "
+                f"features given: {n_images * n_tokens} (shape {tuple(image_features.shape)}); expected equal counts"
             )
-        weight = next(self.multi_modal_projector.parameters())
-        projected = self.multi_modal_projector(image_tokens.to(device=weight.device, dtype=weight.dtype))
-        return embeds.masked_scatter(placeholder.unsqueeze(-1), projected.to(embeds.dtype))
+        return placeholder.unsqueeze(-1)
+
+    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids + (B, T, d) projected image features (``get_image_features``) -> (B, L, d) token embeddings
+        with the features scattered over the ``<image>`` placeholders."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        mask = self.get_placeholder_mask(input_ids, image_features)
+        return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
 
     def pool_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The mask ``config.pool`` asks for: ``prompt_mask`` ("prompt") or ``attention_mask`` ("all")."""
@@ -255,7 +269,7 @@ class VisionLanguageSurvivalModel(nn.Module):
         pool_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
     ) -> VLMOutput:
-        embeds = self.embed_inputs(input_ids, self.image_features(image_tokens, pixel_values))
+        embeds = self.embed_inputs(input_ids, self.get_image_features(image_tokens, pixel_values))
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -307,7 +321,7 @@ class VisionLanguageSurvivalModel(nn.Module):
 
         The ``<image>`` placeholder is never generated (it would be read back as an image slot).
         """
-        embeds = self.embed_inputs(input_ids, image_tokens)
+        embeds = self.embed_inputs(input_ids, self.get_image_features(image_tokens))
         options = (
             {"temperature": temperature} if do_sample else {"temperature": None, "top_p": None, "top_k": None}
         )
@@ -354,28 +368,32 @@ class VisionLanguageSurvivalModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, vision_encoder: nn.Module | None = None, **config_overrides
+        cls, directory: str | Path, vision_tower: nn.Module | None = None, **config_overrides
     ) -> VisionLanguageSurvivalModel:
-        """Rebuild a saved model (in eval mode); ``config_overrides`` replace top-level config fields."""
+        """Load a saved model (in eval mode): its config, with ``config_overrides`` replacing top-level fields,
+        tokenizer, LoRA adapter (when saved), projector, survival branch and DeepHit cuts (when saved)."""
+        # transformers loads with a model, not when `vlsurv predict --help` imports this module
         from transformers import AutoTokenizer
 
         directory = require_dir(Path(directory), "model directory")
         config = read_config(ModelConfig, directory)
-        for name, value in config_overrides.items():
-            if not hasattr(config, name):
-                raise ModelConfigError(f"from_pretrained: unknown model config field {name!r}")
-            setattr(config, name, value)
-        config.__post_init__()
+        unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(config)})
+        if unknown:
+            raise ModelConfigError(f"from_pretrained: unknown model config field {unknown[0]!r}")
+        config = dataclasses.replace(config, **config_overrides)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        adapter = directory / ADAPTER_DIR
-        model = cls(
-            config, vision_encoder, tokenizer=tokenizer, adapter_dir=adapter if adapter.is_dir() else None
-        )
-        load_module(model.multi_modal_projector, directory / PROJECTOR_NAME)
+        model = cls(config, vision_tower, tokenizer=tokenizer)
+        if (directory / ADAPTER_DIR).is_dir():
+            model.load_adapter(directory / ADAPTER_DIR)
+        model.load_projector(directory / PROJECTOR_NAME)
         load_module(model.survival_branch, directory / SURVIVAL_NAME)
         if (directory / DeepHitCuts.FILE_NAME).is_file():
             model.set_deephit_cuts(DeepHitCuts.load(directory))
         return model.eval()
+
+    def load_adapter(self, adapter_dir: str | Path) -> None:
+        """Load a saved LoRA adapter folder (a saved model's ``adapter/``) into the decoder's LoRA."""
+        load_adapter(self.language_model, Path(adapter_dir), kbit=self.config.quantization != "none")
 
     def load_projector(self, path: str | Path) -> None:
         """Load a stage-1 projector: a saved model directory or its ``projector.safetensors``."""

@@ -13,6 +13,7 @@ The base decoder is otherwise referenced by ``decoder_path``; a relative path is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 import warnings
@@ -52,6 +53,7 @@ def kbit_config(quantization: str, dtype: torch.dtype):
             f"model.quantization={quantization!r} needs a CUDA GPU for bitsandbytes k-bit weights, and none is "
             f"available on this machine; set model.quantization=none to load full-precision weights"
         )
+    # transformers loads with a model, not when `vlsurv predict --help` imports this module
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
@@ -114,15 +116,16 @@ def _peft_scope(kbit: bool) -> Iterator[None]:
                 peft_imports.is_bnb_4bit_available.cache_clear()
 
 
-def load_language_model(config, tokenizer, adapter_dir: Path | None = None):
-    """Base causal LM from ``config.decoder_path`` wrapped with LoRA (fresh, or from ``adapter_dir``); imports
+def load_language_model(config, tokenizer):
+    """Base causal LM from ``config.decoder_path`` wrapped with a fresh LoRA of ``config.lora``; imports
     bitsandbytes only for k-bit weights (``_peft_scope``)."""
     with _peft_scope(kbit=config.quantization != "none"):
-        return _load_language_model(config, tokenizer, adapter_dir)
+        return _load_language_model(config, tokenizer)
 
 
-def _load_language_model(config, tokenizer, adapter_dir: Path | None):
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+def _load_language_model(config, tokenizer):
+    # imported here, inside _peft_scope, so that bitsandbytes stays hidden unless k-bit weights are asked for
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     path = require_dir(Path(config.decoder_path), "model.decoder_path")
@@ -151,9 +154,6 @@ def _load_language_model(config, tokenizer, adapter_dir: Path | None):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     if config.gradient_checkpointing:
         base.config.use_cache = False
-    if adapter_dir is not None:
-        require_dir(adapter_dir, "LoRA adapter")
-        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
     lora = LoraConfig(
         r=config.lora.r,
         lora_alpha=config.lora.alpha,
@@ -162,6 +162,22 @@ def _load_language_model(config, tokenizer, adapter_dir: Path | None):
         task_type="CAUSAL_LM",
     )
     return get_peft_model(base, lora)
+
+
+def load_adapter(language_model, adapter_dir: Path, kbit: bool) -> None:
+    """Load the weights of a saved LoRA adapter folder into ``language_model``'s (a peft model's) own LoRA, kept
+    trainable; ModelLoadError naming the folder when they do not fit it."""
+    require_dir(adapter_dir, "LoRA adapter")
+    try:
+        with _peft_scope(kbit):
+            result = language_model.load_adapter(adapter_dir, adapter_name="default", is_trainable=True)
+    except (RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA: {err}") from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelLoadError(
+            f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA (missing "
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); expected the same model.lora"
+        )
 
 
 def save_module(module: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -202,7 +218,7 @@ def save_model(model, directory: str | Path, merge_decoder: bool = False, state_
     if state_dict is not None and merge_decoder:
         raise ModelLoadError("save_pretrained: merge_decoder=True takes the module's own weights; give no state_dict")
     directory.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
+    config = model.config
     if merge_decoder:
         if config.quantization != "none":
             raise ModelLoadError(
@@ -211,7 +227,7 @@ def save_model(model, directory: str | Path, merge_decoder: bool = False, state_
             )
         merged = copy.deepcopy(model.language_model).merge_and_unload()
         merged.save_pretrained(directory / MERGED_DECODER_DIR)
-        config.decoder_path = MERGED_DECODER_DIR
+        config = dataclasses.replace(config, decoder_path=MERGED_DECODER_DIR)
     else:
         # Resized embedding rows are rebuilt deterministically on load, so the adapter never stores embeddings.
         gathered = {} if state_dict is None else {"state_dict": part_of(state_dict, "language_model.")}
@@ -236,5 +252,5 @@ def read_config(config_cls, directory: Path):
     config = from_dict(config_cls, json.loads(path.read_text()), source=str(path))
     decoder = Path(config.decoder_path)
     if not decoder.is_absolute() and (directory / decoder).is_dir():
-        config.decoder_path = str(directory / decoder)
+        return dataclasses.replace(config, decoder_path=str(directory / decoder))
     return config

@@ -1,8 +1,8 @@
 """``TrainConfig``: the typed config tree of both training stages, loaded from YAML plus ``key=value`` overrides.
 
-Paper defaults (DESIGN.md): AdamW (0.9, 0.999), cosine schedule with 500 warmup steps, lr 1e-6 for every part
-of a model with a decoder, local batch 12, gradient accumulation 8, bf16 where the device has it; loss weights
-alpha = 0.5, lambda_d = lambda_a = 1.
+Paper defaults (docs/DESIGN.md, "Training"): AdamW (0.9, 0.999), cosine schedule with 500 warmup steps,
+lr 1e-6 for every part of a model with a decoder, local batch 12, gradient accumulation 8, bf16 where the device
+has it; loss weights alpha = 0.5, lambda_d = lambda_a = 1.
 
 Sampling (``sampling``): ``"patient_balanced"`` is the default. Stage-2 samples are (scan, question) pairs and
 every patient has about six of them; plain shuffling ("pairs") puts several copies of one patient into a batch,
@@ -16,34 +16,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
-from vlsurv.config import ConfigError, load_config
+from vlsurv.config import ConfigError, bounded, check_fields, load_config
+from vlsurv.losses import Ties
 from vlsurv.model.vlm import ModelConfig
 
-SAMPLINGS = ("patient_balanced", "pairs")
-SCHEDULERS = ("cosine", "constant")
-MIXED_PRECISIONS = ("no", "bf16", "fp16")
-TRACKERS = ("tensorboard", "none")
-TIES = ("breslow", "efron")
-RISK_SETS = ("micro_batch", "window", "memory")
+Sampling = Literal["patient_balanced", "pairs"]
+Scheduler = Literal["cosine", "constant"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+Tracker = Literal["tensorboard", "none"]
+RiskSet = Literal["micro_batch", "window", "memory"]
+SAMPLINGS: tuple[str, ...] = get_args(Sampling)
 
 
 @dataclass
 class DataConfig:
-    """Inputs: the cohort manifest, the VQA JSONL, the feature cache and (stage 2) the stage-1 model directory.
-
-    ``clinical_missing_warn``: warn (once per run) when more than this fraction of the run's scans lack a
-    field of ``model.clinical_template`` (vlsurv.data.clinical.warn_missing_fields).
-    """
+    """Inputs: cohort manifest, VQA JSONL, feature cache and (stage 2) the stage-1 model directory."""
 
     manifest: str = ""
+    """Cohort manifest (CSV or JSONL): scan_id, image, split, time, event and the clinical columns."""
     vqa: str = ""
+    """VQA JSONL: one (scan_id, question_id, question, answer) per line."""
     cache: str = ""
+    """Feature cache folder written by `vlsurv encode`."""
     stage1_dir: str = ""
+    """Stage 2: the `final` folder of a stage-1 run (holding projector.safetensors)."""
     questions: str = "lung"
+    """Question set name or YAML path."""
     train_split: str = "train"
+    """Manifest split trained on."""
     val_split: str = "val"
-    clinical_missing_warn: float = 0.2
+    """Manifest split validated on."""
+    clinical_missing_warn: float = bounded(0.2, ge=0.0, le=1.0, what="a fraction")
+    """Warn (once per run) when more than this fraction of scans lack a field of model.clinical_template."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data")
 
 
 @dataclass
@@ -57,28 +66,48 @@ class OptimConfig:
     steps stops the run (vlsurv.training.setup.warmup_steps), as the learning rate would never leave warmup.
     """
 
-    lr_projector: float = 1e-6
-    lr_lora: float = 1e-6
-    lr_survival: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr_projector: float = bounded(1e-6, ge=0.0, what="a learning rate")
+    """Learning rate of the multi-modal projector."""
+    lr_lora: float = bounded(1e-6, ge=0.0, what="a learning rate")
+    """Learning rate of the LoRA weights."""
+    lr_survival: float = bounded(1e-6, ge=0.0, what="a learning rate")
+    """Learning rate of the survival branch (adapter and head)."""
+    weight_decay: float = bounded(0.0, ge=0.0)
+    """AdamW weight decay."""
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0.0, lt=1.0, what="two values")
+    """AdamW (beta1, beta2)."""
     eps: float = 1e-8
-    scheduler: str = "cosine"
-    warmup_steps: int | None = 500
-    warmup_ratio: float | None = None
-    batch_size: int = 12
-    grad_accum: int = 8
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int = 0
+    """AdamW epsilon."""
+    scheduler: Scheduler = "cosine"
+    """Learning-rate schedule after warmup."""
+    warmup_steps: int | None = bounded(500, ge=0)
+    """Warmup length in optimizer steps (null when warmup_ratio is set)."""
+    warmup_ratio: float | None = bounded(None, ge=0.0, lt=1.0, what="a fraction")
+    """Warmup length as a fraction of the planned optimizer steps (null when warmup_steps is set)."""
+    batch_size: int = bounded(12, ge=1)
+    """Samples per micro-batch, per process."""
+    grad_accum: int = bounded(8, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    max_grad_norm: float = bounded(1.0, ge=0.0)
+    """Gradient clipping norm."""
+    epochs: int = bounded(1, ge=1)
+    """Passes over the training data (when max_steps is 0)."""
+    max_steps: int = bounded(0, ge=0)
+    """Optimizer steps that end the run; 0 = run the epochs."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "optim")
+        if (self.warmup_steps is None) == (self.warmup_ratio is None):
+            raise ConfigError(
+                f"optim.warmup_steps = {self.warmup_steps}, optim.warmup_ratio = {self.warmup_ratio}: "
+                "expected exactly one of them set and the other null "
+                "(e.g. optim.warmup_steps=null optim.warmup_ratio=0.1)"
+            )
 
 
 @dataclass
 class LossConfig:
     """Stage-2 objective: L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (see vlsurv.losses).
-
-    ``dispersion_sigma`` None = the std of the global batch's event times; ``deephit_ranking_weight`` adds
-    DeepHit's ranking loss to L_surv with that weight.
 
     ``risk_set`` (stage 2) sets the rows that the coupled terms (Cox risk set, DeepHit ranking pairs, dispersion
     pairs) span: "micro_batch" = one micro-batch across processes (``batch_size x processes``); "window" = the
@@ -87,26 +116,46 @@ class LossConfig:
     micro-batches before it, as constants (vlsurv.training.risk_sets).
     """
 
-    alpha: float = 0.5
-    lambda_d: float = 1.0
-    lambda_a: float = 1.0
-    ties: str = "breslow"
-    dispersion_sigma: float | None = None
-    dispersion_tau: float = 0.5
-    deephit_ranking_weight: float = 0.0
+    alpha: float = bounded(0.5, ge=0.0)
+    """Weight of the survival loss L_surv."""
+    lambda_d: float = bounded(1.0, ge=0.0)
+    """Weight of the dispersion loss L_disp."""
+    lambda_a: float = bounded(1.0, ge=0.0)
+    """Weight of the alignment loss L_align."""
+    ties: Ties = "breslow"
+    """Tie handling of the Cox partial likelihood."""
+    dispersion_sigma: float | None = bounded(None, gt=0.0)
+    """Time scale of the dispersion loss; null = the std of the global batch's event times."""
+    dispersion_tau: float = bounded(0.5, gt=0.0)
+    """Temperature of the dispersion loss."""
+    deephit_ranking_weight: float = bounded(0.0, ge=0.0)
+    """Weight of DeepHit's ranking loss added to L_surv (0 = none)."""
     deephit_ranking_sigma: float = 0.1
-    risk_set: str = "micro_batch"
-    memory_batches: int = 7
+    """Scale of DeepHit's ranking loss."""
+    risk_set: RiskSet = "micro_batch"
+    """Rows the coupled terms span: one micro-batch, the accumulation window, or a memory of past rows."""
+    memory_batches: int = bounded(7, ge=1)
+    """Earlier micro-batches kept (detached) when risk_set is "memory"."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "loss")
 
 
 @dataclass
 class EvalConfig:
     """Validation every ``every_n_steps`` optimizer steps (0: only at the end of each epoch)."""
 
-    every_n_steps: int = 0
-    batch_size: int = 12
-    sample_answers: int = 2
+    every_n_steps: int = bounded(0, ge=0)
+    """Optimizer steps between validations; 0 = at the end of each epoch."""
+    batch_size: int = bounded(12, ge=1)
+    """Scans per validation batch."""
+    sample_answers: int = bounded(2, ge=0)
+    """Generated answers logged per validation."""
     max_new_tokens: int = 32
+    """Answer length cap of validation's generation."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "eval")
 
 
 @dataclass
@@ -117,65 +166,52 @@ class CheckpointConfig:
     survival head is untrained, so its C-index says nothing).
     """
 
-    every_n_steps: int = 500
-    keep_last: int = 2
+    every_n_steps: int = bounded(500, ge=0)
+    """Optimizer steps between checkpoints; 0 = never."""
+    keep_last: int = bounded(2, ge=1)
+    """Checkpoints kept, newest first."""
     keep_best: bool = True
+    """Also keep the best checkpoint."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, "checkpoint")
 
 
 @dataclass
 class TrainConfig:
     """Everything one training run needs; ``stage`` 1 (VQA) or 2 (joint survival)."""
 
-    stage: int = 1
+    stage: Literal[1, 2] = 1
+    """1: VQA (projector + LoRA); 2: joint survival (LoRA + survival branch)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Inputs."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to build (vlsurv.model.vlm.ModelConfig)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer, schedule and batch sizes."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """Stage-2 loss weights and settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sampling: str = "patient_balanced"
+    """Checkpointing."""
+    sampling: Sampling = "patient_balanced"
+    """Batches of distinct patients with one question each ("patient_balanced") or of VQA pairs ("pairs")."""
     deephit_cuts: list[float] | None = None
-    mixed_precision: str = "no"
+    """DeepHit cut times (model.survival.num_bins of them); null = quantiles of the training event times."""
+    mixed_precision: MixedPrecision = "no"
+    """accelerate's mixed precision."""
     seed: int = 0
+    """Seed of the model initialisation, sampling and generation."""
     output_dir: str = "runs/train"
-    tracker: str = "tensorboard"
-    progress: bool = True  # the tqdm bar (main process only)
+    """Run folder: config, checkpoints, logs and final/."""
+    tracker: Tracker = "tensorboard"
+    """Metrics logger."""
+    progress: bool = True
+    """Show the tqdm bar (main process only)."""
 
     def __post_init__(self) -> None:
-        check_choice("stage", self.stage, (1, 2))
-        check_choice("sampling", self.sampling, SAMPLINGS)
-        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
-        check_choice("tracker", self.tracker, TRACKERS)
-        check_choice("optim.scheduler", self.optim.scheduler, SCHEDULERS)
-        check_choice("loss.ties", self.loss.ties, TIES)
-        if not 0.0 <= self.data.clinical_missing_warn <= 1.0:
-            raise ConfigError(f"data.clinical_missing_warn: expected a fraction between 0 and 1, got "
-                              f"{self.data.clinical_missing_warn}")
-        check_choice("loss.risk_set", self.loss.risk_set, RISK_SETS)
-        check_at_least("loss.memory_batches", self.loss.memory_batches, 1)
-        for name in ("lr_projector", "lr_lora", "lr_survival"):
-            value = getattr(self.optim, name)
-            if not value >= 0.0:
-                raise ConfigError(f"optim.{name}: expected a learning rate >= 0, got {value}")
-        for name in ("batch_size", "grad_accum", "epochs"):
-            check_at_least(f"optim.{name}", getattr(self.optim, name), 1)
-        check_at_least("optim.max_steps", self.optim.max_steps, 0)
-        self.check_warmup()
-        for name in ("weight_decay", "max_grad_norm"):
-            check_at_least(f"optim.{name}", getattr(self.optim, name), 0.0)
-        if not all(0.0 <= b < 1.0 for b in self.optim.betas):
-            raise ConfigError(f"optim.betas: expected two values in [0, 1), got {list(self.optim.betas)}")
-        for name in ("alpha", "lambda_d", "lambda_a", "deephit_ranking_weight"):
-            check_at_least(f"loss.{name}", getattr(self.loss, name), 0.0)
-        if self.loss.dispersion_sigma is not None and self.loss.dispersion_sigma <= 0:
-            raise ConfigError(f"loss.dispersion_sigma: expected > 0 or null, got {self.loss.dispersion_sigma}")
-        if self.loss.dispersion_tau <= 0:
-            raise ConfigError(f"loss.dispersion_tau: expected > 0, got {self.loss.dispersion_tau}")
-        check_at_least("eval.every_n_steps", self.eval.every_n_steps, 0)
-        check_at_least("eval.batch_size", self.eval.batch_size, 1)
-        check_at_least("eval.sample_answers", self.eval.sample_answers, 0)
-        check_at_least("checkpoint.every_n_steps", self.checkpoint.every_n_steps, 0)
-        check_at_least("checkpoint.keep_last", self.checkpoint.keep_last, 1)
+        check_fields(self)
         if self.stage == 2 and not self.data.stage1_dir:
             raise ConfigError(
                 "data.stage1_dir: stage 2 needs the stage-1 model directory (the `final` folder of a stage-1 run, "
@@ -183,18 +219,6 @@ class TrainConfig:
             )
         if self.deephit_cuts is not None:
             self.check_given_cuts()
-
-    def check_warmup(self) -> None:
-        steps, ratio = self.optim.warmup_steps, self.optim.warmup_ratio
-        if (steps is None) == (ratio is None):
-            raise ConfigError(
-                f"optim.warmup_steps = {steps}, optim.warmup_ratio = {ratio}: expected exactly one of them set and "
-                "the other null (e.g. optim.warmup_steps=null optim.warmup_ratio=0.1)"
-            )
-        if steps is not None:
-            check_at_least("optim.warmup_steps", steps, 0)
-        elif not 0.0 <= ratio < 1.0:
-            raise ConfigError(f"optim.warmup_ratio: expected a fraction in [0, 1), got {ratio}")
 
     def check_given_cuts(self) -> None:
         cuts = list(self.deephit_cuts or [])
@@ -211,16 +235,6 @@ class TrainConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
-
-
-def check_choice(key: str, value, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
-
-
-def check_at_least(key: str, value, minimum) -> None:
-    if not value >= minimum:
-        raise ConfigError(f"{key}: expected a value >= {minimum}, got {value}")
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -35,7 +35,6 @@ from vlsurv.training.checkpoints import (
     write_selection,
 )
 from vlsurv.training.config import TrainConfig
-from vlsurv.training.evaluation import ValidationResult, scoring_options, validate
 from vlsurv.training.objective import step_loss
 from vlsurv.training.risk_sets import RiskMemory, WindowCache, cache_window, set_rng_state, window_step_loss
 from vlsurv.training.sampling import BatchPlan
@@ -50,6 +49,7 @@ from vlsurv.training.setup import (
     total_steps,
     warmup_steps,
 )
+from vlsurv.training.validation import ValidationResult, scoring_options, validate
 
 FINAL_DIR = "final"
 TRACKER_PROJECT = "tensorboard"
@@ -86,10 +86,10 @@ class Trainer:
         self.data = load_data(config, model.processor)
         if config.stage == 1:
             fit_input_standardizer(model, self.data)
-        self.cuts = None
         if config.stage == 2 and config.model.survival.head == "deephit":
-            self.cuts = deephit_cuts(config, self.data)
-            model.set_deephit_cuts(self.cuts)
+            cuts = deephit_cuts(config, self.data)
+            model.set_deephit_cuts(cuts)
+            self.data.train.set_deephit_cuts(cuts)
         world = self.accelerator.num_processes
         self.plan = BatchPlan(
             self.data.train.patients(), config.optim.batch_size * world, config.sampling, config.seed, world
@@ -219,7 +219,7 @@ class Trainer:
         if self.window is None or self.window_index == len(self.window.batches):
             following = self.following_batches(self.config.optim.grad_accum - 1)
             batches = [self.collate(i) for i in [indices, *following]]
-            self.window = cache_window(self.forward, batches, self.config.loss, self.cuts)
+            self.window = cache_window(self.forward, batches, self.config.loss)
             self.window_index = 0
         index = self.window_index
         self.window_index += 1
@@ -234,14 +234,14 @@ class Trainer:
             if self.window_risk_set:
                 loss = self.window_loss(indices)
                 # accelerate divides by grad_accum; the window's loss is the sum of its micro-batches' shares
-                acc.backward(loss.backward * self.config.optim.grad_accum)
+                acc.backward(loss.to_backpropagate * self.config.optim.grad_accum)
             else:
                 batch = self.collate(indices)
                 memory = self.memory.rows() if self.memory is not None else None
-                loss = step_loss(self.forward(batch), batch, self.config.stage, self.config.loss, self.cuts, memory)
+                loss = step_loss(self.forward(batch), batch, self.config.stage, self.config.loss, memory)
                 if self.memory is not None:
                     self.memory.push(loss.rows)
-                acc.backward(loss.backward)
+                acc.backward(loss.to_backpropagate)
             if acc.sync_gradients and self.config.optim.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
             self.optimizer.step()

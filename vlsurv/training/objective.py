@@ -4,32 +4,36 @@ Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch.
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
 - DeepSurv: L_surv = Cox partial likelihood (``loss.ties``), L_disp = continuous dispersion on time;
 - DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'
-  censoring scheme (``DeepHitCuts.labels``), L_disp = discrete dispersion over the bins;
+  censoring scheme (``DeepHitCuts.labels``, computed once per sample by ``SampleDataset.set_deephit_cuts`` and
+  carried by the batch), L_disp = discrete dispersion over the bins;
 and L_align between z_surv and z_pooled. Time, event, the head's output, z_surv and z_pooled are gathered from all
 processes, so the risk set and the dispersion pairs span the global batch of one micro-batch (``loss.risk_set``
 "micro_batch"); vlsurv.training.risk_sets widens them to the accumulation window or joins a memory of earlier rows.
 
-``StepLoss.backward`` is what the process backpropagates (world size x its share of L); ``StepLoss.parts`` holds
-the global values of L and its components (floats, equal on every process) for logging.
+``StepLoss.to_backpropagate`` is what the process backpropagates (world size x its share of L);
+``StepLoss.parts`` holds the global values of L and its components (floats, equal on every process) for logging.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from vlsurv import losses
 from vlsurv.model.processor import IGNORE_INDEX
-from vlsurv.model.survival import DeepHitCuts
+from vlsurv.model.survival import SurvivalConfigError
 from vlsurv.training.config import LossConfig
 from vlsurv.training.distributed import all_sizes, gather_with_grad, global_sum, world
 
 
 @dataclass
 class StepLoss:
-    backward: torch.Tensor
+    """``to_backpropagate`` (0-d, with grad), ``parts`` (logged floats), ``rows`` (stage 2: the gathered rows,
+    detached, for a risk-set memory)."""
+
+    to_backpropagate: torch.Tensor
     parts: dict[str, float]
     rows: SurvivalRows | None = None
 
@@ -47,54 +51,78 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return total, (shifted_labels != IGNORE_INDEX).sum()
 
 
-def lm_share(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(this process's share of the global token-mean L_LM with grad, the global L_LM value)."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-d global token-mean L_LM whose gradient is this process's share (local NLL sum / global token count):
+    the value is the global one, the rest of the global sum is added as a constant."""
     nll_sum, count = token_nll(logits, labels)
     global_count = global_sum(count.to(torch.float32)).clamp(min=1.0)
-    return nll_sum / global_count, global_sum(nll_sum) / global_count
+    share = nll_sum / global_count
+    return share + (global_sum(nll_sum) / global_count - share.detach())
 
 
 @dataclass
 class SurvivalRows:
     """The survival tensors of N rows: ``time`` (N,) float32, ``event`` (N,), ``head`` (N,) DeepSurv log-risk or
-    (N, K+1) DeepHit logits, ``z_surv`` and ``z_pooled`` (N, d) float32."""
+    (N, K+1) DeepHit logits, ``z_surv`` and ``z_pooled`` (N, d) float32; for a DeepHit head also the labels of the
+    batch (``DeepHitCuts.labels``): ``bin_index`` (N,) long, ``binned_event`` (N,) bool, ``censored_credit`` (N,)."""
 
     time: torch.Tensor
     event: torch.Tensor
     head: torch.Tensor
     z_surv: torch.Tensor
     z_pooled: torch.Tensor
+    bin_index: torch.Tensor | None = None
+    binned_event: torch.Tensor | None = None
+    censored_credit: torch.Tensor | None = None
 
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.time, self.event, self.head, self.z_surv, self.z_pooled
+    def apply(self, function) -> SurvivalRows:
+        """``function`` on every tensor (the DeepHit labels left None when absent)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return SurvivalRows(**{name: None if t is None else function(t) for name, t in values.items()})
 
     def detached(self) -> SurvivalRows:
-        return SurvivalRows(*(t.detach() for t in self.tensors()))
+        return self.apply(torch.Tensor.detach)
 
     @staticmethod
     def cat(parts: list[SurvivalRows]) -> SurvivalRows:
-        return SurvivalRows(*(torch.cat(column, dim=0) for column in zip(*(p.tensors() for p in parts))))
+        columns = {f.name: [getattr(p, f.name) for p in parts] for f in fields(SurvivalRows)}
+        return SurvivalRows(**{
+            name: None if column[0] is None else torch.cat(column, dim=0) for name, column in columns.items()
+        })
+
+
+DEEPHIT_LABELS = ("bin_index", "binned_event", "censored_credit")
 
 
 def local_rows(output, batch: dict) -> SurvivalRows:
-    """This process's rows of a ``VLMOutput`` and its batch (gradient kept)."""
+    """This process's rows of a ``VLMOutput`` and its batch (gradient kept); a DeepHit head needs the batch's
+    labels (``SampleDataset.set_deephit_cuts``)."""
     survival = output.survival
     device = survival.z_surv.device
     head = survival.log_risk if survival.log_risk is not None else survival.logits
+    labels = {}
+    if survival.log_risk is None:
+        missing = [key for key in DEEPHIT_LABELS if key not in batch]
+        if missing:
+            raise SurvivalConfigError(
+                f"DeepHit step: the batch has no {missing}; expected the labels of the cuts, given by a dataset "
+                "labelled with SampleDataset.set_deephit_cuts(cuts)"
+            )
+        labels = {key: batch[key].to(device) for key in DEEPHIT_LABELS}
     return SurvivalRows(
         time=batch["time"].to(device=device, dtype=torch.float32), event=batch["event"].to(device),
-        head=head.float(), z_surv=survival.z_surv.float(), z_pooled=output.z_pooled.float(),
+        head=head.float(), z_surv=survival.z_surv.float(), z_pooled=output.z_pooled.float(), **labels,
     )
 
 
 def gathered_rows(rows: SurvivalRows) -> SurvivalRows:
     """The rows of every process in rank order (gradient through this process's rows only)."""
     sizes = all_sizes(rows.time.shape[0], rows.time.device)
-    return SurvivalRows(*(gather_with_grad(t, sizes) for t in rows.tensors()))
+    return rows.apply(lambda t: gather_with_grad(t, sizes))
 
 
 def survival_terms(
-    rows: SurvivalRows, config: LossConfig, cuts: DeepHitCuts | None, memory: SurvivalRows | None = None
+    rows: SurvivalRows, config: LossConfig, memory: SurvivalRows | None = None
 ) -> dict[str, torch.Tensor]:
     """L_surv, L_disp, L_align over ``rows`` (N rows, usually the gathered global batch).
 
@@ -104,16 +132,13 @@ def survival_terms(
     """
     n = rows.time.shape[0]
     joined = rows if memory is None else SurvivalRows.cat([rows, memory])
-    device = rows.z_surv.device
     time, event, z_surv = joined.time, joined.event, joined.z_surv
     if rows.head.dim() == 1:
         surv = losses.cox_loss(joined.head, time, event, ties=config.ties)
         disp = losses.dispersion_loss_continuous(z_surv, time, event, sigma=config.dispersion_sigma)
     else:
-        logits = joined.head
-        labels = cuts.labels(time.detach().cpu(), event.detach().cpu())  # the scheme saved with the cuts
-        bins, binned_event = labels.bin_index.to(device), labels.event.to(device)
-        credit = labels.censored_credit[:n].to(device=device, dtype=logits.dtype)
+        logits, bins, binned_event = joined.head, joined.bin_index, joined.binned_event
+        credit = joined.censored_credit[:n].to(dtype=logits.dtype)
         surv = losses.deephit_nll(logits[:n], bins[:n], binned_event[:n], credit)
         if config.deephit_ranking_weight > 0:
             ranking = losses.deephit_ranking_loss(logits, bins, binned_event, sigma=config.deephit_ranking_sigma)
@@ -128,12 +153,7 @@ def survival_part(terms: dict[str, torch.Tensor], config: LossConfig) -> torch.T
 
 
 def step_loss(
-    output,
-    batch: dict,
-    stage: int,
-    config: LossConfig,
-    cuts: DeepHitCuts | None = None,
-    memory: SurvivalRows | None = None,
+    output, batch: dict, stage: int, config: LossConfig, memory: SurvivalRows | None = None
 ) -> StepLoss:
     """The stage's loss for one micro-batch; ``output`` is a ``VLMOutput`` of this process's samples.
 
@@ -141,16 +161,15 @@ def step_loss(
     ``StepLoss.rows`` holds this micro-batch's gathered rows, detached (stage 2), for the memory.
     """
     _, size = world()
-    lm_local, lm_value = lm_share(output.logits, batch["labels"])
+    lm = lm_loss(output.logits, batch["labels"])
     if stage == 1:
-        return StepLoss(backward=size * lm_local, parts={"loss": float(lm_value), "lm": float(lm_value)})
+        value = float(lm.detach())
+        return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})
     rows = gathered_rows(local_rows(output, batch))
-    terms = survival_terms(rows, config, cuts, memory)
-    weights = {"alpha": config.alpha, "lambda_d": config.lambda_d, "lambda_a": config.lambda_a}
-    total_local, _ = losses.objective(lm_local, terms["surv"], terms["disp"], terms["align"], **weights)
-    total_value, _ = losses.objective(
-        lm_value, terms["surv"].detach(), terms["disp"].detach(), terms["align"].detach(), **weights
+    terms = survival_terms(rows, config, memory)
+    total, parts = losses.objective(
+        lm, terms["surv"], terms["disp"], terms["align"],
+        alpha=config.alpha, lambda_d=config.lambda_d, lambda_a=config.lambda_a,
     )
-    parts = {"loss": float(total_value), "lm": float(lm_value)}
-    parts.update({name: float(value.detach()) for name, value in terms.items()})
-    return StepLoss(backward=size * total_local, parts=parts, rows=rows.detached())
+    parts = {"loss": parts.pop("total"), **parts}
+    return StepLoss(to_backpropagate=size * total, parts=parts, rows=rows.detached())

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vlsurv.model.survival import DeepHitCuts
 from vlsurv.training.config import LossConfig
 from vlsurv.training.distributed import global_sum, world
 from vlsurv.training.objective import (
@@ -82,9 +81,7 @@ class WindowCache:
     parts: dict[str, float]
 
 
-def cache_window(
-    forward: Callable[[dict], object], batches: list[dict], config: LossConfig, cuts: DeepHitCuts | None
-) -> WindowCache:
+def cache_window(forward: Callable[[dict], object], batches: list[dict], config: LossConfig) -> WindowCache:
     """Forward the window's micro-batches without grad; the window's loss values and dS/d(outputs)."""
     states, leaves, nll_total, token_count = [], [], torch.zeros(()), torch.zeros(())
     with torch.no_grad():
@@ -101,7 +98,7 @@ def cache_window(
     token_count = token_count.clamp(min=1.0)
     with torch.enable_grad():
         window = SurvivalRows.cat([gathered_rows(rows) for rows in leaves])
-        terms = survival_terms(window, config, cuts)
+        terms = survival_terms(window, config)
         part = survival_part(terms, config)
         part.backward()
     gradients = [
@@ -126,4 +123,4 @@ def window_step_loss(output, batch: dict, cache: WindowCache, index: int) -> Ste
     head, z_surv, z_pooled = cache.gradients[index]
     surrogate = (head * rows.head).sum() + (z_surv * rows.z_surv).sum() + (z_pooled * rows.z_pooled).sum()
     lm = nll / cache.token_count.to(nll.device)
-    return StepLoss(backward=size * (lm + surrogate), parts=dict(cache.parts))
+    return StepLoss(to_backpropagate=size * (lm + surrogate), parts=dict(cache.parts))

@@ -4,7 +4,8 @@ Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``); a ``standa
 fitted on the training scans' tokens first.
 Stage 2: the projector from ``data.stage1_dir`` (frozen) and its LoRA adapter when the folder has one (else a fresh
 LoRA); trained: LoRA + residual adapter + head (``set_stage(2)``). A DeepHit head gets its cuts from
-``deephit_cuts`` when given, else from the event times of the training split's scans.
+``deephit_cuts`` when given, else from the event times of the training split's scans; the trainer gives them to
+the model (saved with it) and to the training dataset, which labels each sample once (``set_deephit_cuts``).
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
         model = VisionLanguageSurvivalModel(config.model)
     else:
         projector, adapter = stage1_paths(config)
-        model = VisionLanguageSurvivalModel(config.model, adapter_dir=adapter)
+        model = VisionLanguageSurvivalModel(config.model)
+        if adapter is not None:
+            model.load_adapter(adapter)
         model.load_projector(projector)
     model.set_stage(config.stage)
     return model
@@ -117,7 +120,7 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
     if standardizer is None:
         return
     scan_ids = sorted({sample.scan_id for sample in data.train.samples})
-    standardizer.fit(torch.stack([data.train.tokens.get(scan_id) for scan_id in scan_ids]))
+    standardizer.fit(torch.stack([data.train.feature_cache.get(scan_id) for scan_id in scan_ids]))
 
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
@@ -178,6 +181,9 @@ def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int
 def build_scheduler(optimizer, config: TrainConfig, steps: int, warmup: int):
     """transformers' cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer step;
     the cosine reaches 0 after ``steps`` steps."""
+    # transformers.optimization imports peft, and peft imports bitsandbytes. Imported here, after the model is
+    # built, peft is already loaded (inside vlm_io's _peft_scope), so bitsandbytes stays unloaded unless k-bit
+    # weights are asked for.
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     if config.optim.scheduler == "cosine":

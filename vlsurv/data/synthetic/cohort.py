@@ -1,48 +1,30 @@
-"""The embedded synthetic CT cohort: ``vlsurv synth`` and ``make_cohort``.
+"""The synthetic patients as a table: findings, clinical fields, report, survival time and split.
 
-Per patient: a chest CT in HU (NIfTI, int16, RAS affine) drawn by ``synthetic_anatomy``, a report
-stating exactly its findings (``synthetic_reports``), clinical fields partly tied to the findings
-(TNM read from them with misclassification), and a survival time in days from a Weibull
-proportional-hazards model whose linear predictor mixes clinical terms with image terms that the
-clinical table does not carry (tumor size beyond T, vessel invasion, effusion depth, bone lesion).
+Per patient: findings drawn by ``sample_findings`` (rendered to a CT by ``anatomy``), a report stating
+exactly them (``reports``), clinical fields partly tied to the findings (TNM read from them with
+misclassification), and a survival time in days from a Weibull proportional-hazards model whose linear
+predictor mixes clinical terms with image terms that the clinical table does not carry (tumor size beyond T,
+vessel invasion, effusion depth, bone lesion).
 
-Everything is drawn from ``numpy.random.SeedSequence(seed, spawn_key=(1, i, k))`` per patient i, so a
-cohort is deterministic per seed and patient i is the same in a cohort of any size.
+Everything is drawn from ``numpy.random.SeedSequence(seed, spawn_key=(1, i, k))`` per patient i
+(``patient_rng``), so a cohort is deterministic per seed and patient i is the same in a cohort of any size.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import time as timer
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from vlsurv.data.synthetic_anatomy import (
-    LOBES,
-    MIN_FOV_MM,
-    NODE_STATIONS,
-    STANDARD_FOV_MM,
-    VERTEBRAE,
-    Findings,
-    Grid,
-    base_labels,
-    render_scan,
-)
-from vlsurv.data.synthetic_reports import write_report
+from vlsurv.data.synthetic.anatomy import LOBES, NODE_STATIONS, VERTEBRAE, Findings
+from vlsurv.data.synthetic.reports import write_report
 from vlsurv.errors import InputError
 from vlsurv.metrics import MetricError, concordance_index
 
 QUESTION_IDS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "stage", "t_stage", "n_stage", "m_stage")
-DEFAULT_SHAPE = (128, 128, 64)
 #: Log-hazard coefficients of the survival model; features are defined in ``risk_features``. Most image risk
 #: sits on findings large enough to see on the demo's 3 x 3 x 6 mm grid (effusion depth, vessel invasion, tumor
 #: size); a 1 cm bone lesion is a few voxels there, so it carries less.
@@ -68,7 +50,9 @@ class SyntheticCohortError(InputError):
     """A synthetic-cohort argument that cannot produce a valid cohort."""
 
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
+def patient_rng(seed: int, *key: int) -> np.random.Generator:
+    """The generator of stream ``key`` of a cohort; patient i draws from ``(1, i, k)`` with k = 0 findings,
+    1 scan noise, 2 report, 3 survival, 4 clinical fields, and the splits from ``(2,)``."""
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
 
 
@@ -90,7 +74,7 @@ def _sample_nodes(rng, tumor_side: str, tumor_size_mm: int, vessel: str) -> tupl
 
 
 def sample_findings(rng: np.random.Generator) -> Findings:
-    """Draw one patient's findings (see DESIGN.md, "The embedded synthetic cohort")."""
+    """Draw one patient's findings (see docs/DESIGN.md, "The embedded synthetic cohort")."""
     has_tumor = rng.random() < 0.9
     lobe = str(rng.choice(LOBES, p=[0.3, 0.08, 0.22, 0.25, 0.15])) if has_tumor else ""
     size = int(np.clip(round(rng.lognormal(np.log(28.0), 0.45)), 8, 70)) if has_tumor else 0
@@ -199,7 +183,7 @@ def _findings_row(f: Findings) -> dict:
 
 
 def _assign_splits(n: int, seed: int) -> list[str]:
-    order = _rng(seed, 2).permutation(n)
+    order = patient_rng(seed, 2).permutation(n)
     n_test = n_val = int(round(0.2 * n))
     splits = np.full(n, "train", dtype=object)
     splits[order[:n_test]] = "test"
@@ -213,18 +197,18 @@ def build_cohort_table(n: int, seed: int, model: SurvivalModel = SurvivalModel()
         raise SyntheticCohortError(f"synthetic cohort: n must be at least 1, got {n}")
     all_findings, rows = [], []
     for i in range(n):
-        f = sample_findings(_rng(seed, 1, i, 0))
-        clinical = sample_clinical(f, _rng(seed, 1, i, 4))
+        f = sample_findings(patient_rng(seed, 1, i, 0))
+        clinical = sample_clinical(f, patient_rng(seed, 1, i, 4))
         clinical_x, image_x = risk_features(f, clinical)
         clinical_lp = sum(CLINICAL_COEFFICIENTS[k] * v for k, v in clinical_x.items())
         lp = clinical_lp + sum(IMAGE_COEFFICIENTS[k] * v for k, v in image_x.items())
-        survival_rng = _rng(seed, 1, i, 3)
+        survival_rng = patient_rng(seed, 1, i, 3)
         event_time = model.scale_days * (survival_rng.exponential() / np.exp(lp - model.lp_reference)) ** (
             1.0 / model.shape)
         censor_time = min(survival_rng.exponential(model.censor_mean_days), model.followup_days)
         scan_id = f"syn{i:05d}_ct"
         rows.append({"patient_id": f"syn{i:05d}", "scan_id": scan_id, "image": f"images/{scan_id}.nii.gz",
-                     "report": write_report(f, _rng(seed, 1, i, 2)),
+                     "report": write_report(f, patient_rng(seed, 1, i, 2)),
                      "time": float(max(round(min(event_time, censor_time)), 1)),
                      "event": int(event_time <= censor_time), **clinical,
                      "linear_predictor": lp, "clinical_predictor": clinical_lp, **_findings_row(f)})
@@ -258,6 +242,7 @@ def _clinical_design(table: pd.DataFrame) -> pd.DataFrame:
 
 def clinical_cox_c_index(table: pd.DataFrame) -> float | None:
     """C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
+    # lifelines (~1.5 s) loads when the oracle is computed, not when the demo or a test imports the cohort
     from lifelines import CoxPHFitter
     from lifelines.exceptions import ConvergenceError
 
@@ -292,82 +277,3 @@ def oracle_summary(table: pd.DataFrame, seed: int, model: SurvivalModel) -> dict
         "clinical_coefficients": CLINICAL_COEFFICIENTS, "image_coefficients": IMAGE_COEFFICIENTS,
         "survival_model": asdict(model), "time_unit": "days",
     }
-
-
-def resolve_grid(shape=DEFAULT_SHAPE, spacing=None) -> Grid:
-    """The voxel grid; ``spacing=None`` spreads ``shape`` over a 384 mm cube. Raises when the field of
-    view is too small for the anatomy (MIN_FOV_MM)."""
-    shape = tuple(int(v) for v in shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise SyntheticCohortError(f"synthetic cohort: shape must be 3 positive integers, got {shape}")
-    spacing = tuple(float(fov / n) for fov, n in zip(STANDARD_FOV_MM, shape)) if spacing is None else tuple(
-        float(v) for v in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise SyntheticCohortError(f"synthetic cohort: spacing must be 3 positive numbers (mm), got {spacing}")
-    for axis, n, s, need in zip("xyz", shape, spacing, MIN_FOV_MM):
-        if n * s < need:
-            raise SyntheticCohortError(
-                f"synthetic cohort: field of view along {axis} is {n} x {s:g} mm = {n * s:g} mm, smaller than the "
-                f"{need:g} mm the anatomy needs; raise the shape or the spacing")
-    return Grid(shape=shape, spacing=spacing)  # type: ignore[arg-type]
-
-
-def _write_nifti(hu: np.ndarray, grid: Grid, path: Path) -> None:
-    image = nib.Nifti1Image(hu, grid.affine)
-    image.set_qform(grid.affine, code=1)
-    image.set_sform(grid.affine, code=1)
-    image.header.set_xyzt_units("mm")
-    image.to_filename(path)
-
-
-def make_cohort(n: int, seed: int, out_dir, *, shape=DEFAULT_SHAPE, spacing=None,
-                model: SurvivalModel = SurvivalModel()) -> Path:
-    """Write n synthetic patients to ``out_dir`` and return the path of ``manifest.csv``.
-
-    Writes ``images/<scan_id>.nii.gz`` (int16 HU, shape ``shape``, RAS affine), ``manifest.csv``
-    (manifest columns + age, sex, smoking, stage, t_stage, n_stage, m_stage), ``findings.csv``
-    (scan_id, the six question flags and detail columns) and ``oracle.json``.
-    """
-    grid = resolve_grid(shape, spacing)
-    all_findings, table = build_cohort_table(n, seed, model)
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    base_labels(grid)  # build the shared anatomy once, before the threads read it
-
-    def write_scan(i: int) -> None:
-        hu = render_scan(all_findings[i], grid, _rng(seed, 1, i, 1)).hu
-        _write_nifti(hu, grid, out_dir / table["image"].iloc[i])
-
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # zlib and numpy release the GIL
-        list(pool.map(write_scan, range(n)))
-    manifest_columns = ["patient_id", "scan_id", "image", "report", "time", "event", "split", *CLINICAL_COLUMNS]
-    manifest_path = out_dir / "manifest.csv"
-    table[manifest_columns].to_csv(manifest_path, index=False)
-    detail = [c for c in table.columns if c not in manifest_columns and c not in ("linear_predictor",
-                                                                                 "clinical_predictor")]
-    table[["scan_id", *detail]].to_csv(out_dir / "findings.csv", index=False)
-    summary = {**oracle_summary(table, seed, model), "shape": list(grid.shape), "spacing_mm": list(grid.spacing)}
-    (out_dir / "oracle.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return manifest_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlsurv synth", description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, required=True, help="number of patients (one scan each)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
-                        help="voxel size in mm (default: the shape spread over a 384 mm cube)")
-    args = parser.parse_args(argv)
-    start = timer.perf_counter()
-    try:
-        manifest = make_cohort(args.n, args.seed, args.out, shape=args.shape, spacing=args.spacing)
-    except SyntheticCohortError as err:
-        parser.error(str(err))
-    oracle = json.loads((args.out / "oracle.json").read_text())
-    print(f"wrote {args.n} patients to {manifest} in {timer.perf_counter() - start:.1f} s; "
-          f"event rate {oracle['event_rate']:.2f}, oracle C {oracle['oracle_c_index']}, "
-          f"oracle C (test) {oracle['oracle_c_index_test']}, clinical-only C (test) "
-          f"{oracle['clinical_only_oracle_c_index']}")
-    return 0

@@ -99,7 +99,7 @@ def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_p
     texts = [text for _, text in questions]
     records = []
     for start in range(0, len(mine), scans_per_batch):
-        batch = [ScanInput(sid, clinical, dataset.tokens.get(sid)) for sid, clinical in mine[start : start + scans_per_batch]]
+        batch = [ScanInput(sid, clinical, dataset.feature_cache.get(sid)) for sid, clinical in mine[start : start + scans_per_batch]]
         with accelerator.autocast():
             result = score_shared_prefix(unwrapped, batch, texts, unwrapped.config.pool, options)
         for scan, risk, answers in zip(batch, result.risks.mean(1).tolist(), result.answers):
@@ -141,7 +141,7 @@ def sample_answers(unwrapped, dataset, count: int, max_new_tokens: int, device) 
     encoded = []
     for s in samples:
         item = processor.encode(s.clinical, s.question)
-        item["image_tokens"] = dataset.tokens.get(s.scan_id)
+        item["image_tokens"] = dataset.feature_cache.get(s.scan_id)
         encoded.append(item)
     batch = send_to_device(processor.collate(encoded, padding_side="left"), device)
     new_tokens = unwrapped.generate(

@@ -12,7 +12,7 @@ import re
 
 import numpy as np
 
-from vlsurv.data.synthetic_anatomy import Findings
+from vlsurv.data.synthetic.anatomy import Findings
 
 LOBE_NAMES = {
     "RUL": "right upper lobe", "RML": "right middle lobe", "RLL": "right lower lobe",
