@@ -24,8 +24,19 @@ RSS_TARGET_MIB = 6 * 1024.0
 
 def run(n_patients: int, seed: int, out: Path) -> tuple[float, float, dict]:
     """(wall seconds, peak RSS MiB of the child, DIR/metrics.json)."""
-    command = [sys.executable, "-m", "vlsurv.cli", "demo", "--out", str(out), "--n-patients", str(n_patients),
-               "--seed", str(seed), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "vlsurv.cli",
+        "demo",
+        "--out",
+        str(out),
+        "--n-patients",
+        str(n_patients),
+        "--seed",
+        str(seed),
+        "--no-progress",
+    ]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -45,8 +56,10 @@ def main() -> None:
         print(f"  {step:<40} {seconds:7.1f} s")
     print(f"wall time  {wall:7.1f} s    target {WALL_TARGET_S:.0f} s     ratio {wall / WALL_TARGET_S:.2f}")
     print(f"peak RSS   {peak:7.0f} MiB  target {RSS_TARGET_MIB:.0f} MiB  ratio {peak / RSS_TARGET_MIB:.2f}")
-    print(f"c_index {metrics['c_index']:.3f}  clinical-only {metrics['c_index_clinical_only']:.3f}  "
-          f"oracle {metrics['oracle_c_index']:.3f}  bertscore_f1 {metrics['bertscore_f1']:.3f}")
+    print(
+        f"c_index {metrics['c_index']:.3f}  clinical-only {metrics['c_index_clinical_only']:.3f}  "
+        f"oracle {metrics['oracle_c_index']:.3f}  bertscore_f1 {metrics['bertscore_f1']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--d-model", type=int, default=4096, help="decoder width the projector maps to")
     parser.add_argument("--cached-steps", type=int, default=20)
-    parser.add_argument("--encoder-steps", type=int, default=0, help="timed encoder steps (0: 5 on GPU, 1 on CPU)")
+    parser.add_argument(
+        "--encoder-steps", type=int, default=0, help="timed encoder steps (0: 5 on GPU, 1 on CPU)"
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -104,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     forward_seconds = statistics.median(forward_times)
 
     print(f"device: {device} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
-    print(f"encoder: {encoder.name}, random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
-          f"built in {build_seconds:.1f} s; input 1x1x{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}, "
-          f"tokens {token_shape}")
+    print(
+        f"encoder: {encoder.name}, random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
+        f"built in {build_seconds:.1f} s; input 1x1x{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}, "
+        f"tokens {token_shape}"
+    )
     print(f"encoder forward (median of {len(forward_times)}): {forward_seconds:.3f} s/scan")
     print(f"training step with encoder forward (median of {len(encoder_steps)}): {encoder_step:.3f} s")
     print(f"training step from cache (median of {args.cached_steps}): {cached_step * 1e3:.2f} ms")

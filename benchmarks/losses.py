@@ -64,7 +64,9 @@ def run_case(n: int, ties: str, args, device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--inner", type=int, default=10)
@@ -75,8 +77,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     warnings.simplefilter("ignore")  # torchsurv warns on every call with tied times
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} interleaved rounds x {args.inner} forward+backward calls")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} interleaved rounds x {args.inner} forward+backward calls"
+    )
     for ties in ("breslow", "efron"):
         for n in args.sizes:
             print(run_case(n, ties, args, device), flush=True)

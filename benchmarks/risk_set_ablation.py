@@ -52,18 +52,38 @@ def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: fl
     model = SurvivalModel(censor_mean_days=censor_mean_days, followup_days=followup_days)
     manifest = make_cohort(patients, 0, out / "cohort", shape=(48, 48, 32), model=model)
     vqa = _extract_vqa(manifest, out / "qa")
-    decoder = build_tiny_decoder(out / "decoder", _decoder_texts(pd.read_csv(manifest), vqa), num_layers=2,
-                                 hidden_size=128, seed=0, pretrain_steps=40)
-    encode_manifest(manifest, out / "cache", MerlinImageEncoder.tiny(),
-                    PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32)), progress=False)
+    decoder = build_tiny_decoder(
+        out / "decoder",
+        _decoder_texts(pd.read_csv(manifest), vqa),
+        num_layers=2,
+        hidden_size=128,
+        seed=0,
+        pretrain_steps=40,
+    )
+    encode_manifest(
+        manifest,
+        out / "cache",
+        MerlinImageEncoder.tiny(),
+        PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32)),
+        progress=False,
+    )
     tokens, dim = FeatureCache(out / "cache").token_shape
-    common = [f"data.manifest={manifest}", f"data.vqa={vqa}", f"data.cache={out / 'cache'}",
-              f"model.decoder_path={decoder}", f"model.image_token_dim={dim}", f"model.num_image_tokens={tokens}",
-              "tracker=none", "progress=false", "eval.sample_answers=0"]
+    common = [
+        f"data.manifest={manifest}",
+        f"data.vqa={vqa}",
+        f"data.cache={out / 'cache'}",
+        f"model.decoder_path={decoder}",
+        f"model.image_token_dim={dim}",
+        f"model.num_image_tokens={tokens}",
+        "tracker=none",
+        "progress=false",
+        "eval.sample_answers=0",
+    ]
     stage1 = out / "stage1"
     if not (stage1 / "final").is_dir():
-        FixedBudgetTrainer(load_train_config(CONFIGS / "stage1.yaml", [*common, f"output_dir={stage1}",
-                                                                      "optim.epochs=2"])).fit()
+        FixedBudgetTrainer(
+            load_train_config(CONFIGS / "stage1.yaml", [*common, f"output_dir={stage1}", "optim.epochs=2"])
+        ).fit()
     return [*common, f"data.stage1_dir={stage1 / 'final'}"]
 
 
@@ -73,22 +93,32 @@ def test_c_index(trainer: Trainer) -> float:
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     manifest = load_manifest(config.data.manifest, require_survival=True, check_files=False)
     samples = scan_question_samples(
-        manifest, read_vqa(config.data.vqa), load_questions(config.data.questions), "test", trainer.data.train.feature_cache,
-        lambda row: clinical_sentence(row, config.model.clinical_template), True,
+        manifest,
+        read_vqa(config.data.vqa),
+        load_questions(config.data.questions),
+        "test",
+        trainer.data.train.feature_cache,
+        lambda row: clinical_sentence(row, config.model.clinical_template),
+        True,
     )
     dataset = SampleDataset(samples, trainer.data.train.feature_cache, model.processor)
     risks: dict[str, list[float]] = {}
     with torch.no_grad():
         for start in range(0, len(dataset), 32):
             batch = dataset.collate([dataset[i] for i in range(start, min(start + 32, len(dataset)))])
-            output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           image_tokens=batch["image_tokens"], pool_mask=model.pool_mask(batch))
-            for sample, risk in zip(samples[start:start + 32], model.risk(output.survival).tolist()):
+            output = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                image_tokens=batch["image_tokens"],
+                pool_mask=model.pool_mask(batch),
+            )
+            for sample, risk in zip(samples[start : start + 32], model.risk(output.survival).tolist()):
                 risks.setdefault(sample.scan_id, []).append(risk)
     table = {s.scan_id: (s.time, s.event) for s in samples}
     ids = sorted(risks)
-    return concordance_index([table[i][0] for i in ids], [table[i][1] for i in ids],
-                             [sum(risks[i]) / len(risks[i]) for i in ids])
+    return concordance_index(
+        [table[i][0] for i in ids], [table[i][1] for i in ids], [sum(risks[i]) / len(risks[i]) for i in ids]
+    )
 
 
 def main() -> None:
@@ -108,15 +138,28 @@ def main() -> None:
     for seed in args.seeds:
         for option in args.options:
             start = time.perf_counter()
-            config = load_train_config(CONFIGS / "stage2_deepsurv.yaml", [
-                *common, f"seed={seed}", f"output_dir={args.out / f'{option}_seed{seed}'}",
-                f"optim.batch_size={args.batch}", f"optim.grad_accum={args.accum}", f"optim.epochs={args.epochs}",
-                f"loss.risk_set={option}", f"loss.memory_batches={max(1, args.accum - 1)}",
-            ])
+            config = load_train_config(
+                CONFIGS / "stage2_deepsurv.yaml",
+                [
+                    *common,
+                    f"seed={seed}",
+                    f"output_dir={args.out / f'{option}_seed{seed}'}",
+                    f"optim.batch_size={args.batch}",
+                    f"optim.grad_accum={args.accum}",
+                    f"optim.epochs={args.epochs}",
+                    f"loss.risk_set={option}",
+                    f"loss.memory_batches={max(1, args.accum - 1)}",
+                ],
+            )
             trainer = FixedBudgetTrainer(config)
             trainer.fit()
-            line = {"option": option, "seed": seed, "test_c_index": test_c_index(trainer),
-                    "steps": trainer.total_steps, "seconds": round(time.perf_counter() - start, 1)}
+            line = {
+                "option": option,
+                "seed": seed,
+                "test_c_index": test_c_index(trainer),
+                "steps": trainer.total_steps,
+                "seconds": round(time.perf_counter() - start, 1),
+            }
             print(json.dumps(line), flush=True)
             with results_path.open("a") as handle:
                 handle.write(json.dumps(line) + "\n")

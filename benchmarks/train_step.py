@@ -41,16 +41,25 @@ def make_inputs(root: Path, patients: int) -> dict[str, Path]:
     findings = pd.read_csv(root / "cohort" / "findings.csv").to_dict("records")
     questions = load_questions("lung")
     rows = [
-        {"scan_id": f["scan_id"], "question_id": q.id, "question": q.text,
-         "answer": f"Yes, {q.id.replace('_', ' ')} findings are present." if f[q.id] else f"No {q.id} findings."}
-        for f in findings for q in questions
+        {
+            "scan_id": f["scan_id"],
+            "question_id": q.id,
+            "question": q.text,
+            "answer": f"Yes, {q.id.replace('_', ' ')} findings are present."
+            if f[q.id]
+            else f"No {q.id} findings.",
+        }
+        for f in findings
+        for q in questions
     ]
     (root / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     preprocess = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
     encode_manifest(manifest, root / "cache", MerlinImageEncoder.tiny(), preprocess, progress=False)
     texts = [r["question"] for r in rows] + [r["answer"] for r in rows]
     decoders = {
-        name: build_tiny_decoder(root / name.split()[0], texts, num_layers=layers, hidden_size=hidden, num_heads=8)
+        name: build_tiny_decoder(
+            root / name.split()[0], texts, num_layers=layers, hidden_size=hidden, num_heads=8
+        )
         for name, (layers, hidden) in DECODERS.items()
     }
     return {"manifest": manifest, "vqa": root / "vqa.jsonl", "cache": root / "cache", **decoders}
@@ -83,22 +92,42 @@ def main() -> None:
         root = Path(tmp)
         inputs = make_inputs(root, args.patients)
         tokens, dim = FeatureCache(inputs["cache"]).token_shape
-        print(f"{args.patients} patients, image tokens {tokens} x {dim}, local batch {args.batch_size}, "
-              f"{args.steps} timed micro-batches after {args.warmup} warm-up, overrides {args.overrides or 'none'}")
+        print(
+            f"{args.patients} patients, image tokens {tokens} x {dim}, local batch {args.batch_size}, "
+            f"{args.steps} timed micro-batches after {args.warmup} warm-up, overrides {args.overrides or 'none'}"
+        )
         print(f"{'decoder':<14} {'stage':<6} {'samples/s':>10}")
         for name in DECODERS:
             common = [
-                f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-                f"model.decoder_path={inputs[name]}", f"model.image_token_dim={dim}",
-                f"model.num_image_tokens={tokens}", f"optim.batch_size={args.batch_size}", "optim.grad_accum=1",
-                "tracker=none", "eval.sample_answers=0", "checkpoint.every_n_steps=0", *args.overrides,
+                f"data.manifest={inputs['manifest']}",
+                f"data.vqa={inputs['vqa']}",
+                f"data.cache={inputs['cache']}",
+                f"model.decoder_path={inputs[name]}",
+                f"model.image_token_dim={dim}",
+                f"model.num_image_tokens={tokens}",
+                f"optim.batch_size={args.batch_size}",
+                "optim.grad_accum=1",
+                "tracker=none",
+                "eval.sample_answers=0",
+                "checkpoint.every_n_steps=0",
+                *args.overrides,
             ]
             stage1_dir = root / f"run_{name.split()[0]}_stage1"
-            stage1 = Trainer(load_train_config(CONFIGS / "stage1.yaml", [*common, f"output_dir={stage1_dir}"]))
+            stage1 = Trainer(
+                load_train_config(CONFIGS / "stage1.yaml", [*common, f"output_dir={stage1_dir}"])
+            )
             print(f"{name:<14} {'1':<6} {throughput(stage1, args.steps, args.warmup):>10.1f}")
             final = stage1.finish()
-            stage2 = Trainer(load_train_config(CONFIGS / "stage2_deepsurv.yaml", [
-                *common, f"data.stage1_dir={final}", f"output_dir={root / f'run_{name.split()[0]}_stage2'}"]))
+            stage2 = Trainer(
+                load_train_config(
+                    CONFIGS / "stage2_deepsurv.yaml",
+                    [
+                        *common,
+                        f"data.stage1_dir={final}",
+                        f"output_dir={root / f'run_{name.split()[0]}_stage2'}",
+                    ],
+                )
+            )
             print(f"{name:<14} {'2':<6} {throughput(stage2, args.steps, args.warmup):>10.1f}")
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS: {peak_mib:.0f} MiB")

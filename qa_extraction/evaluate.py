@@ -57,12 +57,21 @@ def score(rows: list[dict], labels: dict[str, dict[str, bool]], question_id: str
     predicted = {r["report_id"]: r["status"] for r in rows if r["question_id"] == question_id}
     ids = [i for i in labels if i in predicted]
     if not ids:
-        raise ExtractionInputError(f"no report has both a {question_id!r} extraction and a label; "
-                                   "check --id-column and the question id")
+        raise ExtractionInputError(
+            f"no report has both a {question_id!r} extraction and a label; "
+            "check --id-column and the question id"
+        )
     pairs = [(predicted[i] == "present", labels[i][label]) for i in ids]
-    return Score(question_id, label, len(ids), sum(p and t for p, t in pairs), sum(p and not t for p, t in pairs),
-                 sum(t and not p for p, t in pairs), sum(not p and not t for p, t in pairs),
-                 sum(predicted[i] == "error" for i in ids))
+    return Score(
+        question_id,
+        label,
+        len(ids),
+        sum(p and t for p, t in pairs),
+        sum(p and not t for p, t in pairs),
+        sum(t and not p for p, t in pairs),
+        sum(not p and not t for p, t in pairs),
+        sum(predicted[i] == "error" for i in ids),
+    )
 
 
 def _mapping(items: list[str]) -> dict[str, str]:
@@ -76,8 +85,11 @@ def _mapping(items: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qa_extraction evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m qa_extraction evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--extractions", required=True)
     parser.add_argument("--labels", required=True, help="CSV/JSONL with an id column and 0/1 label columns")
     parser.add_argument("--id-column", default="report_id")
@@ -93,15 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     table = read_table(args.labels)
     require_columns(table, [args.id_column], args.labels, "--id-column")
     require_columns(table, list(mapping.values()), args.labels, "--map")
-    labels = {str(rec[args.id_column]): {c: _label(rec[c], f"{args.labels}: row {n}, column {c!r}")
-                                         for c in mapping.values()}
-              for n, rec in enumerate(table.to_dict("records"), start=1)}
+    labels = {
+        str(rec[args.id_column]): {
+            c: _label(rec[c], f"{args.labels}: row {n}, column {c!r}") for c in mapping.values()
+        }
+        for n, rec in enumerate(table.to_dict("records"), start=1)
+    }
     scores = [score(rows, labels, qid, label) for qid, label in mapping.items()]
-    print(f"{'question':<14}{'label':<22}{'n':>5}{'tp':>5}{'fp':>5}{'fn':>5}{'errors':>7}"
-          f"{'precision':>11}{'recall':>8}{'F1':>7}")
+    print(
+        f"{'question':<14}{'label':<22}{'n':>5}{'tp':>5}{'fp':>5}{'fn':>5}{'errors':>7}"
+        f"{'precision':>11}{'recall':>8}{'F1':>7}"
+    )
     for s in scores:
-        print(f"{s.question_id:<14}{s.label[:21]:<22}{s.n:>5}{s.tp:>5}{s.fp:>5}{s.fn:>5}{s.errors:>7}"
-              f"{s.precision:>11.3f}{s.recall:>8.3f}{s.f1:>7.3f}")
+        print(
+            f"{s.question_id:<14}{s.label[:21]:<22}{s.n:>5}{s.tp:>5}{s.fp:>5}{s.fn:>5}{s.errors:>7}"
+            f"{s.precision:>11.3f}{s.recall:>8.3f}{s.f1:>7.3f}"
+        )
     if args.json:
         payload = [{**asdict(s), "precision": s.precision, "recall": s.recall, "f1": s.f1} for s in scores]
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -33,20 +33,38 @@ class ExtractionSummary:
     by_status: dict
 
 
-def run_extraction(reports, questions, backend, out: str | Path, *, retry_errors: bool = False) -> ExtractionSummary:
+def run_extraction(
+    reports, questions, backend, out: str | Path, *, retry_errors: bool = False
+) -> ExtractionSummary:
     """Answer every pending (report, question) pair with ``backend`` and append the rows to ``out``."""
     store = ExtractionFile(out)
     if retry_errors:
         log.info("%s: removed %d error rows to ask again", out, store.drop_errors())
     done = store.done_pairs()
     items = [Item(r, q) for r in reports for q in questions if (r.id, q.id) not in done]
-    log.info("%d reports x %d questions: %d pairs done before, %d to answer with %s",
-             len(reports), len(questions), len(done), len(items), backend.name)
+    log.info(
+        "%d reports x %d questions: %d pairs done before, %d to answer with %s",
+        len(reports),
+        len(questions),
+        len(done),
+        len(items),
+        backend.name,
+    )
     by_status: dict[str, int] = {}
     with store.open_for_append() as out_file:
         for item, result in backend.run(items):
-            out_file.write(make_row(item.report.id, item.question.id, item.question.text, result.status,
-                                    result.answer, backend.name, backend.model, **result.extra))
+            out_file.write(
+                make_row(
+                    item.report.id,
+                    item.question.id,
+                    item.question.text,
+                    result.status,
+                    result.answer,
+                    backend.name,
+                    backend.model,
+                    **result.extra,
+                )
+            )
             by_status[result.status] = by_status.get(result.status, 0) + 1
     written = sum(by_status.values())
     if written != len(items):
@@ -55,15 +73,24 @@ def run_extraction(reports, questions, backend, out: str | Path, *, retry_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qa_extraction extract", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m qa_extraction extract",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--reports", required=True, help="CSV or JSONL table with one report per row")
     parser.add_argument("--id-column", required=True)
-    parser.add_argument("--text-column", action="append", required=True,
-                        help="report text column; repeat to join several (e.g. findings and impression)")
+    parser.add_argument(
+        "--text-column",
+        action="append",
+        required=True,
+        help="report text column; repeat to join several (e.g. findings and impression)",
+    )
     parser.add_argument("--questions", default="lung", help="a question set name or YAML path")
     parser.add_argument("--out", required=True, help="JSONL output, appended to and resumed")
-    parser.add_argument("--retry-errors", action="store_true", help="ask the pairs of earlier error rows again")
+    parser.add_argument(
+        "--retry-errors", action="store_true", help="ask the pairs of earlier error rows again"
+    )
     add_backend_arguments(parser)
     return parser
 
@@ -75,5 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = build_backend(args, questions)
     summary = run_extraction(reports, questions, backend, args.out, retry_errors=args.retry_errors)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items())) or "nothing new"
-    print(f"{args.out}: {summary.written} rows written ({counts}); {summary.already_done} pairs were done before")
+    print(
+        f"{args.out}: {summary.written} rows written ({counts}); {summary.already_done} pairs were done before"
+    )
     return 0

@@ -62,8 +62,9 @@ def read_table(path: str | Path) -> pd.DataFrame:
 def require_columns(table: pd.DataFrame, columns: Iterable[str], path: str | Path, flag: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ExtractionInputError(f"{path}: no column {missing[0]!r} (given by {flag}); "
-                                   f"columns are {list(table.columns)}")
+        raise ExtractionInputError(
+            f"{path}: no column {missing[0]!r} (given by {flag}); columns are {list(table.columns)}"
+        )
 
 
 def cell_text(value) -> str:
@@ -80,28 +81,50 @@ def read_reports(path: str | Path, id_column: str, text_columns: Sequence[str]) 
         values = dict(zip(table.columns, row))
         report_id = cell_text(values[id_column])
         if not report_id:
-            raise ExtractionInputError(f"{path}: row {row_number} has an empty {id_column!r}; every report needs an id")
+            raise ExtractionInputError(
+                f"{path}: row {row_number} has an empty {id_column!r}; every report needs an id"
+            )
         if report_id in first_row:
-            raise ExtractionInputError(f"{path}: duplicate report id {report_id!r} in rows {first_row[report_id]} "
-                                       f"and {row_number} of column {id_column!r}; ids must be unique")
+            raise ExtractionInputError(
+                f"{path}: duplicate report id {report_id!r} in rows {first_row[report_id]} "
+                f"and {row_number} of column {id_column!r}; ids must be unique"
+            )
         first_row[report_id] = row_number
         text = "\n\n".join(part for part in (cell_text(values[c]) for c in text_columns) if part)
         if not text:
-            raise ExtractionInputError(f"{path}: row {row_number} (id {report_id!r}) has an empty report in "
-                                       f"{list(text_columns)}; remove the row or fill the text")
+            raise ExtractionInputError(
+                f"{path}: row {row_number} (id {report_id!r}) has an empty report in "
+                f"{list(text_columns)}; remove the row or fill the text"
+            )
         reports.append(Report(report_id, text))
     if not reports:
         raise ExtractionInputError(f"{path}: no reports; expected at least one row")
     return reports
 
 
-def make_row(report_id: str, question_id: str, question: str, status: str, answer: str, backend: str,
-             model: str, **extra) -> dict:
+def make_row(
+    report_id: str,
+    question_id: str,
+    question: str,
+    status: str,
+    answer: str,
+    backend: str,
+    model: str,
+    **extra,
+) -> dict:
     """One extraction row in the documented key order (extra keys such as ``raw`` follow)."""
     if status not in STATUSES:
         raise ValueError(f"status {status!r} is not one of {STATUSES}")
-    return {"report_id": report_id, "question_id": question_id, "question": question, "answer": answer,
-            "status": status, "backend": backend, "model": model, **extra}
+    return {
+        "report_id": report_id,
+        "question_id": question_id,
+        "question": question,
+        "answer": answer,
+        "status": status,
+        "backend": backend,
+        "model": model,
+        **extra,
+    }
 
 
 def _status_problem(row: dict) -> str | None:
@@ -119,8 +142,10 @@ def read_extractions(path: str | Path) -> list[dict]:
         raise ExtractionInputError(f"{path}: extraction file not found")
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        raise ExtractionInputError(f"{path}: the last line is incomplete (an interrupted run); rerun "
-                                   "`python -m qa_extraction extract` with the same --out to finish it")
+        raise ExtractionInputError(
+            f"{path}: the last line is incomplete (an interrupted run); rerun "
+            "`python -m qa_extraction extract` with the same --out to finish it"
+        )
     return _parse(data, path)
 
 
@@ -134,8 +159,11 @@ class ExtractionFile:
         """Cut a torn last line off the file and return the complete rows (none when there is no file)."""
         data, dropped = cut_torn_last_line(self.path)
         if dropped:
-            log.warning("%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
-                        self.path, dropped)
+            log.warning(
+                "%s: dropped an incomplete last line (%d bytes) left by an interrupted run",
+                self.path,
+                dropped,
+            )
         return _parse(data, self.path)
 
     def drop_errors(self) -> int:

@@ -64,14 +64,22 @@ class ExtractionPrompts:
         return cls(*(read_template(f"{folder}/{name}.txt") for name in ("system", "answer", "repair")))
 
     def conversation(self, item: Item) -> Messages:
-        user = render(self.answer, "answer.txt", report=item.report.text, question=item.question.text,
-                      question_id=item.question.id)
+        user = render(
+            self.answer,
+            "answer.txt",
+            report=item.report.text,
+            question=item.question.text,
+            question_id=item.question.id,
+        )
         return [{"role": "system", "content": self.system.strip()}, {"role": "user", "content": user}]
 
     def repair_conversation(self, item: Item, raw: str, error: str) -> Messages:
         repair = render(self.repair, "repair.txt", error=error)
-        return [*self.conversation(item), {"role": "assistant", "content": raw},
-                {"role": "user", "content": repair}]
+        return [
+            *self.conversation(item),
+            {"role": "assistant", "content": raw},
+            {"role": "user", "content": repair},
+        ]
 
 
 def parse_answer(text: str) -> tuple[str, str]:
@@ -104,17 +112,26 @@ def _try(raw: str) -> tuple[tuple[str, str] | None, str]:
         return None, str(err)
 
 
-def answer_items(generate: Generate, items: Sequence[Item], batch_size: int,
-                 prompts: ExtractionPrompts | None = None) -> Iterator[tuple[Item, Result]]:
+def answer_items(
+    generate: Generate, items: Sequence[Item], batch_size: int, prompts: ExtractionPrompts | None = None
+) -> Iterator[tuple[Item, Result]]:
     """One Result per item, yielded batch by batch in item order."""
     prompts = prompts or ExtractionPrompts.load()
     for start in range(0, len(items), batch_size):
-        batch = list(items[start:start + batch_size])
+        batch = list(items[start : start + batch_size])
         raws = generate([prompts.conversation(item) for item in batch])
         parsed = [_try(raw) for raw in raws]
         retry = [i for i, (answer, _) in enumerate(parsed) if answer is None]
-        repaired = dict(zip(retry, generate([prompts.repair_conversation(batch[i], raws[i], parsed[i][1])
-                                             for i in retry]))) if retry else {}
+        repaired = (
+            dict(
+                zip(
+                    retry,
+                    generate([prompts.repair_conversation(batch[i], raws[i], parsed[i][1]) for i in retry]),
+                )
+            )
+            if retry
+            else {}
+        )
         for i, item in enumerate(batch):
             answer, error = parsed[i]
             if answer is not None:
@@ -124,4 +141,7 @@ def answer_items(generate: Generate, items: Sequence[Item], batch_size: int,
             if second is not None:
                 yield item, Result(second[0], second[1], {"repaired": True})
             else:
-                yield item, Result("error", "", {"raw": repaired[i], "first_raw": raws[i], "error": second_error})
+                yield (
+                    item,
+                    Result("error", "", {"raw": repaired[i], "first_raw": raws[i], "error": second_error}),
+                )

@@ -28,8 +28,19 @@ from qa_extraction.text import split_sentences
 from vlsurv.jsonl import write_jsonl
 from vlsurv.prompts import load_questions
 
-REVIEW_COLUMNS = ("report_id", "question_id", "question", "status", "answer", "report_excerpt", "approved",
-                  "corrected_answer", "corrected_status", "reviewer", "comment")
+REVIEW_COLUMNS = (
+    "report_id",
+    "question_id",
+    "question",
+    "status",
+    "answer",
+    "report_excerpt",
+    "approved",
+    "corrected_answer",
+    "corrected_status",
+    "reviewer",
+    "comment",
+)
 LOG_COLUMNS = ("time", "reviewer", "report_id", "question_id", "decision", "field", "old", "new")
 YES = {"yes", "y", "true", "1", "approve", "approved", "ok"}
 NO = {"no", "n", "false", "0", "reject", "rejected"}
@@ -59,17 +70,25 @@ def export_review(args: argparse.Namespace) -> int:
         rows = random.Random(args.seed).sample(rows, args.sample)
     missing = sorted({r["report_id"] for r in rows} - set(reports))
     if missing:
-        raise ExtractionInputError(f"{args.reports}: no report with id {missing[0]!r} "
-                                   f"({len(missing)} extraction report ids are missing)")
+        raise ExtractionInputError(
+            f"{args.reports}: no report with id {missing[0]!r} "
+            f"({len(missing)} extraction report ids are missing)"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=REVIEW_COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**{k: row[k] for k in ("report_id", "question_id", "question", "status", "answer")},
-                             "report_excerpt": excerpt(reports[row["report_id"]], keywords.get(row["question_id"], ())),
-                             **{k: "" for k in REVIEW_COLUMNS[6:]}})
+            writer.writerow(
+                {
+                    **{k: row[k] for k in ("report_id", "question_id", "question", "status", "answer")},
+                    "report_excerpt": excerpt(
+                        reports[row["report_id"]], keywords.get(row["question_id"], ())
+                    ),
+                    **{k: "" for k in REVIEW_COLUMNS[6:]},
+                }
+            )
     print(f"{out}: {len(rows)} rows to review")
     return 0
 
@@ -79,9 +98,13 @@ def _decision(entry: dict, where: str) -> tuple[str, str, str]:
     approved = entry["approved"].strip().lower()
     answer, status = entry["corrected_answer"].strip(), entry.get("corrected_status", "").strip().lower()
     if approved and approved not in YES | NO:
-        raise ExtractionInputError(f"{where}: approved is {entry['approved']!r}; expected yes or no (or empty)")
+        raise ExtractionInputError(
+            f"{where}: approved is {entry['approved']!r}; expected yes or no (or empty)"
+        )
     if status and status not in ("present", "absent", "not_mentioned"):
-        raise ExtractionInputError(f"{where}: corrected_status is {status!r}; expected present, absent or not_mentioned")
+        raise ExtractionInputError(
+            f"{where}: corrected_status is {status!r}; expected present, absent or not_mentioned"
+        )
     if not entry["reviewer"].strip():
         raise ExtractionInputError(f"{where}: a decision without a reviewer; fill the reviewer column")
     if answer or status:
@@ -95,24 +118,40 @@ def apply_review(rows: list[dict], entries: list[dict], source: str) -> tuple[li
     seen: dict[tuple[str, str], int] = {}
     log, now = [], datetime.now(timezone.utc).isoformat(timespec="seconds")
     for line, entry in enumerate(entries, start=2):
-        if not (entry["approved"].strip() or entry["corrected_answer"].strip() or entry.get("corrected_status", "").strip()):
+        if not (
+            entry["approved"].strip()
+            or entry["corrected_answer"].strip()
+            or entry.get("corrected_status", "").strip()
+        ):
             continue
         key, where = (entry["report_id"], entry["question_id"]), f"{source}: line {line}"
         if key not in index:
             raise ExtractionInputError(f"{where}: ({key[0]!r}, {key[1]!r}) is not in the extraction file")
         if key in seen:
-            raise ExtractionInputError(f"{where}: ({key[0]!r}, {key[1]!r}) was already decided on line {seen[key]}")
+            raise ExtractionInputError(
+                f"{where}: ({key[0]!r}, {key[1]!r}) was already decided on line {seen[key]}"
+            )
         seen[key] = line
         decision, answer, status = _decision(entry, where)
         row, reviewer = index[key], entry["reviewer"].strip()
-        base = {"time": now, "reviewer": reviewer, "report_id": key[0], "question_id": key[1], "decision": decision}
+        base = {
+            "time": now,
+            "reviewer": reviewer,
+            "report_id": key[0],
+            "question_id": key[1],
+            "decision": decision,
+        }
         changes = [("answer", answer), ("status", status)] if decision == "corrected" else []
         changed = [(field, row[field], new) for field, new in changes if new and new != row[field]]
         log += [{**base, "field": field, "old": old, "new": new} for field, old, new in changed]
         if not changed:
             log.append({**base, "field": "", "old": "", "new": ""})
-        row["review"] = {"decision": decision, "reviewer": reviewer, "time": now,
-                         **{f"original_{field}": old for field, old, _ in changed}}
+        row["review"] = {
+            "decision": decision,
+            "reviewer": reviewer,
+            "time": now,
+            **{f"original_{field}": old for field, old, _ in changed},
+        }
         for field, _, new in changed:
             row[field] = new
     return rows, log
@@ -121,8 +160,12 @@ def apply_review(rows: list[dict], entries: list[dict], source: str) -> tuple[li
 def import_review(args: argparse.Namespace) -> int:
     rows = read_extractions(args.extractions)
     table = read_table(args.review)
-    require_columns(table, ["report_id", "question_id", "approved", "corrected_answer", "reviewer"], args.review,
-                    "the review export")
+    require_columns(
+        table,
+        ["report_id", "question_id", "approved", "corrected_answer", "reviewer"],
+        args.review,
+        "the review export",
+    )
     entries = [{k: ("" if v is None else str(v)) for k, v in rec.items()} for rec in table.to_dict("records")]
     rows, log = apply_review(rows, entries, str(args.review))
     out = Path(args.out)
@@ -144,8 +187,11 @@ def import_review(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qa_extraction review", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m qa_extraction review",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     export = sub.add_parser("export", help="write the review CSV")
     export.add_argument("--extractions", required=True)

@@ -34,8 +34,17 @@ from qa_extraction.text import Clause, Lexicon, split_report
 from vlsurv.errors import InputError
 from vlsurv.prompts import Question
 
-RULE_KEYS = ("terms", "weak_terms", "context", "exclude", "off_topic", "on_topic", "negated_by", "uncertain",
-             "not_mentioned_answer")
+RULE_KEYS = (
+    "terms",
+    "weak_terms",
+    "context",
+    "exclude",
+    "off_topic",
+    "on_topic",
+    "negated_by",
+    "uncertain",
+    "not_mentioned_answer",
+)
 DEFAULT_NOT_MENTIONED = "Not mentioned in the report."
 RULES_MODEL = "rules-v1"
 _SIZE = re.compile(r"\b\d+(?:\.\d+)?\s*(?:x\s*\d+(?:\.\d+)?\s*){0,2}(?:mm|cm)\b", re.I)
@@ -64,8 +73,13 @@ class Mention:
 
     def sort_key(self) -> tuple:
         sentence = self.clause.sentence
-        return (self.polarity != "affirmed", not _SIZE.search(sentence.text), sentence.section != "findings",
-                self.rank, sentence.index)
+        return (
+            self.polarity != "affirmed",
+            not _SIZE.search(sentence.text),
+            sentence.section != "findings",
+            self.rank,
+            sentence.index,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,8 +105,10 @@ class QuestionRule:
         if unknown:
             raise RuleError(f"{where}: unknown rules keys {unknown}; expected some of {list(RULE_KEYS)}")
         if not rules.get("terms") and not rules.get("weak_terms"):
-            raise RuleError(f"{where}: the rules backend needs rules.terms (or rules.weak_terms with "
-                            "rules.context): the patterns that name the question's finding")
+            raise RuleError(
+                f"{where}: the rules backend needs rules.terms (or rules.weak_terms with "
+                "rules.context): the patterns that name the question's finding"
+            )
         if rules.get("weak_terms") and not rules.get("context"):
             raise RuleError(f"{where}: rules.weak_terms needs rules.context")
         uncertain = rules.get("uncertain", "present")
@@ -102,8 +118,10 @@ class QuestionRule:
             question.id,
             tuple(_words([p], "terms", where) for p in rules.get("terms") or []),
             tuple(_words([p], "weak_terms", where) for p in rules.get("weak_terms") or []),
-            *(_words(rules.get(key) or [], key, where)
-              for key in ("context", "exclude", "off_topic", "on_topic", "negated_by")),
+            *(
+                _words(rules.get(key) or [], key, where)
+                for key in ("context", "exclude", "off_topic", "on_topic", "negated_by")
+            ),
             uncertain,
             str(rules.get("not_mentioned_answer") or DEFAULT_NOT_MENTIONED),
         )
@@ -113,7 +131,11 @@ class QuestionRule:
         if self.exclude is not None:
             text = self.exclude.sub(lambda m: " " * len(m.group()), text)
         sentence = clause.sentence.text
-        if self.off_topic and self.off_topic.search(sentence) and not (self.on_topic and self.on_topic.search(sentence)):
+        if (
+            self.off_topic
+            and self.off_topic.search(sentence)
+            and not (self.on_topic and self.on_topic.search(sentence))
+        ):
             return
         has_context = bool(self.context and self.context.search(text))
         patterns = list(self.terms) + (list(self.weak_terms) if has_context else [])
@@ -147,7 +169,9 @@ def decide(mentions: list[Mention], rule: QuestionRule) -> RuleAnswer:
     negated = [m for m in mentions if m.polarity == "negated"]
     if affirmed or (hedged and rule.uncertain == "present"):
         best = min(affirmed + hedged, key=Mention.sort_key)
-        return RuleAnswer("present", _sentence_answer(best.clause.sentence.text), best.polarity == "uncertain")
+        return RuleAnswer(
+            "present", _sentence_answer(best.clause.sentence.text), best.polarity == "uncertain"
+        )
     if negated or hedged:
         best = min(negated or hedged, key=lambda m: (m.rank, len(m.clause.sentence.text)))
         return RuleAnswer("absent", _sentence_answer(best.clause.sentence.text), bool(hedged and not negated))
@@ -165,5 +189,7 @@ class RulesExtractor:
     def answer(self, report: str) -> dict[str, RuleAnswer]:
         """{question_id: RuleAnswer} for one report's text."""
         clauses = [c for sentence in split_report(report) for c in self.lexicon.clauses(sentence)]
-        return {qid: decide([m for c in clauses for m in rule.mentions(c, self.lexicon)], rule)
-                for qid, rule in self.rules.items()}
+        return {
+            qid: decide([m for c in clauses for m in rule.mentions(c, self.lexicon)], rule)
+            for qid, rule in self.rules.items()
+        }

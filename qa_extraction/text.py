@@ -19,18 +19,33 @@ from vlsurv.errors import InputError
 from vlsurv.prompts import PROMPTS_DIR
 
 LEXICON_FILE = Path("extraction") / "negex.yaml"
-LEXICON_KEYS = ("pre_negation", "post_negation", "pseudo_negation", "uncertainty", "affirmation", "normal_body",
-                "terminators")
+LEXICON_KEYS = (
+    "pre_negation",
+    "post_negation",
+    "pseudo_negation",
+    "uncertainty",
+    "affirmation",
+    "normal_body",
+    "terminators",
+)
 
 #: Headers whose sections describe the scan: FINDINGS (and text before any header) and the
 #: IMPRESSION-like ones. A section under any other header (history, technique, comparison,
 #: indication) is skipped, so that "evaluate for lung nodule" is not read as a finding.
-_READ = (("findings", "findings"), ("impression", "impression"), ("conclusion", "impression"),
-         ("opinion", "impression"), ("result", "impression"), ("summary", "impression"))
+_READ = (
+    ("findings", "findings"),
+    ("impression", "impression"),
+    ("conclusion", "impression"),
+    ("opinion", "impression"),
+    ("result", "impression"),
+    ("summary", "impression"),
+)
 _HEADER = re.compile(
     r"(?:^|(?<=[\n.]))\s*(findings|impressions?|conclusions?|opinion|results?|summary|technique|protocol|"
     r"clinical (?:history|information|indication|details)|history|indications?|comparison|reason for (?:exam|study))"
-    r"\s*:", re.I)
+    r"\s*:",
+    re.I,
+)
 _SENTENCE_END = re.compile(r"\.\s+|[!?]\s+(?=[A-Z])|\n+|[\"\u201c\u201d\u2022]|\.$")
 _ENUMERATOR = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*])\s*")
 _LABEL = re.compile(r"^([A-Za-z][A-Za-z /&-]{0,40}?)\s*:\s*(?=\S)")
@@ -64,7 +79,7 @@ def _sections(text: str) -> list[tuple[str, str]]:
     """[(kind, text)] in report order; text before the first header counts as findings."""
     parts, last, kind = [], 0, "findings"
     for match in _HEADER.finditer(text):
-        parts.append((kind, text[last:match.start()]))
+        parts.append((kind, text[last : match.start()]))
         kind, last = _section_kind(match.group(1)), match.end()
     parts.append((kind, text[last:]))
     return [(kind, body) for kind, body in parts if body.strip()]
@@ -75,7 +90,7 @@ def split_sentences(text: str) -> list[str]:
     before a capital, line breaks, quotes and bullets; list numbers ("2.") are dropped."""
     pieces, start = [], 0
     for match in _SENTENCE_END.finditer(text):
-        if match.group().startswith(".") and _ABBREVIATION.search(text[start:match.start()]):
+        if match.group().startswith(".") and _ABBREVIATION.search(text[start : match.start()]):
             continue
         end = match.start() + (1 if match.group()[:1] in ".!?" else 0)
         pieces.append(text[start:end])
@@ -110,7 +125,9 @@ class ClauseCues:
         if any(cue <= start for cue in self.pre):
             return "negated"
         for cue in self.post:
-            if cue >= end and not any(end <= a_start and a_end <= cue for a_start, a_end in self.affirmations):
+            if cue >= end and not any(
+                end <= a_start and a_end <= cue for a_start, a_end in self.affirmations
+            ):
                 return "negated"
         return "uncertain" if self.uncertain else "affirmed"
 
@@ -159,7 +176,7 @@ class Lexicon:
         text, label = sentence.text, _LABEL.match(sentence.text)
         clauses = []
         if label and len(label.group(1).split()) <= 4:
-            text = text[label.end():]
+            text = text[label.end() :]
             body = text.lstrip()
             negative = self.pre_negation.match(body) or self.normal_body.match(body)
             clauses.append(Clause(("no " if negative else "") + label.group(1), sentence))
@@ -169,7 +186,10 @@ class Lexicon:
     def cues(self, clause: str) -> ClauseCues:
         hedges = _spans(self.uncertainty, clause)
         blocks = hedges + _spans(self.pseudo_negation, clause)
-        pre = tuple(end for start, end in _spans(self.pre_negation, clause) if not _inside((start, end), blocks))
-        post = tuple(start for start, end in _spans(self.post_negation, clause)
-                     if not _inside((start, end), blocks))
+        pre = tuple(
+            end for start, end in _spans(self.pre_negation, clause) if not _inside((start, end), blocks)
+        )
+        post = tuple(
+            start for start, end in _spans(self.post_negation, clause) if not _inside((start, end), blocks)
+        )
         return ClauseCues(pre, post, tuple(_spans(self.affirmation, clause)), bool(hedges))

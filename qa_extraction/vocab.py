@@ -54,12 +54,17 @@ def drafting_prompt(words: list[tuple[str, int]], domain: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qa_extraction vocab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m qa_extraction vocab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--reports", required=True)
     parser.add_argument("--text-column", action="append", required=True)
     parser.add_argument("--top", type=int, default=100)
-    parser.add_argument("--domain", default="chest CT", help="named in the prompt, e.g. 'lung cancer chest CT'")
+    parser.add_argument(
+        "--domain", default="chest CT", help="named in the prompt, e.g. 'lung cancer chest CT'"
+    )
     parser.add_argument("--out", required=True, help="word,count CSV")
     parser.add_argument("--prompt-out", default=None)
     parser.add_argument("--draft-out", default=None)
@@ -73,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ExtractionInputError(f"--top must be >= 1, got {args.top}")
     table = read_table(args.reports)
     require_columns(table, args.text_column, args.reports, "--text-column")
-    texts = [" ".join(cell_text(v) for v in row) for row in table[args.text_column].itertuples(index=False, name=None)]
+    texts = [
+        " ".join(cell_text(v) for v in row)
+        for row in table[args.text_column].itertuples(index=False, name=None)
+    ]
     top = count_words(texts).most_common(args.top)
     if not top:
         raise ExtractionInputError(f"{args.reports}: no medical words found in {args.text_column}")

@@ -66,14 +66,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _answer(question_id: str, f: dict) -> str:
     """A short answer from the ground-truth findings of one scan."""
+
     def has(key):
         return bool(f[key])
 
     if question_id == "tumor":
-        return f"A {f['tumor_size_mm']:.0f} mm mass in the {f['tumor_lobe']}." if has("tumor") else "No primary mass."
+        return (
+            f"A {f['tumor_size_mm']:.0f} mm mass in the {f['tumor_lobe']}."
+            if has("tumor")
+            else "No primary mass."
+        )
     if question_id == "lymph_nodes":
-        return f"Enlarged {f['node_station']} node, {f['node_size_mm']:.0f} mm." if has("lymph_nodes") else (
-            "No enlarged lymph nodes.")
+        return (
+            f"Enlarged {f['node_station']} node, {f['node_size_mm']:.0f} mm."
+            if has("lymph_nodes")
+            else ("No enlarged lymph nodes.")
+        )
     if question_id == "pleura":
         return f"{f['effusion_side']} pleural effusion." if has("pleura") else "No pleural effusion."
     if question_id == "metastases":
@@ -114,10 +122,18 @@ def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: s
     """configs/tiny/<name>.yaml (a ``TrainConfig``) pointed at the test's cohort, decoder and output folder."""
     from vlsurv.training.config import load_train_config
 
-    return load_train_config(ROOT / f"configs/tiny/{name}.yaml", [
-        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-        f"model.decoder_path={decoder}", f"output_dir={out}", "tracker=none", *overrides,
-    ])
+    return load_train_config(
+        ROOT / f"configs/tiny/{name}.yaml",
+        [
+            f"data.manifest={inputs['manifest']}",
+            f"data.vqa={inputs['vqa']}",
+            f"data.cache={inputs['cache']}",
+            f"model.decoder_path={decoder}",
+            f"output_dir={out}",
+            "tracker=none",
+            *overrides,
+        ],
+    )
 
 
 # --- a fixed global batch for the one-process vs two-process (and window risk set) comparisons ---------------
@@ -127,11 +143,21 @@ CUTS = [100.0, 400.0, 900.0]
 TIMES = [50.0, 800.0, 300.0, 300.0, 1200.0, 90.0, 650.0]
 EVENTS = [1, 0, 1, 1, 0, 1, 1]
 TEXTS = [
-    ("64 year-old male former smoker.", "What is the location and size of the primary lung tumor?",
-     "A 3.2 cm spiculated mass in the right upper lobe."),
-    ("71 year-old female never smoker.", "Is there any pleural involvement or effusion present?",
-     "Small left pleural effusion."),
-    ("58 year-old male.", "Are metastases or involvement of other organs observed?", "No distant metastases."),
+    (
+        "64 year-old male former smoker.",
+        "What is the location and size of the primary lung tumor?",
+        "A 3.2 cm spiculated mass in the right upper lobe.",
+    ),
+    (
+        "71 year-old female never smoker.",
+        "Is there any pleural involvement or effusion present?",
+        "Small left pleural effusion.",
+    ),
+    (
+        "58 year-old male.",
+        "Are metastases or involvement of other organs observed?",
+        "No distant metastases.",
+    ),
 ]
 
 
@@ -144,7 +170,9 @@ def build_model(decoder: str, head: str):
 
     torch.manual_seed(0)
     config = ModelConfig(
-        decoder_path=decoder, image_token_dim=16, num_image_tokens=4,
+        decoder_path=decoder,
+        image_token_dim=16,
+        num_image_tokens=4,
         lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
         survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
     )
@@ -173,8 +201,11 @@ def global_batch(processor, indices: list[int], cuts=None) -> dict:
         item = processor.encode(clinical, question, answer if i % 4 else answer + " Stable.")
         item.update(image_tokens=tokens[i], time=torch.tensor(TIMES[i]), event=torch.tensor(EVENTS[i]))
         if labels is not None:
-            item.update(bin_index=labels.bin_index[i], binned_event=labels.event[i],
-                        censored_credit=labels.censored_credit[i])
+            item.update(
+                bin_index=labels.bin_index[i],
+                binned_event=labels.event[i],
+                censored_credit=labels.censored_credit[i],
+            )
         items.append(item)
     return processor.collate(items)
 
@@ -184,8 +215,12 @@ def run_step(forward, batch: dict):
     from vlsurv.training.config import LossConfig
     from vlsurv.training.objective import step_loss
 
-    output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
+    output = forward(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        image_tokens=batch["image_tokens"],
+        pool_mask=batch["attention_mask"],
+    )
     loss = step_loss(output, batch, stage=2, config=LossConfig(deephit_ranking_weight=0.5))
     return loss.parts, loss.to_backpropagate
 

@@ -37,9 +37,18 @@ def cohort(tmp_path_factory) -> Path:
     for i in range(N_SCANS):
         volume = rng.normal(-400.0, 300.0, size=(40, 40, 20)).astype(np.float32)
         volume[10 + i : 20 + i, 12:22, 5:12] = 40.0
-        nib.save(nib.Nifti1Image(volume, np.diag([7.0, 7.0, 6.5, 1.0])), str(root / "images" / f"s{i}.nii.gz"))
-        rows.append({"patient_id": f"p{i}", "scan_id": f"s{i}", "image": f"images/s{i}.nii.gz",
-                     "report": "", "split": "train"})
+        nib.save(
+            nib.Nifti1Image(volume, np.diag([7.0, 7.0, 6.5, 1.0])), str(root / "images" / f"s{i}.nii.gz")
+        )
+        rows.append(
+            {
+                "patient_id": f"p{i}",
+                "scan_id": f"s{i}",
+                "image": f"images/s{i}.nii.gz",
+                "report": "",
+                "split": "train",
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
     return root
 
@@ -63,8 +72,9 @@ def _copy(base_cache: Path, tmp_path: Path) -> Path:
 
 def _encode(cohort: Path, out: Path, encoder: MerlinImageEncoder, **kw) -> dict[str, int]:
     kw.setdefault("shard_size", 2)
-    return encode_manifest(cohort / "manifest.csv", out, encoder, kw.pop("preprocess", PREPROCESS),
-                           progress=False, **kw)
+    return encode_manifest(
+        cohort / "manifest.csv", out, encoder, kw.pop("preprocess", PREPROCESS), progress=False, **kw
+    )
 
 
 def _index(out: Path) -> dict:
@@ -81,9 +91,13 @@ def test_encode_writes_shards_index_and_configs(cohort, tmp_path, tiny):
     assert _shards(out) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     entry = _index(out)["s3"]
     assert entry == {
-        "shard": "shard-00001.safetensors", "shape": [4, 256], "dtype": "float32",
-        "encoder": "i3resnet-1-1-1-1-w8", "token_mode": "mean_depth",
-        "checkpoint_sha256": "random-init:0", "preprocess_hash": config_hash(PREPROCESS),
+        "shard": "shard-00001.safetensors",
+        "shape": [4, 256],
+        "dtype": "float32",
+        "encoder": "i3resnet-1-1-1-1-w8",
+        "token_mode": "mean_depth",
+        "checkpoint_sha256": "random-init:0",
+        "preprocess_hash": config_hash(PREPROCESS),
     }
     assert load_config(EncoderConfig, out / "encoder.yaml") == tiny.config
     assert load_config(PreprocessConfig, out / "preprocess.yaml") == PREPROCESS
@@ -179,7 +193,9 @@ def test_half_precision_storage(cohort, tmp_path, tiny, dtype, base_cache):
 def test_float16_overflow_is_refused(cohort, tmp_path):
     loud = MerlinImageEncoder.tiny()
     loud.conv1.weight.mul_(1e6)
-    with pytest.raises(CacheError, match=r"scan_id 's0': tokens are not finite in float16 .*store float32 or bfloat16"):
+    with pytest.raises(
+        CacheError, match=r"scan_id 's0': tokens are not finite in float16 .*store float32 or bfloat16"
+    ):
         _encode(cohort, tmp_path / "cache", loud, dtype="float16")
 
 
@@ -191,8 +207,11 @@ def test_unknown_scan_missing_shard_and_missing_index_are_named(tmp_path, base_c
     with pytest.raises(CacheError, match=r"2 requested scans are not cached \(first: \['x', 'y'\]\)"):
         CachedTokenDataset(cache, ["s0", "x", "y"])
     (out / "shard-00001.safetensors").unlink()
-    with pytest.raises(CacheError, match=r"index\.json: scan_id 's2' points at shard shard-00001\.safetensors, "
-                                         r"which does not exist"):
+    with pytest.raises(
+        CacheError,
+        match=r"index\.json: scan_id 's2' points at shard shard-00001\.safetensors, "
+        r"which does not exist",
+    ):
         FeatureCache(out)
     with pytest.raises(CacheError, match=r"empty: index\.json does not exist"):
         FeatureCache(tmp_path / "empty")
@@ -214,26 +233,56 @@ def test_dataset_batches_and_survives_pickling(base_cache):
 
 def test_cli_tiny_encoder_config_and_checkpoint(cohort, tmp_path, tiny, capsys):
     preprocess_yaml = save_config(PREPROCESS, tmp_path / "preprocess.yaml")
-    common = ["--manifest", str(cohort / "manifest.csv"), "--preprocess-config", str(preprocess_yaml),
-              "--shard-size", "4", "--batch-size", "2", "--device", "cpu"]
+    common = [
+        "--manifest",
+        str(cohort / "manifest.csv"),
+        "--preprocess-config",
+        str(preprocess_yaml),
+        "--shard-size",
+        "4",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main([*common, "--out", str(tmp_path / "a"), "--encoder", "tiny", "--dtype", "bfloat16"]) == 0
     assert "encoded 5 scans, skipped 0" in capsys.readouterr().out
-    assert _index(tmp_path / "a")["s4"]["dtype"] == "bfloat16" and _shards(tmp_path / "a")[-1] == "shard-00001.safetensors"
+    assert (
+        _index(tmp_path / "a")["s4"]["dtype"] == "bfloat16"
+        and _shards(tmp_path / "a")[-1] == "shard-00001.safetensors"
+    )
 
-    global_yaml = save_config(EncoderConfig(layers=(1, 1, 1, 1), base_width=8, token_mode="global"), tmp_path / "e.yaml")
+    global_yaml = save_config(
+        EncoderConfig(layers=(1, 1, 1, 1), base_width=8, token_mode="global"), tmp_path / "e.yaml"
+    )
     assert main([*common, "--out", str(tmp_path / "b"), "--encoder-config", str(global_yaml)]) == 0
     assert FeatureCache(tmp_path / "b").token_shape == (1, 256)
 
     checkpoint = tmp_path / "tiny.safetensors"
     save_file(tiny.state_dict(), str(checkpoint))
-    assert main([*common, "--out", str(tmp_path / "c"), "--encoder", "tiny", "--checkpoint", str(checkpoint)]) == 0
-    assert _index(tmp_path / "c")["s0"]["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
-    from_checkpoint, random_init = FeatureCache(tmp_path / "c").get("s0"), FeatureCache(tmp_path / "a").get("s0")
+    assert (
+        main([*common, "--out", str(tmp_path / "c"), "--encoder", "tiny", "--checkpoint", str(checkpoint)])
+        == 0
+    )
+    assert (
+        _index(tmp_path / "c")["s0"]["checkpoint_sha256"]
+        == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    )
+    from_checkpoint, random_init = (
+        FeatureCache(tmp_path / "c").get("s0"),
+        FeatureCache(tmp_path / "a").get("s0"),
+    )
     assert torch.allclose(from_checkpoint, random_init, rtol=2e-2, atol=2e-2)  # same weights, bf16 vs fp32
 
 
 def test_bad_arguments_are_refused(cohort, tmp_path, tiny):
-    with pytest.raises(CacheError, match=r"dtype: expected one of \['float32', 'float16', 'bfloat16'\], got 'int8'"):
+    with pytest.raises(
+        CacheError, match=r"dtype: expected one of \['float32', 'float16', 'bfloat16'\], got 'int8'"
+    ):
         _encode(cohort, tmp_path / "cache", tiny, dtype="int8")
-    with pytest.raises(CacheError, match=r"manifest: expected columns scan_id and image, missing \['image'\]"):
-        encode_manifest(pd.DataFrame({"scan_id": ["a"]}), tmp_path / "cache", tiny, PREPROCESS, progress=False)
+    with pytest.raises(
+        CacheError, match=r"manifest: expected columns scan_id and image, missing \['image'\]"
+    ):
+        encode_manifest(
+            pd.DataFrame({"scan_id": ["a"]}), tmp_path / "cache", tiny, PREPROCESS, progress=False
+        )

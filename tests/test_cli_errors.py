@@ -50,6 +50,7 @@ def _with(column: str, row: int, value: str):
     def edit(table: pd.DataFrame) -> pd.DataFrame:
         table.loc[row, column] = value
         return table
+
     return edit
 
 
@@ -76,8 +77,18 @@ class CodeInPickle:
 
 
 def _encode(manifest: Path, tmp: Path, *extra: str) -> list[str]:
-    return ["encode", "--manifest", str(manifest), "--out", str(tmp / "cache"), "--encoder", "tiny",
-            "--device", "cpu", *extra]
+    return [
+        "encode",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp / "cache"),
+        "--encoder",
+        "tiny",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _predictions(tmp: Path, cohort: Path, risk: list[str] | None = None, columns=("scan_id", "risk")) -> Path:
@@ -89,13 +100,27 @@ def _predictions(tmp: Path, cohort: Path, risk: list[str] | None = None, columns
 
 
 def _evaluate(predictions: Path, manifest: Path, tmp: Path, *extra: str) -> list[str]:
-    return ["evaluate", "--predictions", str(predictions), "--manifest", str(manifest), "--out", str(tmp / "ev"),
-            "--bootstrap", "10", *extra]
+    return [
+        "evaluate",
+        "--predictions",
+        str(predictions),
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp / "ev"),
+        "--bootstrap",
+        "10",
+        *extra,
+    ]
 
 
 def _stage1_config(tmp: Path, cohort: Path, **model) -> dict:
-    return {"stage": 1, "data": {"manifest": str(cohort), "vqa": str(tmp / "vqa.jsonl"), "cache": str(tmp / "c")},
-            "model": {"decoder_path": str(tmp / "no_decoder"), **model}, "output_dir": str(tmp / "run")}
+    return {
+        "stage": 1,
+        "data": {"manifest": str(cohort), "vqa": str(tmp / "vqa.jsonl"), "cache": str(tmp / "c")},
+        "model": {"decoder_path": str(tmp / "no_decoder"), **model},
+        "output_dir": str(tmp / "run"),
+    }
 
 
 def _extractions(tmp: Path, text: str) -> Path:
@@ -105,8 +130,22 @@ def _extractions(tmp: Path, text: str) -> Path:
 
 
 def _extract(tmp: Path, reports: Path = QA_REPORTS, *extra: str, questions: str = "lung") -> list[str]:
-    return ["extract", "--reports", str(reports), "--id-column", "report_id", "--text-column", "findings",
-            "--questions", questions, "--backend", "rules", "--out", str(tmp / "out.jsonl"), *extra]
+    return [
+        "extract",
+        "--reports",
+        str(reports),
+        "--id-column",
+        "report_id",
+        "--text-column",
+        "findings",
+        "--questions",
+        questions,
+        "--backend",
+        "rules",
+        "--out",
+        str(tmp / "out.jsonl"),
+        *extra,
+    ]
 
 
 @dataclass
@@ -147,127 +186,279 @@ def _widen_first_weight(state: dict) -> dict:
 CASES: dict[str, Case] = {
     "manifest_not_found": Case(lambda t, c: _encode(t / "nope.csv", t), ("nope.csv", "not found")),
     "manifest_missing_column": Case(
-        lambda t, c: _encode(_manifest(c, t, lambda df: df.drop(columns="split")), t), ("bad.csv", "split")),
+        lambda t, c: _encode(_manifest(c, t, lambda df: df.drop(columns="split")), t), ("bad.csv", "split")
+    ),
     "manifest_unknown_split": Case(
-        lambda t, c: _encode(_manifest(c, t, _with("split", 2, "dev")), t), ("bad.csv", "row 3", "split", "dev")),
-    "manifest_empty_file": Case(
-        lambda t, c: _encode(_text_file(t, "empty.csv", ""), t), ("empty.csv",)),
+        lambda t, c: _encode(_manifest(c, t, _with("split", 2, "dev")), t),
+        ("bad.csv", "row 3", "split", "dev"),
+    ),
+    "manifest_empty_file": Case(lambda t, c: _encode(_text_file(t, "empty.csv", ""), t), ("empty.csv",)),
     "manifest_header_only": Case(
-        lambda t, c: _encode(_manifest(c, t, lambda df: df.iloc[:0]), t), ("bad.csv",)),
+        lambda t, c: _encode(_manifest(c, t, lambda df: df.iloc[:0]), t), ("bad.csv",)
+    ),
     "manifest_torn_jsonl_line": Case(lambda t, c: _encode(_torn_jsonl(t, c), t), ("torn.jsonl",)),
     "manifest_image_not_found": Case(
         lambda t, c: _encode(_manifest(c, t, _with("image", 0, "missing.nii.gz")), t),
-        ("bad.csv", "row 1", "image", "missing.nii.gz")),
+        ("bad.csv", "row 1", "image", "missing.nii.gz"),
+    ),
     "manifest_duplicate_scan_id": Case(
         lambda t, c: _encode(_manifest(c, t, _with("scan_id", 1, "syn00000_ct")), t),
-        ("bad.csv", "row 2", "scan_id", "duplicate")),
+        ("bad.csv", "row 2", "scan_id", "duplicate"),
+    ),
     "manifest_nan_time": Case(
         lambda t, c: _evaluate(_predictions(t, c), _manifest(c, t, _with("time", 4, "nan")), t),
-        ("bad.csv", "row 5", "time")),
+        ("bad.csv", "row 5", "time"),
+    ),
     "manifest_negative_time": Case(
         lambda t, c: _evaluate(_predictions(t, c), _manifest(c, t, _with("time", 0, "-3")), t),
-        ("bad.csv", "row 1", "time", "-3")),
+        ("bad.csv", "row 1", "time", "-3"),
+    ),
     "manifest_event_not_binary": Case(
         lambda t, c: _evaluate(_predictions(t, c), _manifest(c, t, _with("event", 1, "2")), t),
-        ("bad.csv", "row 2", "event")),
+        ("bad.csv", "row 2", "event"),
+    ),
     "checkpoint_pickle_with_code": Case(
-        lambda t, c: _encode(c, t, "--checkpoint", str(_code_pickle(t))), ("evil.pt",)),
+        lambda t, c: _encode(c, t, "--checkpoint", str(_code_pickle(t))), ("evil.pt",)
+    ),
     "checkpoint_missing_keys": Case(
         lambda t, c: _encode(c, t, "--checkpoint", str(_checkpoint(t, _drop_last_key))),
-        ("encoder.pt", "missing")),
+        ("encoder.pt", "missing"),
+    ),
     "checkpoint_wrong_shape": Case(
         lambda t, c: _encode(c, t, "--checkpoint", str(_checkpoint(t, _widen_first_weight))),
-        ("encoder.pt", "wrong shape")),
+        ("encoder.pt", "wrong shape"),
+    ),
     "checkpoint_not_found": Case(
-        lambda t, c: _encode(c, t, "--checkpoint", str(t / "merlin.pt")), ("merlin.pt", "does not exist")),
+        lambda t, c: _encode(c, t, "--checkpoint", str(t / "merlin.pt")), ("merlin.pt", "does not exist")
+    ),
     "checkpoint_not_a_state_dict": Case(
         lambda t, c: _encode(c, t, "--checkpoint", str(_text_file(t, "merlin.safetensors", "not tensors"))),
-        ("merlin.safetensors",)),
+        ("merlin.safetensors",),
+    ),
     "encoder_config_unknown_key": Case(
-        lambda t, c: ["encode", "--manifest", str(c), "--out", str(t / "cache"), "--encoder-config",
-                      str(_yaml(t, "enc.yaml", {"layers": [1, 1, 1, 1], "depth": 3}))],
-        ("enc.yaml", "depth")),
+        lambda t, c: [
+            "encode",
+            "--manifest",
+            str(c),
+            "--out",
+            str(t / "cache"),
+            "--encoder-config",
+            str(_yaml(t, "enc.yaml", {"layers": [1, 1, 1, 1], "depth": 3})),
+        ],
+        ("enc.yaml", "depth"),
+    ),
     "encoder_config_bad_value": Case(
-        lambda t, c: ["encode", "--manifest", str(c), "--out", str(t / "cache"), "--encoder-config",
-                      str(_yaml(t, "enc.yaml", {"layers": [0, 1, 1, 1]}))],
-        ("enc.yaml", "layers")),
+        lambda t, c: [
+            "encode",
+            "--manifest",
+            str(c),
+            "--out",
+            str(t / "cache"),
+            "--encoder-config",
+            str(_yaml(t, "enc.yaml", {"layers": [0, 1, 1, 1]})),
+        ],
+        ("enc.yaml", "layers"),
+    ),
     "preprocess_config_not_yaml": Case(
-        lambda t, c: _encode(c, t, "--preprocess-config", str(_text_file(t, "pre.yaml", "spacing: [1, 2\nx: ]"))),
-        ("pre.yaml",)),
+        lambda t, c: _encode(
+            c, t, "--preprocess-config", str(_text_file(t, "pre.yaml", "spacing: [1, 2\nx: ]"))
+        ),
+        ("pre.yaml",),
+    ),
     "cache_out_is_a_file": Case(
-        lambda t, c: ["encode", "--manifest", str(c), "--out", str(_text_file(t, "cache", "x")), "--encoder",
-                      "tiny", "--device", "cpu"],
-        ("cache",)),
-    "train_config_not_found": Case(lambda t, c: ["train", "--config", str(t / "stage9.yaml")], ("stage9.yaml",)),
+        lambda t, c: [
+            "encode",
+            "--manifest",
+            str(c),
+            "--out",
+            str(_text_file(t, "cache", "x")),
+            "--encoder",
+            "tiny",
+            "--device",
+            "cpu",
+        ],
+        ("cache",),
+    ),
+    "train_config_not_found": Case(
+        lambda t, c: ["train", "--config", str(t / "stage9.yaml")], ("stage9.yaml",)
+    ),
     "train_config_unknown_key": Case(
-        lambda t, c: ["train", "--config", str(_yaml(t, "s1.yaml", {**_stage1_config(t, c), "optimiser": {}}))],
-        ("s1.yaml", "optimiser")),
+        lambda t, c: [
+            "train",
+            "--config",
+            str(_yaml(t, "s1.yaml", {**_stage1_config(t, c), "optimiser": {}})),
+        ],
+        ("s1.yaml", "optimiser"),
+    ),
     "train_config_bad_value": Case(
-        lambda t, c: ["train", "--config", str(_yaml(t, "s1.yaml", _stage1_config(t, c))), "optim.epochs=many"],
-        ("optim.epochs", "many")),
+        lambda t, c: [
+            "train",
+            "--config",
+            str(_yaml(t, "s1.yaml", _stage1_config(t, c))),
+            "optim.epochs=many",
+        ],
+        ("optim.epochs", "many"),
+    ),
     "train_decoder_folder_missing": Case(
-        lambda t, c: ["train", "--config", str(_yaml(t, "s1.yaml", _stage1_config(t, c)))], ("no_decoder",)),
+        lambda t, c: ["train", "--config", str(_yaml(t, "s1.yaml", _stage1_config(t, c)))], ("no_decoder",)
+    ),
     "train_config_not_yaml": Case(
         lambda t, c: ["train", "--config", str(_text_file(t, "s1.yaml", "stage: 1\noptim: {lr: [1e-4\n"))],
-        ("s1.yaml", "not valid YAML")),
+        ("s1.yaml", "not valid YAML"),
+    ),
     "train_override_not_key_value": Case(
         lambda t, c: ["train", "--config", str(_yaml(t, "s1.yaml", _stage1_config(t, c))), "optim.epochs"],
-        ("optim.epochs", "key=value")),
+        ("optim.epochs", "key=value"),
+    ),
     "predict_model_folder_missing": Case(
-        lambda t, c: ["predict", "--model", str(t / "no_model"), "--manifest", str(c), "--cache", str(t / "cache"),
-                      "--out", str(t / "pred"), "--device", "cpu"],
-        ("no_model",)),
+        lambda t, c: [
+            "predict",
+            "--model",
+            str(t / "no_model"),
+            "--manifest",
+            str(c),
+            "--cache",
+            str(t / "cache"),
+            "--out",
+            str(t / "pred"),
+            "--device",
+            "cpu",
+        ],
+        ("no_model",),
+    ),
     "predict_bad_option": Case(
-        lambda t, c: ["predict", "--model", str(t), "--manifest", str(c), "--cache", str(t), "--out", str(t),
-                      "--batch-scans", "0"],
-        ("batch_scans",)),
-    "predictions_not_found": Case(
-        lambda t, c: _evaluate(t / "no_run", c, t), ("no_run",)),
+        lambda t, c: [
+            "predict",
+            "--model",
+            str(t),
+            "--manifest",
+            str(c),
+            "--cache",
+            str(t),
+            "--out",
+            str(t),
+            "--batch-scans",
+            "0",
+        ],
+        ("batch_scans",),
+    ),
+    "predictions_not_found": Case(lambda t, c: _evaluate(t / "no_run", c, t), ("no_run",)),
     "predictions_missing_column": Case(
-        lambda t, c: _evaluate(_predictions(t, c, columns=("scan_id",)), c, t), ("predictions.csv", "risk")),
+        lambda t, c: _evaluate(_predictions(t, c, columns=("scan_id",)), c, t), ("predictions.csv", "risk")
+    ),
     "predictions_not_finite": Case(
-        lambda t, c: _evaluate(_predictions(t, c, risk=["inf"] * 12), c, t), ("predictions.csv", "risk")),
+        lambda t, c: _evaluate(_predictions(t, c, risk=["inf"] * 12), c, t), ("predictions.csv", "risk")
+    ),
     "evaluate_horizon_after_follow_up": Case(
-        lambda t, c: _evaluate(_predictions(t, c), c, t, "--horizons", "1e9"), ("1e+09",)),
+        lambda t, c: _evaluate(_predictions(t, c), c, t, "--horizons", "1e9"), ("1e+09",)
+    ),
     "synth_too_few_patients": Case(lambda t, c: ["synth", "--n", "0", "--out", str(t / "s")], ("n",)),
     "synth_out_is_a_file": Case(
-        lambda t, c: ["synth", "--n", "3", "--out", str(_text_file(t, "s", "x")), "--shape", "8", "8", "4"], ("s",)),
+        lambda t, c: ["synth", "--n", "3", "--out", str(_text_file(t, "s", "x")), "--shape", "8", "8", "4"],
+        ("s",),
+    ),
     "ctrate_volumes_missing": Case(
-        lambda t, c: ["ctrate", "--volumes", str(t / "no_volumes"), "--metadata",
-                      str(CTRATE / "validation_metadata.csv"), "--reports", str(CTRATE / "reports.csv"),
-                      "--out", str(t / "ct")],
-        ("no_volumes",)),
+        lambda t, c: [
+            "ctrate",
+            "--volumes",
+            str(t / "no_volumes"),
+            "--metadata",
+            str(CTRATE / "validation_metadata.csv"),
+            "--reports",
+            str(CTRATE / "reports.csv"),
+            "--out",
+            str(t / "ct"),
+        ],
+        ("no_volumes",),
+    ),
     "ctrate_metadata_missing_column": Case(
-        lambda t, c: ["ctrate", "--volumes", str(t), "--metadata", str(_text_file(t, "meta.csv", "VolumeName\na\n")),
-                      "--reports", str(CTRATE / "reports.csv"), "--out", str(t / "ct")],
-        ("meta.csv",)),
+        lambda t, c: [
+            "ctrate",
+            "--volumes",
+            str(t),
+            "--metadata",
+            str(_text_file(t, "meta.csv", "VolumeName\na\n")),
+            "--reports",
+            str(CTRATE / "reports.csv"),
+            "--out",
+            str(t / "ct"),
+        ],
+        ("meta.csv",),
+    ),
     "inspect_root_missing": Case(
-        lambda t, c: ["inspect", "--root", str(t / "no_inspect"), "--out", str(t / "m.csv")], ("no_inspect",)),
-    "inspect_no_labels": Case(lambda t, c: ["inspect", "--root", str(t), "--out", str(t / "m.csv")], ("labels",)),
+        lambda t, c: ["inspect", "--root", str(t / "no_inspect"), "--out", str(t / "m.csv")], ("no_inspect",)
+    ),
+    "inspect_no_labels": Case(
+        lambda t, c: ["inspect", "--root", str(t), "--out", str(t / "m.csv")], ("labels",)
+    ),
     "extract_reports_not_found": Case(lambda t, c: _extract(t, t / "reports.csv"), ("reports.csv",), qa=True),
     "extract_id_column_missing": Case(
-        lambda t, c: _extract(t, _text_file(t, "r.csv", "id,report\n1,No effusion.\n")), ("r.csv", "report_id"),
-        qa=True),
+        lambda t, c: _extract(t, _text_file(t, "r.csv", "id,report\n1,No effusion.\n")),
+        ("r.csv", "report_id"),
+        qa=True,
+    ),
     "extract_questions_not_found": Case(lambda t, c: _extract(t, questions="kidney"), ("kidney",), qa=True),
     "extract_question_without_text": Case(
         lambda t, c: _extract(t, questions=str(_yaml(t, "q.yaml", {"questions": [{"id": "tumor"}]}))),
-        ("q.yaml", "text"), qa=True),
+        ("q.yaml", "text"),
+        qa=True,
+    ),
     "extract_out_is_a_folder": Case(
-        lambda t, c: ["extract", "--reports", str(QA_REPORTS), "--id-column", "report_id", "--text-column",
-                      "findings", "--backend", "rules", "--out", str(_folder(t, "out.jsonl"))],
-        ("out.jsonl",), qa=True),
+        lambda t, c: [
+            "extract",
+            "--reports",
+            str(QA_REPORTS),
+            "--id-column",
+            "report_id",
+            "--text-column",
+            "findings",
+            "--backend",
+            "rules",
+            "--out",
+            str(_folder(t, "out.jsonl")),
+        ],
+        ("out.jsonl",),
+        qa=True,
+    ),
     "vqa_extractions_not_json": Case(
-        lambda t, c: ["to-vqa", "--extractions", str(_extractions(t, "report_id,answer\n1,yes\n")),
-                      "--manifest", str(c), "--out", str(t / "vqa.jsonl")],
-        ("extractions.jsonl", "line 1"), qa=True),
+        lambda t, c: [
+            "to-vqa",
+            "--extractions",
+            str(_extractions(t, "report_id,answer\n1,yes\n")),
+            "--manifest",
+            str(c),
+            "--out",
+            str(t / "vqa.jsonl"),
+        ],
+        ("extractions.jsonl", "line 1"),
+        qa=True,
+    ),
     "vqa_extractions_torn_line": Case(
-        lambda t, c: ["to-vqa", "--extractions", str(_extractions(t, '{"report_id": "a", "ques')),
-                      "--manifest", str(c), "--out", str(t / "vqa.jsonl")],
-        ("extractions.jsonl",), qa=True),
+        lambda t, c: [
+            "to-vqa",
+            "--extractions",
+            str(_extractions(t, '{"report_id": "a", "ques')),
+            "--manifest",
+            str(c),
+            "--out",
+            str(t / "vqa.jsonl"),
+        ],
+        ("extractions.jsonl",),
+        qa=True,
+    ),
     "vqa_manifest_not_found": Case(
-        lambda t, c: ["to-vqa", "--extractions", str(_extractions(t, "")), "--manifest", str(t / "m.csv"),
-                      "--out", str(t / "vqa.jsonl")],
-        ("m.csv",), qa=True),
+        lambda t, c: [
+            "to-vqa",
+            "--extractions",
+            str(_extractions(t, "")),
+            "--manifest",
+            str(t / "m.csv"),
+            "--out",
+            str(t / "vqa.jsonl"),
+        ],
+        ("m.csv",),
+        qa=True,
+    ),
 }
 
 
@@ -315,7 +506,15 @@ def test_bad_input_is_one_line_naming_what_is_wrong(name, tmp_path, cohort, caps
 
 
 def test_debug_flag_and_env_let_the_traceback_through(tmp_path, monkeypatch):
-    argv = ["encode", "--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "cache"), "--encoder", "tiny"]
+    argv = [
+        "encode",
+        "--manifest",
+        str(tmp_path / "nope.csv"),
+        "--out",
+        str(tmp_path / "cache"),
+        "--encoder",
+        "tiny",
+    ]
     with pytest.raises(ManifestError, match="nope.csv: manifest file not found"):
         vlsurv_main(["--debug", *argv])
     monkeypatch.setenv("VLSURV_DEBUG", "1")
@@ -342,12 +541,24 @@ def _raise_bug(argv: list[str]) -> int:
 
 def test_console_script_prints_one_line_and_debug_prints_the_traceback(tmp_path):
     script = Path(sys.executable).with_name("vlsurv")
-    argv = ["encode", "--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "cache"), "--encoder", "tiny"]
+    argv = [
+        "encode",
+        "--manifest",
+        str(tmp_path / "nope.csv"),
+        "--out",
+        str(tmp_path / "cache"),
+        "--encoder",
+        "tiny",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "VLSURV_DEBUG"}
     plain = subprocess.run([str(script), *argv], capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 2
-    assert plain.stderr.strip().splitlines() == [f"vlsurv encode: error: {tmp_path / 'nope.csv'}: manifest file not found"]
-    debug = subprocess.run([str(script), "--debug", *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert plain.stderr.strip().splitlines() == [
+        f"vlsurv encode: error: {tmp_path / 'nope.csv'}: manifest file not found"
+    ]
+    debug = subprocess.run(
+        [str(script), "--debug", *argv], capture_output=True, text=True, env=env, timeout=120
+    )
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert "ManifestError: " in debug.stderr and "nope.csv" in debug.stderr

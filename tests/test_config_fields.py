@@ -35,8 +35,20 @@ from vlsurv.training.config import (
     TrainConfig,
 )
 
-CONFIGS = [TrainConfig, DataConfig, OptimConfig, LossConfig, EvalConfig, CheckpointConfig, ModelConfig, LoRAConfig,
-           SurvivalConfig, PredictConfig, EvaluationConfig, DemoConfig]
+CONFIGS = [
+    TrainConfig,
+    DataConfig,
+    OptimConfig,
+    LossConfig,
+    EvalConfig,
+    CheckpointConfig,
+    ModelConfig,
+    LoRAConfig,
+    SurvivalConfig,
+    PredictConfig,
+    EvaluationConfig,
+    DemoConfig,
+]
 
 
 @dataclass
@@ -67,13 +79,16 @@ class Outer:
         check_fields(self)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"mode": "c"}, "mode: expected one of ['a', 'b'], got 'c'"),
-    ({"pool": "z"}, "pool: expected one of ['x', 'y'] or null, got 'z'"),
-    ({"count": 0}, "count: expected a value >= 1 (at least one is needed), got 0"),
-    ({"sigma": 0.0}, "sigma: expected a value > 0 or null, got 0.0"),
-    ({"pair": (0.5, 1.5)}, "pair: expected two values in [0, 1], got [0.5, 1.5]"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"mode": "c"}, "mode: expected one of ['a', 'b'], got 'c'"),
+        ({"pool": "z"}, "pool: expected one of ['x', 'y'] or null, got 'z'"),
+        ({"count": 0}, "count: expected a value >= 1 (at least one is needed), got 0"),
+        ({"sigma": 0.0}, "sigma: expected a value > 0 or null, got 0.0"),
+        ({"pair": (0.5, 1.5)}, "pair: expected two values in [0, 1], got [0.5, 1.5]"),
+    ],
+)
 def test_check_fields_names_the_field_and_what_was_expected(kwargs, message):
     with pytest.raises(ConfigError) as caught:
         Outer(**kwargs)
@@ -105,20 +120,38 @@ def test_choices_have_one_source():
     assert set(get_args(Dtype)) == set(DTYPES)
     assert get_type_hints(DemoConfig)["head"] == SurvivalHead
     assert get_type_hints(LossConfig)["ties"] is Ties and TIES == ("breslow", "efron")
-    with pytest.raises(ConfigError, match=r"^loss\.ties: expected one of \['breslow', 'efron'\], got 'exact'"):
+    with pytest.raises(
+        ConfigError, match=r"^loss\.ties: expected one of \['breslow', 'efron'\], got 'exact'"
+    ):
         LossConfig(ties="exact")
 
 
 def test_config_defaults_are_unchanged():
     optim, loss = OptimConfig(), LossConfig()
     assert (optim.lr_lora, optim.betas, optim.warmup_steps, optim.batch_size, optim.grad_accum) == (
-        1e-6, (0.9, 0.999), 500, 12, 8)
+        1e-6,
+        (0.9, 0.999),
+        500,
+        12,
+        8,
+    )
     assert (loss.alpha, loss.lambda_d, loss.ties, loss.risk_set, loss.memory_batches) == (
-        0.5, 1.0, "breslow", "micro_batch", 7)
+        0.5,
+        1.0,
+        "breslow",
+        "micro_batch",
+        7,
+    )
     assert (ModelConfig().num_image_tokens, ModelConfig().max_seq_len, SurvivalConfig().adapter_ratio) == (
-        49, 1024, 0.2)
+        49,
+        1024,
+        0.2,
+    )
     assert (PredictConfig().batch_scans, EvaluationConfig().horizons, DemoConfig().n_patients) == (
-        8, (365.0, 1095.0, 1825.0), 300)
+        8,
+        (365.0, 1095.0, 1825.0),
+        300,
+    )
 
 
 def test_cli_options_come_from_the_dataclass():
@@ -142,21 +175,52 @@ def test_evaluate_and_demo_options_default_to_their_dataclass():
     assert config_from_args(EvaluationConfig, parser.parse_args([])) == EvaluationConfig()
     args = parser.parse_args(["--horizons", "100", "200", "--examples", "2", "--skip-invalid-horizons"])
     assert config_from_args(EvaluationConfig, args) == EvaluationConfig(
-        horizons=(100.0, 200.0), n_examples=2, skip_invalid_horizons=True)
+        horizons=(100.0, 200.0), n_examples=2, skip_invalid_horizons=True
+    )
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, DemoConfig, skip=("train_overrides",))
     assert config_from_args(DemoConfig, parser.parse_args([]), train_overrides=[]) == DemoConfig()
     args = parser.parse_args(["--no-progress", "--head", "deephit", "--volume-shape", "32", "32", "16"])
     assert config_from_args(DemoConfig, args, train_overrides=[]) == DemoConfig(
-        progress=False, head="deephit", volume_shape=(32, 32, 16))
+        progress=False, head="deephit", volume_shape=(32, 32, 16)
+    )
 
 
 FLAGS_BEFORE = {  # every option these commands had when their parsers were written by hand
-    "predict": ["--model", "--manifest", "--cache", "--out", "--pool", "--generate", "--no-generate", "--questions",
-                "--split", "--batch-scans", "--max-new-tokens", "--do-sample", "--temperature", "--seed", "--device"],
-    "evaluate": ["--predictions", "--manifest", "--vqa", "--out", "--horizons", "--skip-invalid-horizons", "--split",
-                 "--bootstrap", "--bertscore-model", "--bertscore-layers", "--bertscore-samples", "--examples",
-                 "--seed", "--patient-level", "--scan-order-column"],
+    "predict": [
+        "--model",
+        "--manifest",
+        "--cache",
+        "--out",
+        "--pool",
+        "--generate",
+        "--no-generate",
+        "--questions",
+        "--split",
+        "--batch-scans",
+        "--max-new-tokens",
+        "--do-sample",
+        "--temperature",
+        "--seed",
+        "--device",
+    ],
+    "evaluate": [
+        "--predictions",
+        "--manifest",
+        "--vqa",
+        "--out",
+        "--horizons",
+        "--skip-invalid-horizons",
+        "--split",
+        "--bootstrap",
+        "--bertscore-model",
+        "--bertscore-layers",
+        "--bertscore-samples",
+        "--examples",
+        "--seed",
+        "--patient-level",
+        "--scan-order-column",
+    ],
     "demo": ["--out", "--n-patients", "--seed", "--head", "--no-progress", "key=value"],
 }
 

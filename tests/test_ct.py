@@ -18,8 +18,16 @@ def write_nifti(path, array, affine=None):
     return path
 
 
-def write_dicom_series(folder, stored, *, series_uid=None, slope=2.0, intercept=-1024.0,
-                       pixel_spacing=(0.7, 0.6), z_positions=None):
+def write_dicom_series(
+    folder,
+    stored,
+    *,
+    series_uid=None,
+    slope=2.0,
+    intercept=-1024.0,
+    pixel_spacing=(0.7, 0.6),
+    z_positions=None,
+):
     """Write ``stored`` (Rows, Columns, n_slices) uint16 as an axial series, files in shuffled order."""
     folder.mkdir(parents=True, exist_ok=True)
     series_uid = series_uid or generate_uid()
@@ -104,7 +112,9 @@ def test_corrupt_nifti(tmp_path):
 
 def test_2d_image(tmp_path):
     write_nifti(tmp_path / "slice.nii.gz", np.zeros((16, 16), np.int16), np.eye(4))
-    with pytest.raises(CTError, match=r"slice\.nii\.gz: expected a 3D volume, got an image of shape \(16, 16\)"):
+    with pytest.raises(
+        CTError, match=r"slice\.nii\.gz: expected a 3D volume, got an image of shape \(16, 16\)"
+    ):
         load_ct(tmp_path / "slice.nii.gz")
     write_nifti(tmp_path / "single.nii.gz", np.zeros((16, 16, 1), np.int16), np.eye(4))
     with pytest.raises(CTError, match=r"single\.nii\.gz: expected a 3D volume"):

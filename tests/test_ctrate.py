@@ -48,7 +48,9 @@ def nested_layout(root: Path) -> dict[str, np.ndarray]:
     for seed, name in enumerate(NAMES):
         patient, _, _ = parse_volume_name(name)
         letter = name.split("_")[2]
-        stored[name] = write_raw_volume(root / "valid" / patient / f"{patient}_{letter}" / f"{name}.nii.gz", seed)
+        stored[name] = write_raw_volume(
+            root / "valid" / patient / f"{patient}_{letter}" / f"{name}.nii.gz", seed
+        )
     return stored
 
 
@@ -56,8 +58,9 @@ def test_metadata_fixture_geometry():
     geometry = read_ctrate_metadata(METADATA)
     assert set(geometry) == set(NAMES)
     first = geometry["valid_1_a_1"]
-    assert first == CTRateGeometry(xy_spacing=(0.341796875, 0.341796875), z_spacing=1.5, slope=1.0,
-                                   intercept=-1024.0)
+    assert first == CTRateGeometry(
+        xy_spacing=(0.341796875, 0.341796875), z_spacing=1.5, slope=1.0, intercept=-1024.0
+    )
     assert geometry["valid_1_a_2"].z_spacing == 0.75
 
 
@@ -75,7 +78,7 @@ def test_bad_metadata_row_names_row_and_field(tmp_path):
     (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(CTRateError, match=r"meta\.csv: row 2 \(valid_1_a_2\.nii\.gz\): field 'XYSpacing'"):
         read_ctrate_metadata(tmp_path / "meta.csv")
-    (tmp_path / "short.csv").write_text("VolumeName,XYSpacing\nvalid_1_a_1.nii.gz,\"[1, 1]\"\n")
+    (tmp_path / "short.csv").write_text('VolumeName,XYSpacing\nvalid_1_a_1.nii.gz,"[1, 1]"\n')
     with pytest.raises(CTRateError, match=r"short\.csv: missing column\(s\) \['ZSpacing', 'RescaleSlope'"):
         read_ctrate_metadata(tmp_path / "short.csv")
 
@@ -142,8 +145,12 @@ def test_missing_report_or_metadata(tmp_path):
     write_raw_volume(tmp_path / "flat" / "valid_9_a_1.nii.gz", 0)
     with pytest.raises(CTRateError, match=r"reports\.csv: no report for volume .*valid_9_a_1"):
         ctrate_manifest(tmp_path / "flat", REPORTS)
-    (tmp_path / "reports.csv").write_text("VolumeName,Findings_EN,Impressions_EN\nvalid_9_a_1.nii.gz,Clear.,\n")
-    with pytest.raises(CTRateError, match=r"validation_metadata\.csv: no metadata row for volume .*valid_9_a_1"):
+    (tmp_path / "reports.csv").write_text(
+        "VolumeName,Findings_EN,Impressions_EN\nvalid_9_a_1.nii.gz,Clear.,\n"
+    )
+    with pytest.raises(
+        CTRateError, match=r"validation_metadata\.csv: no metadata row for volume .*valid_9_a_1"
+    ):
         list(iter_ctrate(tmp_path / "flat", METADATA, tmp_path / "reports.csv"))
     with pytest.raises(CTRateError, match=r"absent: CT-RATE volume folder not found"):
         find_ctrate_volumes(tmp_path / "absent")
@@ -153,9 +160,19 @@ def test_cli_converts_and_names_a_missing_report(tmp_path, capsys):
     from vlsurv.cli import main
 
     nested_layout(tmp_path / "ct_rate")
-    args = ["ctrate", "--volumes", str(tmp_path / "ct_rate"), "--metadata", str(METADATA), "--out", str(tmp_path / "o")]
+    args = [
+        "ctrate",
+        "--volumes",
+        str(tmp_path / "ct_rate"),
+        "--metadata",
+        str(METADATA),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main([*args, "--reports", str(REPORTS)]) == 0
-    assert load_manifest(tmp_path / "o" / "manifest.csv", require_survival=False)["scan_id"].tolist() == list(NAMES)
+    assert load_manifest(tmp_path / "o" / "manifest.csv", require_survival=False)["scan_id"].tolist() == list(
+        NAMES
+    )
     (tmp_path / "few.csv").write_text("VolumeName,Findings_EN,Impressions_EN\nvalid_1_a_1.nii.gz,Clear.,\n")
     with pytest.raises(SystemExit):
         main([*args, "--reports", str(tmp_path / "few.csv")])
@@ -172,8 +189,16 @@ valid_5_a_1.nii.gz,,,"[0.7, 0.7]",1.5,1,-1024
 
 
 def test_dicom_ages():
-    assert parse_dicom_age("036Y") == 36.0 and parse_dicom_age("006M") == 0.5 and parse_dicom_age("14D") == 14 / 365.25
-    assert np.isnan(parse_dicom_age("")) and np.isnan(parse_dicom_age(None)) and np.isnan(parse_dicom_age(float("nan")))
+    assert (
+        parse_dicom_age("036Y") == 36.0
+        and parse_dicom_age("006M") == 0.5
+        and parse_dicom_age("14D") == 14 / 365.25
+    )
+    assert (
+        np.isnan(parse_dicom_age(""))
+        and np.isnan(parse_dicom_age(None))
+        and np.isnan(parse_dicom_age(float("nan")))
+    )
     with pytest.raises(CTRateError, match=r"PatientAge: got '36 years'; expected a DICOM age such as '036Y'"):
         parse_dicom_age("36 years")
 
@@ -187,18 +212,27 @@ def test_demographics_and_the_chest_ct_sentence(tmp_path):
     assert table["age"].tolist()[:3] == [36.0, 36.0, 81.0] and np.isnan(table["age"][3])
     assert table["sex"].tolist() == ["male", "male", "female", None]
     sentences = [clinical_sentence(row, "chest_ct") for row in table.to_dict("records")]
-    assert sentences == ["A 36-year-old male patient undergoing chest CT.", "A 36-year-old male patient undergoing "
-                         "chest CT.", "An 81-year-old female patient undergoing chest CT.", "A patient undergoing chest CT."]
+    assert sentences == [
+        "A 36-year-old male patient undergoing chest CT.",
+        "A 36-year-old male patient undergoing chest CT.",
+        "An 81-year-old female patient undergoing chest CT.",
+        "A patient undergoing chest CT.",
+    ]
     assert not any("lung cancer" in sentence.lower() for sentence in sentences)
 
 
 def test_bad_demographics_name_row_and_field(tmp_path):
     (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV.replace(",F,081Y,", ",X,081Y,"))
-    with pytest.raises(CTRateError, match=r"meta\.csv: row 3 \(valid_2_a_1\.nii\.gz\): field 'PatientSex': got 'X'; "
-                                          r"expected M, F or O"):
+    with pytest.raises(
+        CTRateError,
+        match=r"meta\.csv: row 3 \(valid_2_a_1\.nii\.gz\): field 'PatientSex': got 'X'; "
+        r"expected M, F or O",
+    ):
         read_ctrate_demographics(tmp_path / "meta.csv")
     (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV.replace(",M,036Y,", ",M,thirty,", 1))
-    with pytest.raises(CTRateError, match=r"row 1 \(valid_1_a_1\.nii\.gz\): field 'PatientAge': got 'thirty'"):
+    with pytest.raises(
+        CTRateError, match=r"row 1 \(valid_1_a_1\.nii\.gz\): field 'PatientAge': got 'thirty'"
+    ):
         read_ctrate_demographics(tmp_path / "meta.csv")
 
 
@@ -207,8 +241,17 @@ def test_cli_writes_age_sex_and_names_the_template(tmp_path, capsys):
 
     nested_layout(tmp_path / "ct_rate")
     (tmp_path / "meta.csv").write_text(DEMOGRAPHICS_CSV)
-    args = ["ctrate", "--volumes", str(tmp_path / "ct_rate"), "--metadata", str(tmp_path / "meta.csv"),
-            "--reports", str(REPORTS), "--out", str(tmp_path / "o")]
+    args = [
+        "ctrate",
+        "--volumes",
+        str(tmp_path / "ct_rate"),
+        "--metadata",
+        str(tmp_path / "meta.csv"),
+        "--reports",
+        str(REPORTS),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     with pytest.warns(MissingClinicalFieldsWarning) as caught:  # valid_5_a_1 has no age and no sex: 1 of 4
         assert main(args) == 0
     assert "model.clinical_template=chest_ct" in capsys.readouterr().out
@@ -216,7 +259,11 @@ def test_cli_writes_age_sex_and_names_the_template(tmp_path, capsys):
     assert len(caught) == 1 and "age 25% (columns age, Age, age_at_scan)" in message and "sex 25%" in message
     assert "nodule" not in message.lower() and "trachea" not in message.lower()
     table = load_manifest(tmp_path / "o" / "manifest.csv", require_survival=False)
-    assert table["age"].tolist()[:3] == [36.0, 36.0, 81.0] and table["sex"].tolist()[:3] == ["male", "male", "female"]
+    assert table["age"].tolist()[:3] == [36.0, 36.0, 81.0] and table["sex"].tolist()[:3] == [
+        "male",
+        "male",
+        "female",
+    ]
     assert clinical_sentence(table.iloc[0], "chest_ct") == "A 36-year-old male patient undergoing chest CT."
     with pytest.raises(SystemExit):
         main([*args, "--max-missing-fraction", "2"])

@@ -40,14 +40,16 @@ class Question:
 
 
 def _manifest() -> pd.DataFrame:
-    return pd.DataFrame({
-        "patient_id": ["p1", "p1", "p2", "p3"],
-        "scan_id": ["a", "b", "c", "d"],
-        "time": [10.0, 20.0, 30.0, 40.0],
-        "event": [1, 0, 1, 0],
-        "split": ["train", "train", "train", "val"],
-        "age": [60, 60, 70, 80],
-    })
+    return pd.DataFrame(
+        {
+            "patient_id": ["p1", "p1", "p2", "p3"],
+            "scan_id": ["a", "b", "c", "d"],
+            "time": [10.0, 20.0, 30.0, 40.0],
+            "event": [1, 0, 1, 0],
+            "split": ["train", "train", "train", "val"],
+            "age": [60, 60, 70, 80],
+        }
+    )
 
 
 VQA = [
@@ -65,19 +67,25 @@ def _clinical(row) -> str:
 def test_training_samples_join_vqa_with_manifest_rows():
     samples = training_samples(_manifest(), VQA, "train", FakeFeatureCache("abcd"), _clinical, True)
     assert [(s.scan_id, s.patient_id, s.question_id, s.time, s.event, s.clinical) for s in samples] == [
-        ("a", "p1", "q1", 10.0, 1, "age 60"), ("c", "p2", "q2", 30.0, 1, "age 70")]
+        ("a", "p1", "q1", 10.0, 1, "age 60"),
+        ("c", "p2", "q2", 30.0, 1, "age 70"),
+    ]
     stage1 = training_samples(_manifest(), VQA, "train", FakeFeatureCache("abcd"), _clinical, False)
     assert math.isnan(stage1[0].time) and stage1[0].event == -1
 
 
 def test_validation_samples_cover_every_question_of_every_scan():
     questions = [Question("q1", "Q1?"), Question("q2", "Q2?")]
-    samples = scan_question_samples(_manifest(), VQA, questions, "val", FakeFeatureCache("abcd"), _clinical, True)
+    samples = scan_question_samples(
+        _manifest(), VQA, questions, "val", FakeFeatureCache("abcd"), _clinical, True
+    )
     assert [(s.scan_id, s.question_id, s.answer) for s in samples] == [("d", "q1", "D1."), ("d", "q2", None)]
 
 
 def test_missing_cache_entries_and_empty_splits_are_reported():
-    with pytest.raises(DatasetError, match=r"manifest: 1 train scans are not in the feature cache \(first: \['b'\]\)"):
+    with pytest.raises(
+        DatasetError, match=r"manifest: 1 train scans are not in the feature cache \(first: \['b'\]\)"
+    ):
         training_samples(_manifest(), VQA, "train", FakeFeatureCache("acd"), _clinical, True)
     with pytest.raises(DatasetError, match=r"manifest: no scan has split == 'test'"):
         training_samples(_manifest(), VQA, "test", FakeFeatureCache("abcd"), _clinical, True)
@@ -104,11 +112,17 @@ def test_dataset_items_and_collate(tiny_model_config):
     from vlsurv.model import VisionLanguageSurvivalModel
 
     model = VisionLanguageSurvivalModel(tiny_model_config)
-    cache = FakeFeatureCache("abcd", shape=(tiny_model_config.num_image_tokens, tiny_model_config.image_token_dim))
+    cache = FakeFeatureCache(
+        "abcd", shape=(tiny_model_config.num_image_tokens, tiny_model_config.image_token_dim)
+    )
     samples = training_samples(_manifest(), VQA, "train", cache, _clinical, True)
     dataset = SampleDataset(samples, cache, model.processor)
     item = dataset[1]
-    assert item["scan_id"] == "c" and item["image_tokens"].shape == (4, 16) and float(item["image_tokens"][0, 0]) == 2
+    assert (
+        item["scan_id"] == "c"
+        and item["image_tokens"].shape == (4, 16)
+        and float(item["image_tokens"][0, 0]) == 2
+    )
     assert int((item["labels"] != -100).sum()) >= 2
     batch = dataset.collate([dataset[0], dataset[1]])
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
@@ -148,8 +162,19 @@ def test_deephit_labels_are_computed_once_per_sample_as_the_step_used_to(tiny_mo
 
     _, y = load_whas500()
     years, event = y["lenfol"] / 365.25, y["fstat"].astype(int)
-    samples = [Sample(scan_id=f"s{i}", patient_id=f"p{i}", question_id="q1", question="Q1?", answer="A1.",
-                      clinical="C.", time=float(t), event=int(e)) for i, (t, e) in enumerate(zip(years, event))]
+    samples = [
+        Sample(
+            scan_id=f"s{i}",
+            patient_id=f"p{i}",
+            question_id="q1",
+            question="Q1?",
+            answer="A1.",
+            clinical="C.",
+            time=float(t),
+            event=int(e),
+        )
+        for i, (t, e) in enumerate(zip(years, event))
+    ]
     processor = VisionLanguageSurvivalModel(tiny_model_config).processor
     cache = FakeFeatureCache([s.scan_id for s in samples], shape=(4, 16))
     unlabelled = SampleDataset(samples, cache, processor)
@@ -162,6 +187,8 @@ def test_deephit_labels_are_computed_once_per_sample_as_the_step_used_to(tiny_mo
     monkeypatch.undo()
     expected = cuts.labels(batch["time"], batch["event"])
     assert batch["bin_index"].dtype == torch.long and batch["binned_event"].dtype == torch.bool
-    assert torch.equal(batch["bin_index"], expected.bin_index) and torch.equal(batch["binned_event"], expected.event)
+    assert torch.equal(batch["bin_index"], expected.bin_index) and torch.equal(
+        batch["binned_event"], expected.event
+    )
     assert torch.equal(batch["censored_credit"], expected.censored_credit)
     assert set(batch["bin_index"].tolist()) == set(range(9))  # every bin and the tail bin are used

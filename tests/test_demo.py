@@ -12,14 +12,24 @@ from vlsurv.demo import DemoConfig, main, run_demo
 
 pytestmark = pytest.mark.slow
 
-REQUIRED = ("c_index", "c_index_ci", "c_index_clinical_only", "oracle_c_index", "td_auc", "logrank_p",
-            "bertscore_f1", "wall_seconds")
+REQUIRED = (
+    "c_index",
+    "c_index_ci",
+    "c_index_clinical_only",
+    "oracle_c_index",
+    "td_auc",
+    "logrank_p",
+    "bertscore_f1",
+    "wall_seconds",
+)
 
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    config = DemoConfig(out=str(out), n_patients=160, seed=1, bootstrap=100, bertscore_samples=200, progress=False)
+    config = DemoConfig(
+        out=str(out), n_patients=160, seed=1, bootstrap=100, bertscore_samples=200, progress=False
+    )
     return out, run_demo(config)
 
 
@@ -30,7 +40,13 @@ def test_demo_writes_every_output(small_demo):
     low, high = metrics["c_index_ci"]
     assert low <= metrics["c_index"] <= high
     assert "<img" in (out / "report.html").read_text()
-    for step in ("stage1/final", "stage2/final", "predictions/predictions.csv", "eval/km.png", "demo_config.yaml"):
+    for step in (
+        "stage1/final",
+        "stage2/final",
+        "predictions/predictions.csv",
+        "eval/km.png",
+        "demo_config.yaml",
+    ):
         assert (out / step).exists(), step
     assert set(metrics["step_seconds"]) and metrics["wall_seconds"] > 0
 
@@ -44,16 +60,23 @@ def test_demo_model_learned_the_risk_and_the_answers(small_demo):
     assert summary["bertscore_f1"] > 0.4
     # Each question is answered about its own finding.
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True, dtype={"scan_id": str})
-    topic = {"tumor": ("mass", "nodul", "lesion", "tumou?r"), "lymph_nodes": ("lymph",), "pleura": ("pleura",),
-             "metastases": ("metasta",), "vessels": ("vascul", "vessel", "arter", "vena"),
-             "bone": ("osseous", "bone", "lytic", "sclerotic", "rib", "vertebra")}
+    topic = {
+        "tumor": ("mass", "nodul", "lesion", "tumou?r"),
+        "lymph_nodes": ("lymph",),
+        "pleura": ("pleura",),
+        "metastases": ("metasta",),
+        "vessels": ("vascul", "vessel", "arter", "vena"),
+        "bone": ("osseous", "bone", "lytic", "sclerotic", "rib", "vertebra"),
+    }
     for question_id, words in topic.items():
         said = answers[answers["question_id"] == question_id]["answer"].str.lower()
         assert said.str.contains("|".join(words)).mean() > 0.8, question_id
 
 
 def test_bad_demo_options_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"^n_patients: expected a value >= 30 \(train, val and test need events\), got 10"):
+    with pytest.raises(
+        ConfigError, match=r"^n_patients: expected a value >= 30 \(train, val and test need events\), got 10"
+    ):
         DemoConfig(n_patients=10)
     with pytest.raises(ConfigError, match=r"^head: expected one of \['deepsurv', 'deephit'\], got 'cox'"):
         DemoConfig(head="cox")

@@ -84,8 +84,16 @@ def _config(**kw):
 
 def test_cli_writes_metrics_plots_and_a_self_contained_escaped_report(tmp_path):
     manifest, predictions = make_case(tmp_path)
-    paths = ["--predictions", tmp_path / "out", "--manifest", tmp_path / "manifest.csv", "--vqa",
-             tmp_path / "vqa.jsonl", "--out", tmp_path / "eval"]
+    paths = [
+        "--predictions",
+        tmp_path / "out",
+        "--manifest",
+        tmp_path / "manifest.csv",
+        "--vqa",
+        tmp_path / "vqa.jsonl",
+        "--out",
+        tmp_path / "eval",
+    ]
     options = ["--horizons", "365", "1095", "--bootstrap", "30", "--bertscore-samples", "12", "--seed", "1"]
     code = cli_main(["evaluate", *map(str, paths), *options])
     assert code == 0
@@ -102,7 +110,7 @@ def test_cli_writes_metrics_plots_and_a_self_contained_escaped_report(tmp_path):
     assert len(metrics["calibration"]["365"]) == 6 and "90 train-split" in metrics["calibration_source"]
     assert metrics["bertscore_pairs"] == 12 and 0 < metrics["bertscore_f1"] < 1
     page = (tmp_path / "eval" / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and page.count("<img") == 2 and "src=\"http" not in page
+    assert page.count("data:image/png;base64,") == 2 and page.count("<img") == 2 and 'src="http' not in page
     assert "Any pleura? &lt;b&gt;" in page and "<b>" not in page
     assert test.sort_values("risk").scan_id.iloc[-1] in page and "No pleura abnormality." in page
 
@@ -138,7 +146,9 @@ def test_curves_that_end_before_a_horizon_skip_only_its_calibration_with_a_note(
     curves = pd.DataFrame(np.exp(-hazard * times), columns=[f"S@{t:g}" for t in times])
     curves.insert(0, "scan_id", predictions.scan_id)
     curves.to_csv(tmp_path / "out" / "survival_curves.csv", index=False)
-    metrics = evaluate_predictions(tmp_path / "out", tmp_path / "manifest.csv", tmp_path / "eval", config=_config())
+    metrics = evaluate_predictions(
+        tmp_path / "out", tmp_path / "manifest.csv", tmp_path / "eval", config=_config()
+    )
     assert set(metrics["td_auc"]) == {"365", "1095"} and set(metrics["calibration"]) == {"365"}
     assert metrics["calibration_skipped_horizons"] == ["1095"]
     assert any("1095" in note and "last survival-curve time 900" in note for note in metrics["notes"])
@@ -267,8 +277,14 @@ def add_repeat_scans(folder, manifest, predictions, patients, copies, days_later
     for k in range(1, copies + 1):
         for _, row in manifest[manifest.patient_id.isin(patients)].iterrows():
             scan_id = f"{row.scan_id}_r{k}"
-            scans.append(row.to_dict() | {"scan_id": scan_id, "image": f"images/{scan_id}.nii.gz",
-                                          "time": max(row.time - k * days_later, 1.0)})
+            scans.append(
+                row.to_dict()
+                | {
+                    "scan_id": scan_id,
+                    "image": f"images/{scan_id}.nii.gz",
+                    "time": max(row.time - k * days_later, 1.0),
+                }
+            )
             risk = predictions.set_index("scan_id").loc[row.scan_id]
             noise = 0.0 if days_later == 0 else rng.normal(scale=0.3, size=risk.size)
             risks.append({"scan_id": scan_id, **(risk + noise).to_dict()})
@@ -306,8 +322,14 @@ def test_identical_repeat_scans_change_no_patient_level_number(tmp_path):
     assert repeated["calibration"] == single["calibration"]
     test = manifest.merge(predictions, on="scan_id")[lambda f: f.split == "test"]
     index = np.repeat(np.arange(len(test)), 3)
-    scans = M.bootstrap_ci(M.concordance_index, test.time.to_numpy()[index], test.event.to_numpy()[index],
-                           test.risk.to_numpy()[index], n=200, seed=0)
+    scans = M.bootstrap_ci(
+        M.concordance_index,
+        test.time.to_numpy()[index],
+        test.event.to_numpy()[index],
+        test.risk.to_numpy()[index],
+        n=200,
+        seed=0,
+    )
     ci = repeated["c_index_ci"]
     assert scans.high - scans.low < 0.75 * (ci[1] - ci[0])  # what treating scans as patients would report
 
@@ -333,8 +355,9 @@ def test_later_scans_are_left_out_of_the_log_rank_and_first_scan_mode_keeps_one_
     assert first["patient_level"]["method"] == "one_scan_per_patient" and first["n"] == 150
     for key in ("c_index", "c_index_ci", "uno_c_ci", "logrank_p", "calibration"):
         assert first[key] == pytest.approx(single[key]) if key != "calibration" else first[key] == single[key]
-    by_column = _evaluate(tmp_path, "by_column", bootstrap=50, patient_level="first-scan",
-                          scan_order_column="time")  # the shortest follow-up: the last scan
+    by_column = _evaluate(
+        tmp_path, "by_column", bootstrap=50, patient_level="first-scan", scan_order_column="time"
+    )  # the shortest follow-up: the last scan
     last = scans.sort_values("time", kind="stable").drop_duplicates("patient_id")
     assert by_column["c_index"] == pytest.approx(M.concordance_index(last.time, last.event, last.risk))
     assert by_column["patient_level"]["one_scan_rule"].startswith("the scan with the smallest time")
@@ -342,7 +365,9 @@ def test_later_scans_are_left_out_of_the_log_rank_and_first_scan_mode_keeps_one_
 
 def test_bad_patient_level_options_name_the_field(tmp_path):
     make_case(tmp_path)
-    with pytest.raises(ConfigError, match=r"^patient_level: expected one of \['cluster', 'first-scan'\], got 'sc'"):
+    with pytest.raises(
+        ConfigError, match=r"^patient_level: expected one of \['cluster', 'first-scan'\], got 'sc'"
+    ):
         _config(patient_level="sc")
     with pytest.raises(
         EvaluationError,
@@ -369,8 +394,19 @@ def test_calibration_uses_the_train_rows_breslow_baseline_by_default(tmp_path):
 
 def test_in_sample_calibration_is_said_on_the_command_line_in_metrics_json_and_the_report(tmp_path, capsys):
     make_case(tmp_path, with_train_predictions=False)
-    argv = ["evaluate", "--predictions", str(tmp_path / "out"), "--manifest", str(tmp_path / "manifest.csv"),
-            "--out", str(tmp_path / "eval"), "--horizons", "365", "--bootstrap", "20"]
+    argv = [
+        "evaluate",
+        "--predictions",
+        str(tmp_path / "out"),
+        "--manifest",
+        str(tmp_path / "manifest.csv"),
+        "--out",
+        str(tmp_path / "eval"),
+        "--horizons",
+        "365",
+        "--bootstrap",
+        "20",
+    ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr()
     assert "vlsurv evaluate: warning: calibration is IN-SAMPLE" in printed.err

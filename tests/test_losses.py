@@ -121,7 +121,9 @@ def test_cox_loss_is_invariant_to_row_order_and_risk_shift():
     log_risk = torch.linspace(-2.0, 3.0, len(time), dtype=torch.float64)
     order = torch.randperm(len(time), generator=torch.Generator().manual_seed(0))
     reference = losses.cox_loss(log_risk, time, event, ties="efron")
-    torch.testing.assert_close(losses.cox_loss(log_risk[order], time[order], event[order], ties="efron"), reference)
+    torch.testing.assert_close(
+        losses.cox_loss(log_risk[order], time[order], event[order], ties="efron"), reference
+    )
     torch.testing.assert_close(losses.cox_loss(log_risk + 7.0, time, event, ties="efron"), reference)
 
 
@@ -179,7 +181,11 @@ def test_cox_loss_finite_for_extreme_log_risks(rows, ties):
     ],
 )
 def test_cox_loss_rejects_bad_inputs(kwargs, message):
-    arguments = {"log_risk": torch.zeros(4), "time": torch.arange(1.0, 5.0), "event": torch.tensor([1, 0, 1, 1])}
+    arguments = {
+        "log_risk": torch.zeros(4),
+        "time": torch.arange(1.0, 5.0),
+        "event": torch.tensor([1, 0, 1, 1]),
+    }
     arguments.update(kwargs)
     with pytest.raises(LossInputError, match=f"cox_loss: {message}"):
         losses.cox_loss(**arguments)
@@ -230,7 +236,7 @@ def _credit_reference(logits, bins, event, credit):
             continue
         weight = float(credit[i])
         total += (1.0 - weight) * math.log(probs[i, k:].sum())
-        total += weight * math.log(probs[i, k + 1:].sum()) if weight > 0 else 0.0
+        total += weight * math.log(probs[i, k + 1 :].sum()) if weight > 0 else 0.0
     return -total / len(bins)
 
 
@@ -253,7 +259,8 @@ def test_deephit_nll_credit_one_is_the_default_and_zero_is_the_cut_before():
     logits = torch.randn(4, 4, dtype=torch.float64)
     bins, event = torch.tensor([1, 2, 2, 0]), torch.tensor([0, 0, 1, 0])
     torch.testing.assert_close(
-        losses.deephit_nll(logits, bins, event), losses.deephit_nll(logits, bins, event, torch.ones(4).double())
+        losses.deephit_nll(logits, bins, event),
+        losses.deephit_nll(logits, bins, event, torch.ones(4).double()),
     )
     zero = losses.deephit_nll(logits[:3], bins[:3], event[:3], torch.zeros(3).double())
     torch.testing.assert_close(zero, losses.deephit_nll(logits[:3], torch.tensor([0, 1, 2]), event[:3]))
@@ -261,7 +268,9 @@ def test_deephit_nll_credit_one_is_the_default_and_zero_is_the_cut_before():
 
 def test_deephit_nll_gradient_finite_with_censored_rows_in_the_tail_column():
     logits = torch.tensor([[30.0, -30.0, -30.0], [-30.0, -30.0, 30.0], [0.0, 1.0, 2.0]], requires_grad=True)
-    loss = losses.deephit_nll(logits, torch.tensor([2, 2, 0]), torch.tensor([0, 0, 0]), torch.tensor([0.0, 0.0, 1.0]))
+    loss = losses.deephit_nll(
+        logits, torch.tensor([2, 2, 0]), torch.tensor([0, 0, 0]), torch.tensor([0.0, 0.0, 1.0])
+    )
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
@@ -292,13 +301,20 @@ def test_deephit_losses_gradients_finite_all_censored_and_one_event():
     bins = torch.tensor([0, 1, 2, 2, 1])
     for event in (torch.zeros(5, dtype=torch.long), torch.tensor([0, 0, 1, 0, 0])):
         logits.grad = None
-        (losses.deephit_nll(logits, bins, event) + losses.deephit_ranking_loss(logits, bins, event)).backward()
+        (
+            losses.deephit_nll(logits, bins, event) + losses.deephit_ranking_loss(logits, bins, event)
+        ).backward()
         assert torch.isfinite(logits.grad).all()
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.lists(extreme, min_size=4, max_size=4), st.integers(0, 3), st.booleans()),
-                min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.lists(extreme, min_size=4, max_size=4), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_deephit_losses_finite_for_extreme_logits(rows):
     logits = torch.tensor([r[0] for r in rows], dtype=torch.float32, requires_grad=True)
     event = torch.tensor([int(r[2]) for r in rows])
@@ -316,11 +332,23 @@ def test_deephit_losses_finite_for_extreme_logits(rows):
         ("deephit_nll", {"event": torch.tensor([1, 0]), "bin_index": torch.tensor([0, 3])}, "a censored row"),
         (
             "deephit_nll",
-            {"event": torch.tensor([1, 0]), "bin_index": torch.tensor([0, 3]), "censored_credit": torch.ones(2)},
+            {
+                "event": torch.tensor([1, 0]),
+                "bin_index": torch.tensor([0, 3]),
+                "censored_credit": torch.ones(2),
+            },
             r"a censored row has `bin_index` = 3 .* and `censored_credit` > 0; it must be 0 there",
         ),
-        ("deephit_nll", {"censored_credit": torch.tensor([0.5, 1.5])}, r"`censored_credit` must lie in \[0, 1\]"),
-        ("deephit_nll", {"censored_credit": torch.tensor([1, 0])}, "`censored_credit` must be a floating-point"),
+        (
+            "deephit_nll",
+            {"censored_credit": torch.tensor([0.5, 1.5])},
+            r"`censored_credit` must lie in \[0, 1\]",
+        ),
+        (
+            "deephit_nll",
+            {"censored_credit": torch.tensor([1, 0])},
+            "`censored_credit` must be a floating-point",
+        ),
         ("deephit_nll", {"censored_credit": torch.ones(3)}, r"`censored_credit` must have shape \(2,\)"),
         ("deephit_nll", {"logits": torch.zeros(2, 1)}, r"`logits` must have shape \(N, K\+1\)"),
         ("deephit_nll", {"event": torch.tensor([1])}, r"`event` must have shape \(2,\)"),
@@ -368,9 +396,12 @@ def test_dispersion_continuous_ignores_censored_rows_order_and_translation():
     )
     order = torch.tensor([3, 0, 4, 1, 2])
     torch.testing.assert_close(padded, reference)
-    torch.testing.assert_close(losses.dispersion_loss_continuous(z[order], time[order], event[order]), reference)
-    torch.testing.assert_close(losses.dispersion_loss_continuous(z + 50.0, time, event), reference, rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        losses.dispersion_loss_continuous(z[order], time[order], event[order]), reference
+    )
+    torch.testing.assert_close(
+        losses.dispersion_loss_continuous(z + 50.0, time, event), reference, rtol=1e-4, atol=1e-4
+    )
 
 
 def _mean_pair(values):
@@ -423,8 +454,13 @@ def test_dispersion_zero_cases_keep_graph():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.tuples(st.lists(extreme, min_size=3, max_size=3), st.integers(0, 3), st.booleans()),
-                min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(st.lists(extreme, min_size=3, max_size=3), st.integers(0, 3), st.booleans()),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_dispersion_and_alignment_finite_for_extreme_embeddings(rows):
     z = torch.tensor([r[0] for r in rows], dtype=torch.float32, requires_grad=True)
     bins = torch.tensor([r[1] for r in rows])
@@ -443,11 +479,27 @@ def test_dispersion_and_alignment_finite_for_extreme_embeddings(rows):
     [
         ("dispersion_loss_continuous", {"z": torch.zeros(3)}, r"`z` must have shape \(N, d\)"),
         ("dispersion_loss_continuous", {"sigma": -1.0}, "`sigma` must be > 0 or None"),
-        ("dispersion_loss_continuous", {"time": torch.tensor([1.0, float("nan"), 2.0])}, "`time` must be finite"),
-        ("dispersion_loss_continuous", {"event": torch.tensor([1, 0, 5])}, "`event` must contain only 0 and 1"),
+        (
+            "dispersion_loss_continuous",
+            {"time": torch.tensor([1.0, float("nan"), 2.0])},
+            "`time` must be finite",
+        ),
+        (
+            "dispersion_loss_continuous",
+            {"event": torch.tensor([1, 0, 5])},
+            "`event` must contain only 0 and 1",
+        ),
         ("dispersion_loss_discrete", {"tau": 0.0}, "`tau` must be > 0"),
-        ("dispersion_loss_discrete", {"bin_index": torch.tensor([0.0, 1.0, 1.0])}, "`bin_index` must be an integer"),
-        ("dispersion_loss_discrete", {"bin_index": torch.tensor([0, 1])}, r"`bin_index` must have shape \(3,\)"),
+        (
+            "dispersion_loss_discrete",
+            {"bin_index": torch.tensor([0.0, 1.0, 1.0])},
+            "`bin_index` must be an integer",
+        ),
+        (
+            "dispersion_loss_discrete",
+            {"bin_index": torch.tensor([0, 1])},
+            r"`bin_index` must have shape \(3,\)",
+        ),
     ],
 )
 def test_dispersion_rejects_bad_inputs(function, arguments, message):

@@ -13,9 +13,18 @@ def make_rows(folder, n=3):
     rows = []
     for i in range(n):
         (folder / "images" / f"s{i}.nii.gz").write_bytes(b"")
-        rows.append({"patient_id": f"p{i}", "scan_id": f"s{i}", "image": f"images/s{i}.nii.gz",
-                     "report": f"FINDINGS: scan {i}.", "time": 10.0 * (i + 1), "event": i % 2,
-                     "split": SPLITS[i % 3], "age": 60 + i})
+        rows.append(
+            {
+                "patient_id": f"p{i}",
+                "scan_id": f"s{i}",
+                "image": f"images/s{i}.nii.gz",
+                "report": f"FINDINGS: scan {i}.",
+                "time": 10.0 * (i + 1),
+                "event": i % 2,
+                "split": SPLITS[i % 3],
+                "age": 60 + i,
+            }
+        )
     return rows
 
 
@@ -36,7 +45,9 @@ def test_roundtrip_resolves_images_and_keeps_clinical(tmp_path, suffix):
     path = write_manifest(pd.DataFrame(rows), tmp_path / f"manifest{suffix}")
     table = load_manifest(path)
     assert list(table.columns) == [*MANIFEST_COLUMNS, "age"]
-    assert table["image"].tolist() == [str((tmp_path / "images" / f"s{i}.nii.gz").resolve()) for i in range(3)]
+    assert table["image"].tolist() == [
+        str((tmp_path / "images" / f"s{i}.nii.gz").resolve()) for i in range(3)
+    ]
     assert table["time"].dtype == "float64" and table["event"].dtype == "int64"
     assert table["event"].tolist() == [0, 1, 0] and table["age"].tolist() == [60, 61, 62]
     assert table["scan_id"].tolist() == ["s0", "s1", "s2"]
@@ -62,22 +73,30 @@ def test_survival_optional_for_vqa_data(tmp_path):
     assert table["time"].isna().all() and table["event"].isna().all()
     with pytest.raises(ManifestError, match=r"row 1 \(scan_id='s0'\): field 'time': is empty or NaN"):
         load_manifest(path)
-    no_columns = write_csv(tmp_path, [{k: v for k, v in r.items() if k not in ("time", "event")} for r in rows],
-                           "vqa.csv")
+    no_columns = write_csv(
+        tmp_path, [{k: v for k, v in r.items() if k not in ("time", "event")} for r in rows], "vqa.csv"
+    )
     assert load_manifest(no_columns, require_survival=False)["time"].isna().all()
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("time", -3.0, r"row 2 \(scan_id='s1'\): field 'time': got -3\.0; expected a finite number >= 0"),
-    ("time", "soon", r"row 2 \(scan_id='s1'\): field 'time': got 'soon'"),
-    ("time", float("nan"), r"row 2 \(scan_id='s1'\): field 'time': is empty or NaN"),
-    ("event", 2, r"row 2 \(scan_id='s1'\): field 'event': got 2; expected 0 or 1"),
-    ("event", 0.5, r"row 2 \(scan_id='s1'\): field 'event': got 0\.5; expected 0 or 1"),
-    ("split", "validation", r"row 2 \(scan_id='s1'\): field 'split': 'validation' is not one of"),
-    ("scan_id", "s0", r"row 2 \(scan_id='s0'\): field 'scan_id': duplicate of row 1"),
-    ("image", "images/absent.nii.gz", r"row 2 \(scan_id='s1'\): field 'image': file not found: .*absent\.nii\.gz"),
-    ("patient_id", "", r"row 2 \(scan_id='s1'\): field 'patient_id': is empty"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("time", -3.0, r"row 2 \(scan_id='s1'\): field 'time': got -3\.0; expected a finite number >= 0"),
+        ("time", "soon", r"row 2 \(scan_id='s1'\): field 'time': got 'soon'"),
+        ("time", float("nan"), r"row 2 \(scan_id='s1'\): field 'time': is empty or NaN"),
+        ("event", 2, r"row 2 \(scan_id='s1'\): field 'event': got 2; expected 0 or 1"),
+        ("event", 0.5, r"row 2 \(scan_id='s1'\): field 'event': got 0\.5; expected 0 or 1"),
+        ("split", "validation", r"row 2 \(scan_id='s1'\): field 'split': 'validation' is not one of"),
+        ("scan_id", "s0", r"row 2 \(scan_id='s0'\): field 'scan_id': duplicate of row 1"),
+        (
+            "image",
+            "images/absent.nii.gz",
+            r"row 2 \(scan_id='s1'\): field 'image': file not found: .*absent\.nii\.gz",
+        ),
+        ("patient_id", "", r"row 2 \(scan_id='s1'\): field 'patient_id': is empty"),
+    ],
+)
 def test_bad_rows_name_row_and_field(tmp_path, field, value, message):
     rows = make_rows(tmp_path)
     rows[1][field] = value

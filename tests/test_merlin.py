@@ -50,17 +50,23 @@ def test_full_architecture_has_every_official_key_and_shape(official_keys):
     state = model.state_dict()
     assert len(official_keys) == 934
     assert list(state) == list(official_keys)
-    wrong = {k: (list(v.shape), official_keys[k]) for k, v in state.items() if list(v.shape) != official_keys[k]}
+    wrong = {
+        k: (list(v.shape), official_keys[k]) for k, v in state.items() if list(v.shape) != official_keys[k]
+    }
     assert wrong == {}
     assert model.out_dim == 2048 and model.name == "merlin-i3resnet152"
 
 
 def test_full_size_official_state_dict_loads_and_gives_merlin_shapes(official_keys):
     state = {
-        OFFICIAL_PREFIX + key: torch.empty(shape, device="meta", dtype=torch.long if not shape else torch.float32)
+        OFFICIAL_PREFIX + key: torch.empty(
+            shape, device="meta", dtype=torch.long if not shape else torch.float32
+        )
         for key, shape in official_keys.items()
     }
-    state["encode_text.text_encoder.embeddings.word_embeddings.weight"] = torch.empty(50000, 768, device="meta")
+    state["encode_text.text_encoder.embeddings.word_embeddings.weight"] = torch.empty(
+        50000, 768, device="meta"
+    )
     state["logit_scale"] = torch.empty((), device="meta")
     model = MerlinImageEncoder.from_state_dict(state, source="fixture")
     assert all(v.is_meta for v in model.state_dict().values())
@@ -152,7 +158,10 @@ def test_missing_backbone_keys_are_named(tmp_path, tiny):
     del state[OFFICIAL_PREFIX + "layer1.0.bn1.running_var"]
     path = tmp_path / "missing.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"missing\.pt: 1 image-encoder keys .* missing \(first: layer1\.0\.bn1\.running_var\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing\.pt: 1 image-encoder keys .* missing \(first: layer1\.0\.bn1\.running_var\)",
+    ):
         MerlinImageEncoder.from_checkpoint(path, tiny_config())
 
 
@@ -161,14 +170,18 @@ def test_wrong_shapes_name_expected_and_got(tmp_path, tiny):
     state[OFFICIAL_PREFIX + "conv1.weight"] = torch.zeros(8, 3, 1, 7, 7)
     path = tmp_path / "shapes.pt"
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"conv1\.weight: expected \(8, 3, 3, 7, 7\), got \(8, 3, 1, 7, 7\)"):
+    with pytest.raises(
+        CheckpointError, match=r"conv1\.weight: expected \(8, 3, 3, 7, 7\), got \(8, 3, 1, 7, 7\)"
+    ):
         MerlinImageEncoder.from_checkpoint(path, tiny_config())
 
 
 def test_tiny_checkpoint_into_full_config_names_missing_blocks(tmp_path, tiny):
     path = tmp_path / "tiny.safetensors"
     save_file(tiny.state_dict(), str(path))
-    with pytest.raises(CheckpointError, match=r"expected by merlin-i3resnet152 are missing \(first: layer1\.1\."):
+    with pytest.raises(
+        CheckpointError, match=r"expected by merlin-i3resnet152 are missing \(first: layer1\.1\."
+    ):
         MerlinImageEncoder.from_checkpoint(path)
 
 
@@ -184,7 +197,9 @@ def test_unknown_image_keys_are_named(tmp_path, tiny):
 def test_checkpoint_without_image_keys_is_rejected(tmp_path):
     path = tmp_path / "text_only.pt"
     torch.save({"encode_text.linear_layer.weight": torch.zeros(2, 2)}, path)
-    with pytest.raises(CheckpointError, match=r"no image-encoder keys; expected keys under 'encode_image\.i3_resnet\.'"):
+    with pytest.raises(
+        CheckpointError, match=r"no image-encoder keys; expected keys under 'encode_image\.i3_resnet\.'"
+    ):
         MerlinImageEncoder.from_checkpoint(path, tiny_config())
 
 

@@ -36,8 +36,13 @@ print(json.dumps({"bitsandbytes_imported": "bitsandbytes" in sys.modules, "peft_
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
 def test_full_precision_model_does_not_import_bitsandbytes_nor_warn(tiny_decoder_dir):
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_decoder_dir)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tiny_decoder_dir)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads(done.stdout.strip().splitlines()[-1])
     assert state == {"bitsandbytes_imported": False, "peft_sees_it": True}  # hidden, then visible again

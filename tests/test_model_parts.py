@@ -106,7 +106,14 @@ def test_labels_credit_per_scheme_and_censor_events_after_the_last_cut(censoring
     cuts = DeepHitCuts([10.0, 20.0, 30.0], censoring=censoring)
     labels = cuts.labels(torch.tensor([5.0, 10.0, 10.1, 25.0, 31.0, 40.0]), torch.tensor([0, 1, 0, 1, 1, 0]))
     assert labels.bin_index.tolist() == [0, 0, 1, 2, 3, 3]
-    assert labels.event.tolist() == [False, True, False, True, False, False]  # the event at 31 is censored at 30
+    assert labels.event.tolist() == [
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]  # the event at 31 is censored at 30
     torch.testing.assert_close(labels.censored_credit, torch.tensor(credit, dtype=torch.float64))
 
 
@@ -135,8 +142,9 @@ def test_cut_errors_name_the_problem(tmp_path):
         DeepHitCuts.load(tmp_path)
 
 
-@pytest.mark.parametrize(("placement", "censoring"), [("event_quantiles_with_tail", "interpolate"),
-                                                      ("event_quantiles", "pycox")])
+@pytest.mark.parametrize(
+    ("placement", "censoring"), [("event_quantiles_with_tail", "interpolate"), ("event_quantiles", "pycox")]
+)
 def test_cuts_and_scheme_round_trip_exactly(tmp_path, placement, censoring):
     time = np.random.default_rng(0).exponential(300.0, 50)
     cuts = DeepHitCuts.from_times(time, np.ones(50), 7, placement=placement, censoring=censoring)
@@ -170,17 +178,34 @@ def test_deephit_risk_and_survival_curve_by_hand():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"projector": "conv"}, r"^projector in model.yaml: expected one of \['linear', 'mlp2x_gelu'\], got 'conv'"),
-        ({"quantization": "2bit"}, r"^quantization in model.yaml: expected one of \['none', '4bit', '8bit'\]"),
+        (
+            {"projector": "conv"},
+            r"^projector in model.yaml: expected one of \['linear', 'mlp2x_gelu'\], got 'conv'",
+        ),
+        (
+            {"quantization": "2bit"},
+            r"^quantization in model.yaml: expected one of \['none', '4bit', '8bit'\]",
+        ),
         ({"dtype": "int8"}, r"^dtype in model.yaml: expected one of \['float32', 'bfloat16', 'float16'\]"),
         ({"pool": "answer"}, r"^pool in model.yaml: expected one of \['all', 'prompt'\], got 'answer'"),
         ({"num_image_tokens": 0}, "^num_image_tokens in model.yaml: expected a value >= 1, got 0"),
         ({"max_seq_len": 0}, "^max_seq_len in model.yaml: expected a value >= 1 or null, got 0"),
-        ({"survival": {"head": "cox"}}, r"^survival.head in model.yaml: expected one of \['deepsurv', 'deephit'\]"),
-        ({"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}},
-         "^survival.horizon in model.yaml: required when deephit_risk is 'cif_at_horizon'"),
-        ({"survival": {"adapter_ratio": 1.5}}, r"^survival.adapter_ratio in model.yaml: expected a value in \[0, 1\]"),
-        ({"survival": {"deephit_censoring": "half"}}, r"survival.deephit_censoring.*expected one of \['interp"),
+        (
+            {"survival": {"head": "cox"}},
+            r"^survival.head in model.yaml: expected one of \['deepsurv', 'deephit'\]",
+        ),
+        (
+            {"survival": {"head": "deephit", "deephit_risk": "cif_at_horizon"}},
+            "^survival.horizon in model.yaml: required when deephit_risk is 'cif_at_horizon'",
+        ),
+        (
+            {"survival": {"adapter_ratio": 1.5}},
+            r"^survival.adapter_ratio in model.yaml: expected a value in \[0, 1\]",
+        ),
+        (
+            {"survival": {"deephit_censoring": "half"}},
+            r"survival.deephit_censoring.*expected one of \['interp",
+        ),
         ({"survival": {"deephit_cut_placement": "km"}}, r"survival.deephit_cut_placement.*expected one of"),
         ({"lora": {"rank": 8}}, "unknown key lora.rank"),
     ],
@@ -193,7 +218,11 @@ def test_model_config_rejects_bad_values(data, message):
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("deephit_censoring", "half", r"survival.deephit_censoring: expected one of \['interpolate', .*got 'half'"),
+        (
+            "deephit_censoring",
+            "half",
+            r"survival.deephit_censoring: expected one of \['interpolate', .*got 'half'",
+        ),
         ("deephit_cut_placement", "km", r"survival.deephit_cut_placement: expected one of .*got 'km'"),
     ],
 )

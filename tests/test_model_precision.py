@@ -18,9 +18,14 @@ from vlsurv.model.vlm import masked_mean, masked_sum
 from vlsurv.training.config import DataConfig, TrainConfig
 from vlsurv.training.setup import build_model
 
-QUESTIONS = ["What is the location and size of the primary lung tumor?", "Are major vessels involved or compressed?"]
+QUESTIONS = [
+    "What is the location and size of the primary lung tumor?",
+    "Are major vessels involved or compressed?",
+]
 CLINICAL = "64 year-old male former smoker lung cancer patient, stage 1."
-LONG_ANSWER = "A 3.2 cm spiculated mass in the right upper lobe. Enlarged subcarinal lymph node measuring 1.4 cm."
+LONG_ANSWER = (
+    "A 3.2 cm spiculated mass in the right upper lobe. Enlarged subcarinal lymph node measuring 1.4 cm."
+)
 
 
 def _scans(n: int = 2) -> list[ScanInput]:
@@ -34,7 +39,9 @@ def _scans(n: int = 2) -> list[ScanInput]:
 def _head_dtypes(model) -> list[tuple[torch.dtype, torch.dtype]]:
     """(input dtype, output dtype) of every survival-head call, recorded by a forward hook."""
     seen: list[tuple[torch.dtype, torch.dtype]] = []
-    model.survival_branch.head.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    model.survival_branch.head.register_forward_hook(
+        lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype))
+    )
     return seen
 
 
@@ -56,7 +63,10 @@ def test_nan_in_a_padded_hidden_state_does_not_reach_z_pooled(tiny_model_config)
     torch.manual_seed(0)
     model = VisionLanguageSurvivalModel(tiny_model_config).eval()
     processor = model.processor
-    items = [processor.encode(CLINICAL, QUESTIONS[0], LONG_ANSWER), processor.encode(CLINICAL, QUESTIONS[1], "No.")]
+    items = [
+        processor.encode(CLINICAL, QUESTIONS[0], LONG_ANSWER),
+        processor.encode(CLINICAL, QUESTIONS[1], "No."),
+    ]
     batch = processor.collate(items)
     assert int(batch["attention_mask"][1].sum()) < batch["attention_mask"].shape[1]  # row 1 is padded
     padded = batch["attention_mask"] == 0
@@ -75,7 +85,9 @@ def test_bf16_model_scores_the_survival_head_in_fp32(tiny_model_config):
     torch.manual_seed(0)
     model = VisionLanguageSurvivalModel(tiny_model_config).eval()
     model.to(torch.bfloat16)
-    reference_branch = copy.deepcopy(model.survival_branch).float()  # the stored bf16 weights, fp32 arithmetic
+    reference_branch = copy.deepcopy(
+        model.survival_branch
+    ).float()  # the stored bf16 weights, fp32 arithmetic
     seen = _head_dtypes(model)
     pooled: list[torch.Tensor] = []
     model.survival_branch.register_forward_hook(lambda m, inputs, out: pooled.append(inputs[0]))
@@ -83,7 +95,9 @@ def test_bf16_model_scores_the_survival_head_in_fp32(tiny_model_config):
     assert seen and all(dtypes == (torch.float32, torch.float32) for dtypes in seen)
     expected = reference_branch(pooled[0].float()).log_risk.reshape(2, 2)
     torch.testing.assert_close(result.risks, expected)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # validation and training run under accelerate's autocast
+    with torch.autocast(
+        "cpu", dtype=torch.bfloat16
+    ):  # validation and training run under accelerate's autocast
         score_shared_prefix(model, _scans(), QUESTIONS, pool="all")
     assert all(dtypes == (torch.float32, torch.float32) for dtypes in seen)
 
@@ -106,7 +120,9 @@ def test_processor_truncates_long_answers_and_counts_them(tiny_decoder_dir):
 
     from vlsurv.model.vlm_io import prepare_tokenizer
 
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(tiny_decoder_dir, local_files_only=True), "<image>")
+    tokenizer = prepare_tokenizer(
+        AutoTokenizer.from_pretrained(tiny_decoder_dir, local_files_only=True), "<image>"
+    )
     full = VLMProcessor(tokenizer, 4)
     n_answer = len(full.answer_ids(LONG_ANSWER)) - 1
     assert n_answer > 5
@@ -136,7 +152,9 @@ def test_model_config_carries_the_length_caps(tiny_model_config):
 
 
 def _stage2_config(stage1_dir, model_config) -> TrainConfig:
-    return TrainConfig(stage=2, data=DataConfig(stage1_dir=str(stage1_dir)), model=model_config, tracker="none")
+    return TrainConfig(
+        stage=2, data=DataConfig(stage1_dir=str(stage1_dir)), model=model_config, tracker="none"
+    )
 
 
 def test_stage2_lora_that_disagrees_with_the_stage1_adapter_is_an_error(tiny_model_config, tmp_path):
@@ -154,6 +172,8 @@ def test_stage2_lora_that_disagrees_with_the_stage1_adapter_is_an_error(tiny_mod
     assert "model.lora.r=8 (adapter: 4)" in message
     assert "model.lora.target_modules=['k_proj', 'q_proj'] (adapter: ['q_proj', 'v_proj'])" in message
     assert "alpha" not in message
-    other = dataclasses.replace(tiny_model_config, lora=LoRAConfig(r=4, alpha=32, target_modules=["v_proj", "q_proj"]))
+    other = dataclasses.replace(
+        tiny_model_config, lora=LoRAConfig(r=4, alpha=32, target_modules=["v_proj", "q_proj"])
+    )
     with pytest.raises(ConfigError, match=r"model.lora.alpha=32 \(adapter: 8\)"):
         build_model(_stage2_config(tmp_path / "stage1", other))

@@ -65,4 +65,6 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(TinyDecoderError, match="hidden_size 30 is not divisible by num_heads 4"):
         build_tiny_decoder(tmp_path, ["text"], hidden_size=30)
     assert cli_main(["build-tiny", "--out", str(tmp_path), "--texts", str(tmp_path / "missing.txt")]) == 2
-    assert re.search(r"vlsurv build-tiny: error: --texts .*missing.txt: file does not exist", capsys.readouterr().err)
+    assert re.search(
+        r"vlsurv build-tiny: error: --texts .*missing.txt: file does not exist", capsys.readouterr().err
+    )

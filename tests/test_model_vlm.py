@@ -288,7 +288,9 @@ def test_from_pretrained_takes_config_overrides(model, tmp_path):
         VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved", quantization="3bit")
 
 
-def test_load_adapter_puts_a_saved_lora_into_a_model_built_from_its_config(model, tiny_model_config, tmp_path):
+def test_load_adapter_puts_a_saved_lora_into_a_model_built_from_its_config(
+    model, tiny_model_config, tmp_path
+):
     with torch.no_grad():  # LoRA B starts at zero; move it so that a load that does nothing shows
         for name, p in model.language_model.named_parameters():
             if "lora_B" in name:
@@ -299,12 +301,21 @@ def test_load_adapter_puts_a_saved_lora_into_a_model_built_from_its_config(model
     saved = dict(model.language_model.named_parameters())
     loaded = {n: p for n, p in fresh.language_model.named_parameters() if "lora_" in n}
     assert loaded and all(torch.equal(p, saved[n]) and p.requires_grad for n, p in loaded.items())
-    wider = VisionLanguageSurvivalModel(dataclasses.replace(tiny_model_config, lora=LoRAConfig(
-        r=8, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])))
-    with pytest.raises(ModelLoadError, match=r"LoRA adapter .*saved/adapter: its weights do not fit the model's LoRA"):
+    wider = VisionLanguageSurvivalModel(
+        dataclasses.replace(
+            tiny_model_config, lora=LoRAConfig(r=8, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+        )
+    )
+    with pytest.raises(
+        ModelLoadError, match=r"LoRA adapter .*saved/adapter: its weights do not fit the model's LoRA"
+    ):
         wider.load_adapter(tmp_path / "saved" / "adapter")
-    more_modules = VisionLanguageSurvivalModel(dataclasses.replace(tiny_model_config, lora=LoRAConfig(
-        r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"])))
+    more_modules = VisionLanguageSurvivalModel(
+        dataclasses.replace(
+            tiny_model_config,
+            lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj"]),
+        )
+    )
     with pytest.raises(ModelLoadError, match=r"do not fit the model's LoRA \(missing \['[^']*k_proj.lora_A"):
         more_modules.load_adapter(tmp_path / "saved" / "adapter")
     with pytest.raises(ModelLoadError, match=r"LoRA adapter .*nowhere: directory does not exist"):

@@ -23,10 +23,17 @@ def _setuptools() -> dict:
 
 def test_every_package_and_resource_folder_is_listed_in_pyproject():
     listed = set(_setuptools()["packages"])
-    code = {".".join(p.parent.relative_to(ROOT).parts) for top in ("vlsurv", "qa_extraction")
-            for p in (ROOT / top).rglob("__init__.py")}
-    resources = {".".join((RESOURCES[top], *d.relative_to(ROOT / top).parts)).rstrip(".")
-                 for top in RESOURCES for d in (ROOT / top, *(ROOT / top).rglob("*")) if d.is_dir()}
+    code = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("vlsurv", "qa_extraction")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
+    resources = {
+        ".".join((RESOURCES[top], *d.relative_to(ROOT / top).parts)).rstrip(".")
+        for top in RESOURCES
+        for d in (ROOT / top, *(ROOT / top).rglob("*"))
+        if d.is_dir()
+    }
     assert listed == code | resources
     assert _setuptools()["package-dir"] == {package: top for top, package in RESOURCES.items()}
 
@@ -38,7 +45,9 @@ def test_a_source_checkout_reads_the_top_level_folders_and_vlsurv_prompts_overri
     assert resource_dir("prompts") == PROMPTS_DIR == ROOT / "prompts"
     assert CONFIGS_DIR == ROOT / "configs"
     (tmp_path / "questions").mkdir()
-    (tmp_path / "questions" / "mine.yaml").write_text("questions:\n  - id: mass\n    text: Is there a mass?\n")
+    (tmp_path / "questions" / "mine.yaml").write_text(
+        "questions:\n  - id: mass\n    text: Is there a mass?\n"
+    )
     code = "from vlsurv.prompts import load_questions; print([q.id for q in load_questions('mine')])"
     env = {**os.environ, "VLSURV_PROMPTS": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
@@ -56,16 +65,37 @@ def build_and_install(source: Path, tmp: Path) -> Path:
         else:
             shutil.copy2(source / name, copy / name)
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(tmp / "dist"),
-                    str(copy)], check=True, cwd=tmp, capture_output=True)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(copy),
+        ],
+        check=True,
+        cwd=tmp,
+        capture_output=True,
+    )
     wheel = next((tmp / "dist").glob("vlsurv-*.whl"))
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-                   check=True, capture_output=True)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv / "bin"
 
@@ -97,11 +127,23 @@ def test_wheel_installed_outside_the_repo_finds_prompts_and_configs(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLSURV_PROMPTS")}
-    synth = subprocess.run([str(bin_dir / "vlsurv"), "synth", "--n", "4", "--out", "cohort", "--shape", "8", "8", "4"],
-                           cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    synth = subprocess.run(
+        [str(bin_dir / "vlsurv"), "synth", "--n", "4", "--out", "cohort", "--shape", "8", "8", "4"],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert synth.returncode == 0, synth.stderr
     assert (outside / "cohort" / "manifest.csv").is_file()
-    check = subprocess.run([str(bin_dir / "python"), "-c", CHECK_INSTALLED], cwd=outside, env=env,
-                           capture_output=True, text=True, timeout=300)
+    check = subprocess.run(
+        [str(bin_dir / "python"), "-c", CHECK_INSTALLED],
+        cwd=outside,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "6 questions"

@@ -255,14 +255,17 @@ def test_predict_bad_inputs_are_named(tiny_model_config, cohort):
     )
     _write_cache(cohort / "small", {"scan0": torch.zeros(TINY_IMAGE_TOKENS, TINY_IMAGE_DIM)})
     with pytest.raises(
-        PredictError, match=r"manifest.csv with feature cache .*small: 3 test scans are not in the feature cache"
+        PredictError,
+        match=r"manifest.csv with feature cache .*small: 3 test scans are not in the feature cache",
     ):
         predict(dataclasses.replace(base, cache=str(cohort / "small")), model=model, progress=False)
     (cohort / "o").mkdir()
     (cohort / "o" / "predictions.csv").write_text("scan_id,risk,risk_other\n")
     with pytest.raises(PredictError, match="predictions.csv: columns .* differ from this run's"):
         predict(base, model=model, progress=False)
-    with pytest.raises(ConfigError, match=r"^split: expected one of \['train', 'val', 'test', 'all'\], got 'holdout'"):
+    with pytest.raises(
+        ConfigError, match=r"^split: expected one of \['train', 'val', 'test', 'all'\], got 'holdout'"
+    ):
         PredictConfig(split="holdout")
     with pytest.raises(ConfigError, match=r"^batch_scans: expected a value >= 1, got 0"):
         PredictConfig(batch_scans=0)

@@ -67,7 +67,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:
             number = len(self.server.calls)
-            self.server.calls.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            self.server.calls.append(
+                {"path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+            )
         status, content, delay = self.server.plan(number, body)
         time.sleep(delay)
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
@@ -79,14 +81,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def backend(url: str, **kw) -> OpenAIBackend:
-    options = dict(base_url=url, api_key=KEY, model="served-model", timeout=2.0, max_retries=2, backoff=0.01,
-                   concurrency=2, batch_size=4)
+    options = dict(
+        base_url=url,
+        api_key=KEY,
+        model="served-model",
+        timeout=2.0,
+        max_retries=2,
+        backoff=0.01,
+        concurrency=2,
+        batch_size=4,
+    )
     return OpenAIBackend(**{**options, **kw})
 
 
 def items(n_reports: int = 1, question_ids=("pleura",)) -> list[Item]:
     questions = [q for q in load_questions("lung") if q.id in question_ids]
-    return [Item(r, q) for r in read_reports(REPORTS, "report_id", ["findings"])[:n_reports] for q in questions]
+    return [
+        Item(r, q) for r in read_reports(REPORTS, "report_id", ["findings"])[:n_reports] for q in questions
+    ]
 
 
 def test_valid_answers_with_key_header_and_nothing_secret_in_logs(caplog):
@@ -118,7 +130,9 @@ def test_malformed_json_gets_one_repair_prompt_then_an_error_row():
     with FakeServer(lambda n, body: (200, '{"status": "present", "answer": ', 0.0)) as server:
         ((_, result),) = list(backend(server.base_url).run(items()))
     assert result.status == "error" and result.answer == ""
-    assert result.extra["raw"] == '{"status": "present", "answer": ' and "invalid JSON" in result.extra["error"]
+    assert (
+        result.extra["raw"] == '{"status": "present", "answer": ' and "invalid JSON" in result.extra["error"]
+    )
     assert len(server.calls) == 2
     repair = server.calls[1]["body"]["messages"]
     assert [m["role"] for m in repair] == ["system", "user", "assistant", "user"]
@@ -137,14 +151,18 @@ def test_unreachable_server_is_a_clear_error_without_the_key():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(BackendUnavailableError, match=rf"cannot reach {url}/chat/completions .* after 3 attempts") as info:
+    with pytest.raises(
+        BackendUnavailableError, match=rf"cannot reach {url}/chat/completions .* after 3 attempts"
+    ) as info:
         list(backend(url).run(items()))
     assert KEY not in str(info.value)
 
 
 def test_a_401_stops_at_once():
     with FakeServer(lambda n, body: (401, "", 0.0)) as server:
-        with pytest.raises(BackendUnavailableError, match=r"HTTP 401 .*check --base-url, --model and the API key"):
+        with pytest.raises(
+            BackendUnavailableError, match=r"HTTP 401 .*check --base-url, --model and the API key"
+        ):
             list(backend(server.base_url).run(items()))
     assert len(server.calls) == 1
 
@@ -152,14 +170,35 @@ def test_a_401_stops_at_once():
 def test_extract_killed_mid_run_then_resumed_has_every_pair_once(tmp_path, monkeypatch):
     out = tmp_path / "x.jsonl"
     plan = lambda n, body: (200, VALID, 0.03)  # noqa: E731
-    flags = ["--reports", str(REPORTS), "--id-column", "report_id", "--text-column", "findings",
-             "--backend", "openai", "--model", "m", "--concurrency", "1", "--batch-size", "1", "--out", str(out)]
+    flags = [
+        "--reports",
+        str(REPORTS),
+        "--id-column",
+        "report_id",
+        "--text-column",
+        "findings",
+        "--backend",
+        "openai",
+        "--model",
+        "m",
+        "--concurrency",
+        "1",
+        "--batch-size",
+        "1",
+        "--out",
+        str(out),
+    ]
     with FakeServer(plan) as server:
         monkeypatch.setenv("VLSURV_OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         env = dict(os.environ)
-        process = subprocess.Popen([sys.executable, "-m", "qa_extraction", "extract", *flags], cwd=REPO, env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "qa_extraction", "extract", *flags],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 5):
             time.sleep(0.02)
@@ -178,8 +217,20 @@ def test_extract_killed_mid_run_then_resumed_has_every_pair_once(tmp_path, monke
 
 def test_missing_model_flag_is_a_clear_error(tmp_path):
     with pytest.raises(BackendConfigError, match=r"--backend openai needs --model"):
-        extract_main(["--reports", str(REPORTS), "--id-column", "report_id", "--text-column", "findings",
-                      "--backend", "openai", "--out", str(tmp_path / "x.jsonl")])
+        extract_main(
+            [
+                "--reports",
+                str(REPORTS),
+                "--id-column",
+                "report_id",
+                "--text-column",
+                "findings",
+                "--backend",
+                "openai",
+                "--out",
+                str(tmp_path / "x.jsonl"),
+            ]
+        )
 
 
 def test_vocab_prompt_answered_by_the_openai_backend(tmp_path):
@@ -187,8 +238,23 @@ def test_vocab_prompt_answered_by_the_openai_backend(tmp_path):
 
     draft = "tumor: Where is the mass?\npleura: Is there a pleural effusion?"
     with FakeServer(lambda n, body: (200, draft, 0.0)) as server:
-        vocab_main(["--reports", str(REPORTS), "--text-column", "findings", "--top", "10",
-                    "--out", str(tmp_path / "words.csv"), "--backend", "openai", "--model", "m",
-                    "--base-url", server.base_url])
+        vocab_main(
+            [
+                "--reports",
+                str(REPORTS),
+                "--text-column",
+                "findings",
+                "--top",
+                "10",
+                "--out",
+                str(tmp_path / "words.csv"),
+                "--backend",
+                "openai",
+                "--model",
+                "m",
+                "--base-url",
+                server.base_url,
+            ]
+        )
     assert (tmp_path / "words.csv.questions.txt").read_text() == draft + "\n"
     assert "medical words" in server.calls[0]["body"]["messages"][0]["content"]

@@ -25,15 +25,21 @@ def test_read_template_and_a_missing_one():
         read_template("extraction/nope.txt")
 
 
-@pytest.mark.parametrize("body, message", [
-    ("questions:\n  - text: What is it?\n", r"questions\[0\]: missing 'id'"),
-    ("questions:\n  - id: Tumor Size\n    text: x?\n", r"questions\[0\]: id 'Tumor Size' must be lowercase"),
-    ("questions:\n  - id: a\n    text: x?\n  - id: a\n    text: y?\n", r"question id 'a' appears twice"),
-    ("questions:\n  - id: a\n", r"questions\[0\] \(id 'a'\): missing 'text'"),
-    ("questions:\n  - id: a\n    text: x?\n    colour: red\n", r"unknown keys \['colour'\]"),
-    ("questions: []\n", r"expected a non-empty list under 'questions:'"),
-    ("questions: [\n", r"not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("questions:\n  - text: What is it?\n", r"questions\[0\]: missing 'id'"),
+        (
+            "questions:\n  - id: Tumor Size\n    text: x?\n",
+            r"questions\[0\]: id 'Tumor Size' must be lowercase",
+        ),
+        ("questions:\n  - id: a\n    text: x?\n  - id: a\n    text: y?\n", r"question id 'a' appears twice"),
+        ("questions:\n  - id: a\n", r"questions\[0\] \(id 'a'\): missing 'text'"),
+        ("questions:\n  - id: a\n    text: x?\n    colour: red\n", r"unknown keys \['colour'\]"),
+        ("questions: []\n", r"expected a non-empty list under 'questions:'"),
+        ("questions: [\n", r"not valid YAML"),
+    ],
+)
 def test_bad_question_files_name_the_file_and_entry(tmp_path, body, message):
     path = tmp_path / "bad.yaml"
     path.write_text(body)

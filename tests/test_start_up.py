@@ -15,8 +15,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "peft", "monai", "sksurv", "lifelines", "bert_score", "matplotlib",
-         "bitsandbytes")
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "monai",
+    "sksurv",
+    "lifelines",
+    "bert_score",
+    "matplotlib",
+    "bitsandbytes",
+)
 
 
 def loaded_after_import(module: str) -> list[str]:
@@ -27,15 +36,18 @@ def loaded_after_import(module: str) -> list[str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(("module", "allowed"), [
-    ("vlsurv.cli", ()),
-    ("vlsurv.data.synthetic", ()),
-    ("vlsurv.data.inspect_v2", ()),
-    ("vlsurv.evaluate", ()),
-    ("qa_extraction.extract", ()),
-    ("vlsurv.demo", ()),
-    ("vlsurv.predict", ("torch",)),
-])
+@pytest.mark.parametrize(
+    ("module", "allowed"),
+    [
+        ("vlsurv.cli", ()),
+        ("vlsurv.data.synthetic", ()),
+        ("vlsurv.data.inspect_v2", ()),
+        ("vlsurv.evaluate", ()),
+        ("qa_extraction.extract", ()),
+        ("vlsurv.demo", ()),
+        ("vlsurv.predict", ("torch",)),
+    ],
+)
 def test_a_command_module_loads_no_heavy_library_it_does_not_need_at_import(module, allowed):
     assert sorted(set(loaded_after_import(module)) - set(allowed)) == []
 

@@ -49,16 +49,37 @@ def grid():
 def test_cohort_files_and_manifest_schema(small_cohort):
     out = small_cohort.parent
     manifest = pd.read_csv(small_cohort)
-    assert list(manifest.columns) == ["patient_id", "scan_id", "image", "report", "time", "event", "split",
-                                      *CLINICAL_COLUMNS]
+    assert list(manifest.columns) == [
+        "patient_id",
+        "scan_id",
+        "image",
+        "report",
+        "time",
+        "event",
+        "split",
+        *CLINICAL_COLUMNS,
+    ]
     assert manifest["scan_id"].is_unique and manifest["patient_id"].is_unique
-    assert all((out / path).is_file() and path == f"images/{scan}.nii.gz"
-               for path, scan in zip(manifest["image"], manifest["scan_id"]))
+    assert all(
+        (out / path).is_file() and path == f"images/{scan}.nii.gz"
+        for path, scan in zip(manifest["image"], manifest["scan_id"])
+    )
     assert manifest["split"].value_counts().to_dict() == {"train": 6, "val": 2, "test": 2}
     findings = pd.read_csv(out / "findings.csv")
     assert list(findings["scan_id"]) == list(manifest["scan_id"])
-    for column in (*QUESTION_IDS, "tumor_size_mm", "tumor_lobe", "node_size_mm", "node_station", "effusion_side",
-                   "effusion_mm", "metastasis_sites", "vessel", "bone_lesion_type", "bone_site"):
+    for column in (
+        *QUESTION_IDS,
+        "tumor_size_mm",
+        "tumor_lobe",
+        "node_size_mm",
+        "node_station",
+        "effusion_side",
+        "effusion_mm",
+        "metastasis_sites",
+        "vessel",
+        "bone_lesion_type",
+        "bone_site",
+    ):
         assert column in findings.columns
     assert set(np.unique(findings[list(QUESTION_IDS)])) <= {0, 1}
     oracle = json.loads((out / "oracle.json").read_text())
@@ -99,10 +120,18 @@ def test_patient_is_the_same_in_cohorts_of_any_size():
 def test_tissue_hu_ranges(grid):
     scan = render_scan(Findings(), grid, np.random.default_rng(0))
     expected = {
-        Tissue.AIR: (-1010, -990), Tissue.FAT: (-120, -80), Tissue.MUSCLE: (20, 60),
-        Tissue.RIGHT_LUNG: (-900, -800), Tissue.LEFT_LUNG: (-900, -800), Tissue.HEART: (20, 60),
-        Tissue.AORTA: (40, 200), Tissue.PULMONARY_ARTERY: (40, 200), Tissue.SVC: (40, 200),
-        Tissue.VERTEBRA: (600, 800), Tissue.RIB: (550, 750), Tissue.LIVER: (40, 80),
+        Tissue.AIR: (-1010, -990),
+        Tissue.FAT: (-120, -80),
+        Tissue.MUSCLE: (20, 60),
+        Tissue.RIGHT_LUNG: (-900, -800),
+        Tissue.LEFT_LUNG: (-900, -800),
+        Tissue.HEART: (20, 60),
+        Tissue.AORTA: (40, 200),
+        Tissue.PULMONARY_ARTERY: (40, 200),
+        Tissue.SVC: (40, 200),
+        Tissue.VERTEBRA: (600, 800),
+        Tissue.RIB: (550, 750),
+        Tissue.LIVER: (40, 80),
     }
     for tissue, (low, high) in expected.items():
         values = scan.hu[scan.labels == tissue]
@@ -118,10 +147,20 @@ def _touches(scan, mask, tissues) -> bool:
 
 
 def test_findings_are_visible_with_their_density(grid):
-    findings = Findings(tumor_size_mm=45, tumor_lobe="RUL", nodes=(("subcarinal", 22), ("left hilar", 15)),
-                        effusion_right_mm=40, effusion_left_mm=15, lung_metastases_mm=(12, 14),
-                        adrenal_metastasis_mm=30, adrenal_side="left", liver_metastasis_mm=25,
-                        bone_lesion="lytic", bone_site="T8 vertebral body", bone_size_mm=20)
+    findings = Findings(
+        tumor_size_mm=45,
+        tumor_lobe="RUL",
+        nodes=(("subcarinal", 22), ("left hilar", 15)),
+        effusion_right_mm=40,
+        effusion_left_mm=15,
+        lung_metastases_mm=(12, 14),
+        adrenal_metastasis_mm=30,
+        adrenal_side="left",
+        liver_metastasis_mm=25,
+        bone_lesion="lytic",
+        bone_site="T8 vertebral body",
+        bone_size_mm=20,
+    )
     scan = render_scan(findings, grid, np.random.default_rng(1))
     voxel_mm3 = np.prod(grid.spacing)
     tumor = scan.mask("tumor")
@@ -140,11 +179,18 @@ def test_findings_are_visible_with_their_density(grid):
     assert scan.mask("bone").sum() >= 3 and scan.hu[scan.mask("bone")].mean() > 900
 
 
-@pytest.mark.parametrize("vessel,lobe,tissue", [("right pulmonary artery", "RLL", Tissue.PULMONARY_ARTERY),
-                                                ("left pulmonary artery", "LUL", Tissue.PULMONARY_ARTERY),
-                                                ("superior vena cava", "RUL", Tissue.SVC)])
+@pytest.mark.parametrize(
+    "vessel,lobe,tissue",
+    [
+        ("right pulmonary artery", "RLL", Tissue.PULMONARY_ARTERY),
+        ("left pulmonary artery", "LUL", Tissue.PULMONARY_ARTERY),
+        ("superior vena cava", "RUL", Tissue.SVC),
+    ],
+)
 def test_vessel_involvement_is_a_mass_touching_that_vessel(grid, vessel, lobe, tissue):
-    scan = render_scan(Findings(tumor_size_mm=40, tumor_lobe=lobe, vessel=vessel), grid, np.random.default_rng(0))
+    scan = render_scan(
+        Findings(tumor_size_mm=40, tumor_lobe=lobe, vessel=vessel), grid, np.random.default_rng(0)
+    )
     assert _touches(scan, scan.mask("tumor"), (tissue,))
 
 
@@ -155,7 +201,9 @@ def test_tumor_without_vessel_involvement_keeps_clear_of_the_vessels(grid, lobe)
         assert not _touches(scan, scan.mask("tumor"), (Tissue.AORTA, Tissue.PULMONARY_ARTERY, Tissue.SVC))
 
 
-@pytest.mark.parametrize("shape,spacing", [(None, None), ((64, 64, 48), (6.0, 6.0, 6.0)), ((48, 48, 32), None)])
+@pytest.mark.parametrize(
+    "shape,spacing", [(None, None), ((64, 64, 48), (6.0, 6.0, 6.0)), ((48, 48, 32), None)]
+)
 def test_sampled_findings_match_what_is_drawn(grid, shape, spacing):
     grid = grid if shape is None else resolve_grid(shape, spacing)
     for i in range(25):
@@ -167,8 +215,12 @@ def test_sampled_findings_match_what_is_drawn(grid, shape, spacing):
 
 
 def _mentions_size(report: str, mm: int) -> bool:
-    return f"{mm} mm" in report or f"{mm / 10:.1f} cm" in report or f"{mm} x " in report or (
-        f"{mm / 10:.1f} x " in report)
+    return (
+        f"{mm} mm" in report
+        or f"{mm / 10:.1f} cm" in report
+        or f"{mm} x " in report
+        or (f"{mm / 10:.1f} x " in report)
+    )
 
 
 _NEGATIONS = {
@@ -200,8 +252,11 @@ def test_reports_state_present_findings_and_negate_absent_ones(table):
                 if not pd.isna(depth):
                     assert side in report.lower() and _mentions_size(report, depth)
         sites = row.metastasis_sites if row.metastases else ""
-        for site, pattern in (("lung", r"nodules? in the (contralateral )?(left|right) lung"),
-                              ("adrenal", r"adrenal (gland, suspicious|mass)"), ("liver", r"lesion in the right hepatic lobe|liver lesion measuring")):
+        for site, pattern in (
+            ("lung", r"nodules? in the (contralateral )?(left|right) lung"),
+            ("adrenal", r"adrenal (gland, suspicious|mass)"),
+            ("liver", r"lesion in the right hepatic lobe|liver lesion measuring"),
+        ):
             assert (site in sites) == (re.search(pattern, report) is not None), (site, report)
         if row.vessels:
             assert row.vessel in report
@@ -219,7 +274,10 @@ def test_reports_vary(table):
 
 def test_clinical_fields_are_tied_to_findings_but_not_copies(table):
     _, rows = table
-    assert rows["sex"].isin(["male", "female"]).all() and rows["smoking"].isin(["never", "former", "current"]).all()
+    assert (
+        rows["sex"].isin(["male", "female"]).all()
+        and rows["smoking"].isin(["never", "former", "current"]).all()
+    )
     assert rows["stage"].isin([1, 2, 3, 4]).all() and rows["age"].between(35, 90).all()
     assert set(rows["t_stage"]) <= {"T1", "T2", "T3", "T4"} and set(rows["m_stage"]) <= {"M0", "M1"}
     assert set(rows["n_stage"]) <= {"N0", "N1", "N2", "N3"}

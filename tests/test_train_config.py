@@ -20,10 +20,16 @@ STAGE2 = ROOT / "configs/tiny/stage2_deephit.yaml"
 def test_the_shipped_configs_are_all_there():
     names = {p.relative_to(ROOT).as_posix() for p in TRAIN_CONFIGS + ACCELERATE_CONFIGS}
     assert {
-        "configs/stage1.yaml", "configs/stage2_deepsurv.yaml", "configs/stage2_deephit.yaml",
-        "configs/tiny/stage1.yaml", "configs/tiny/stage2_deepsurv.yaml", "configs/tiny/stage2_deephit.yaml",
-        "configs/accelerate/single_gpu.yaml", "configs/accelerate/multi_gpu_ddp.yaml",
-        "configs/accelerate/fsdp.yaml", "configs/accelerate/deepspeed_zero2.yaml",
+        "configs/stage1.yaml",
+        "configs/stage2_deepsurv.yaml",
+        "configs/stage2_deephit.yaml",
+        "configs/tiny/stage1.yaml",
+        "configs/tiny/stage2_deepsurv.yaml",
+        "configs/tiny/stage2_deephit.yaml",
+        "configs/accelerate/single_gpu.yaml",
+        "configs/accelerate/multi_gpu_ddp.yaml",
+        "configs/accelerate/fsdp.yaml",
+        "configs/accelerate/deepspeed_zero2.yaml",
     } <= names
 
 
@@ -66,12 +72,19 @@ def test_accelerate_config_is_read_by_accelerate(path):
     )
     assert (ROOT / argv[argv.index("--config") + 1]).is_file()
     cluster = ClusterConfig.from_yaml_file(str(path))
-    expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}
+    expected = {
+        "single_gpu": "NO",
+        "multi_gpu_ddp": "MULTI_GPU",
+        "fsdp": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+    }
     assert str(cluster.distributed_type.value) == expected[path.stem]
 
 
 def test_overrides_are_typed_and_applied():
-    config = load_train_config(ROOT / "configs/stage1.yaml", ["optim.lr_lora=2e-5", "model.decoder_path=/m/x"])
+    config = load_train_config(
+        ROOT / "configs/stage1.yaml", ["optim.lr_lora=2e-5", "model.decoder_path=/m/x"]
+    )
     assert config.optim.lr_lora == 2e-5 and config.model.decoder_path == "/m/x"
 
 
@@ -82,16 +95,23 @@ def test_unknown_key_is_named():
 
 @pytest.mark.parametrize("key", ["lr_projector", "lr_lora", "lr_survival"])
 def test_negative_learning_rate_is_rejected(key):
-    with pytest.raises(ConfigError, match=rf"optim\.{key} in .*stage1\.yaml: expected a learning rate >= 0, got -1e-06"):
+    with pytest.raises(
+        ConfigError, match=rf"optim\.{key} in .*stage1\.yaml: expected a learning rate >= 0, got -1e-06"
+    ):
         load_train_config(ROOT / "configs/stage1.yaml", [f"optim.{key}=-1e-6"])
 
 
 def test_other_bad_values_name_their_key():
     with pytest.raises(ConfigError, match=r"sampling: expected one of \['patient_balanced', 'pairs'\]"):
         TrainConfig(sampling="random")
-    with pytest.raises(ConfigError, match=r"optim\.batch_size in .*stage1\.yaml: expected a value >= 1, got 0"):
+    with pytest.raises(
+        ConfigError, match=r"optim\.batch_size in .*stage1\.yaml: expected a value >= 1, got 0"
+    ):
         load_train_config(ROOT / "configs/stage1.yaml", ["optim.batch_size=0"])
-    with pytest.raises(ConfigError, match=r"optim\.betas in .*stage1\.yaml: expected two values in \[0, 1\), got \[0\.9, 1\.5\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"optim\.betas in .*stage1\.yaml: expected two values in \[0, 1\), got \[0\.9, 1\.5\]",
+    ):
         load_train_config(ROOT / "configs/stage1.yaml", ["optim.betas=[0.9, 1.5]"])
 
 
@@ -104,9 +124,14 @@ def test_stage2_without_a_stage1_projector_is_rejected(tmp_path):
 
 
 def test_deephit_without_cuts_is_rejected():
-    with pytest.raises(ConfigError, match=r"model\.survival\.num_bins in .*stage2_deephit\.yaml: expected a value >= 1, got 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.survival\.num_bins in .*stage2_deephit\.yaml: expected a value >= 1, got 0",
+    ):
         load_train_config(STAGE2, ["model.survival.num_bins=0"])
-    with pytest.raises(ConfigError, match=r"deephit_cuts: got 2 cut times, expected model\.survival\.num_bins = 4"):
+    with pytest.raises(
+        ConfigError, match=r"deephit_cuts: got 2 cut times, expected model\.survival\.num_bins = 4"
+    ):
         load_train_config(STAGE2, ["deephit_cuts=[30, 90]"])
     with pytest.raises(ConfigError, match=r"deephit_cuts: expected strictly increasing positive times"):
         load_train_config(STAGE2, ["deephit_cuts=[30, 20, 90, 100]"])
@@ -114,18 +139,28 @@ def test_deephit_without_cuts_is_rejected():
         load_train_config(STAGE2, ["model.survival.head=deepsurv", "deephit_cuts=[1, 2, 3, 4]"])
     no_events = RunData(train=None, val=None, train_time=[10.0, 20.0, 30.0], train_event=[0, 0, 0])
     config = load_train_config(STAGE2)
-    with pytest.raises(ConfigError, match=r"cannot compute the DeepHit cuts from the 'train' split .*no event"):
+    with pytest.raises(
+        ConfigError, match=r"cannot compute the DeepHit cuts from the 'train' split .*no event"
+    ):
         deephit_cuts(config, no_events)
     given = load_train_config(STAGE2, ["deephit_cuts=[10, 20, 30, 40]"])
     assert deephit_cuts(given, no_events).cuts.tolist() == [10.0, 20.0, 30.0, 40.0]
 
 
-
-@pytest.mark.parametrize(("censoring", "placement"), [("interpolate", "event_quantiles_with_tail"),
-                                                      ("deephit", "event_quantiles"), ("pycox", "event_quantiles")])
+@pytest.mark.parametrize(
+    ("censoring", "placement"),
+    [
+        ("interpolate", "event_quantiles_with_tail"),
+        ("deephit", "event_quantiles"),
+        ("pycox", "event_quantiles"),
+    ],
+)
 def test_deephit_cuts_carry_the_configured_scheme(censoring, placement):
     data = RunData(train=None, val=None, train_time=[10.0, 20.0, 30.0, 40.0, 50.0, 60.0], train_event=[1] * 6)
-    overrides = [f"model.survival.deephit_censoring={censoring}", f"model.survival.deephit_cut_placement={placement}"]
+    overrides = [
+        f"model.survival.deephit_censoring={censoring}",
+        f"model.survival.deephit_cut_placement={placement}",
+    ]
     cuts = deephit_cuts(load_train_config(STAGE2, overrides), data)
     assert (cuts.censoring, cuts.placement) == (censoring, placement)
     assert cuts.cuts[-1] == (60.0 if placement == "event_quantiles" else 50.0)  # the 4/4 or the 4/5 quantile

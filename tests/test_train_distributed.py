@@ -41,7 +41,9 @@ def launched_main(decoder: str, out: Path) -> None:
     for head in ("deepsurv", "deephit"):
         model = build_model(decoder, head)
         wrapped = accelerator.prepare(model)
-        batch = global_batch(model.processor, shard(list(range(GLOBAL_BATCH)), rank, world), model.deephit_cuts)
+        batch = global_batch(
+            model.processor, shard(list(range(GLOBAL_BATCH)), rank, world), model.deephit_cuts
+        )
         parts, backward = run_step(wrapped, batch)
         accelerator.backward(backward)
         results[head] = parts
@@ -54,9 +56,27 @@ def launched_main(decoder: str, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_dir, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "0", __file__, "--decoder", str(tiny_decoder_dir), "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        __file__,
+        "--decoder",
+        str(tiny_decoder_dir),
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     launched = json.loads((tmp_path / "parts.json").read_text())
@@ -70,7 +90,10 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_d
         for name, value in parts.items():
             assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
         reference = gradients(model)
-        distributed = {k.removeprefix("module."): v for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()}
+        distributed = {
+            k.removeprefix("module."): v
+            for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()
+        }
         assert distributed.keys() == reference.keys()
         survival = [k for k in reference if k.startswith("survival_branch.")]
         assert len(survival) == 6 and all(reference[k].abs().sum() > 0 for k in survival)
@@ -86,22 +109,70 @@ def test_two_process_training_run_matches_a_one_process_run(tiny_decoder_dir, tm
     from vlsurv.training.loop import train
 
     inputs = build_tiny_inputs(tmp_path / "inputs")
-    stage1 = train(tiny_config("stage1", inputs, tiny_decoder_dir, tmp_path / "stage1", "optim.max_steps=2",
-                                 "optim.warmup_steps=1"))
-    common = [f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-              f"model.decoder_path={tiny_decoder_dir}", f"data.stage1_dir={stage1}", "tracker=none",
-              "optim.max_steps=4", "checkpoint.every_n_steps=2", "eval.every_n_steps=2", "eval.sample_answers=1"]
+    stage1 = train(
+        tiny_config(
+            "stage1",
+            inputs,
+            tiny_decoder_dir,
+            tmp_path / "stage1",
+            "optim.max_steps=2",
+            "optim.warmup_steps=1",
+        )
+    )
+    common = [
+        f"data.manifest={inputs['manifest']}",
+        f"data.vqa={inputs['vqa']}",
+        f"data.cache={inputs['cache']}",
+        f"model.decoder_path={tiny_decoder_dir}",
+        f"data.stage1_dir={stage1}",
+        "tracker=none",
+        "optim.max_steps=4",
+        "checkpoint.every_n_steps=2",
+        "eval.every_n_steps=2",
+        "eval.sample_answers=1",
+    ]
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2_deepsurv.yaml"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               str(script), "--config", str(config), *common, "optim.batch_size=4", f"output_dir={tmp_path / 'two'}"]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(script),
+        "--config",
+        str(config),
+        *common,
+        "optim.batch_size=4",
+        f"output_dir={tmp_path / 'two'}",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one = train(tiny_config("stage2_deepsurv", inputs, tiny_decoder_dir, tmp_path / "one", *common[4:],
-                            f"data.stage1_dir={stage1}", "optim.batch_size=8"))
+    one = train(
+        tiny_config(
+            "stage2_deepsurv",
+            inputs,
+            tiny_decoder_dir,
+            tmp_path / "one",
+            *common[4:],
+            f"data.stage1_dir={stage1}",
+            "optim.batch_size=8",
+        )
+    )
     two = tmp_path / "two"
-    logs = [[json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()] for run in (one.parent, two)]
+    logs = [
+        [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        for run in (one.parent, two)
+    ]
     assert len(logs[0]) == len(logs[1]) == 4
     for a, b in zip(*logs):
         for key in ("train/loss", "train/lm", "train/surv", "train/disp", "train/align"):

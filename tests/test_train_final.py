@@ -68,7 +68,9 @@ def test_every_rank_gathers_and_only_the_main_rank_writes(tiny_model_config, tmp
     other = RecordingAccelerator(is_main_process=False)
     _trainer(model, other, tmp_path / "rank1").finish()
     assert "get_state_dict" in other.calls and not (tmp_path / "rank1" / "final").exists()
-    assert other.calls.index("get_state_dict") < len(other.calls) - 1 - other.calls[::-1].index("wait_for_everyone")
+    assert other.calls.index("get_state_dict") < len(other.calls) - 1 - other.calls[::-1].index(
+        "wait_for_everyone"
+    )
 
     main = RecordingAccelerator(is_main_process=True)
     final = _trainer(model, main, tmp_path / "rank0").finish()
@@ -77,10 +79,18 @@ def test_every_rank_gathers_and_only_the_main_rank_writes(tiny_model_config, tmp
     torch.testing.assert_close(saved["head.bias"], model.survival_branch.head.bias.detach() + 1.0)
     torch.testing.assert_close(saved["head.weight"], model.survival_branch.head.weight.detach())
     selection = json.loads((final / "selection.json").read_text())
-    assert selection == {"selected": "last", "step": 3, "metric": "val/lm_loss", "value": 1.25, "last_step": 3,
-                         "scoring": {"pool": "all", "generate": True, "max_new_tokens": 32, "do_sample": False}}
+    assert selection == {
+        "selected": "last",
+        "step": 3,
+        "metric": "val/lm_loss",
+        "value": 1.25,
+        "last_step": 3,
+        "scoring": {"pool": "all", "generate": True, "max_new_tokens": 32, "do_sample": False},
+    }
     reloaded = VisionLanguageSurvivalModel.from_pretrained(final)
-    torch.testing.assert_close(reloaded.survival_branch.head.bias, model.survival_branch.head.bias.detach() + 1.0)
+    torch.testing.assert_close(
+        reloaded.survival_branch.head.bias, model.survival_branch.head.bias.detach() + 1.0
+    )
 
 
 def test_checkpoint_hook_keeps_trainable_weights_of_a_ddp_wrapped_model():

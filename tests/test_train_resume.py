@@ -27,18 +27,36 @@ WEIGHTS = ("projector.safetensors", "adapter/adapter_model.safetensors", "surviv
 
 def _overrides(inputs: dict, decoder: Path, out: Path) -> list[str]:
     return [
-        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-        f"model.decoder_path={decoder}", f"output_dir={out}", "tracker=none",
+        f"data.manifest={inputs['manifest']}",
+        f"data.vqa={inputs['vqa']}",
+        f"data.cache={inputs['cache']}",
+        f"model.decoder_path={decoder}",
+        f"output_dir={out}",
+        "tracker=none",
         # dropout draws from the RNG, an accumulation spans batches, and evaluation runs every 5 steps (with
         # generation): all of it must line up after the restart.
-        "model.lora.dropout=0.1", "optim.grad_accum=2", "optim.batch_size=4", f"optim.max_steps={STEPS}",
-        "checkpoint.every_n_steps=3", "checkpoint.keep_last=2", "checkpoint.keep_best=true", "eval.every_n_steps=5",
+        "model.lora.dropout=0.1",
+        "optim.grad_accum=2",
+        "optim.batch_size=4",
+        f"optim.max_steps={STEPS}",
+        "checkpoint.every_n_steps=3",
+        "checkpoint.keep_last=2",
+        "checkpoint.keep_best=true",
+        "eval.every_n_steps=5",
         "eval.sample_answers=1",
     ]
 
 
 def _command(inputs: dict, decoder: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "vlsurv", "train", "--config", str(CONFIG), *_overrides(inputs, decoder, out)]
+    return [
+        sys.executable,
+        "-m",
+        "vlsurv",
+        "train",
+        "--config",
+        str(CONFIG),
+        *_overrides(inputs, decoder, out),
+    ]
 
 
 def _weights(final: Path) -> dict[str, torch.Tensor]:
@@ -54,8 +72,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_decoder_dir, tmp_
     train(load_train_config(CONFIG, _overrides(inputs, tiny_decoder_dir, straight)))
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(_command(inputs, tiny_decoder_dir, killed), stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, env=env)
+    process = subprocess.Popen(
+        _command(inputs, tiny_decoder_dir, killed),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     for line in process.stdout:
         if line.startswith("saved checkpoint"):
             process.send_signal(signal.SIGKILL)
@@ -66,8 +89,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_decoder_dir, tmp_
     manager = CheckpointManager(killed / "checkpoints", keep_last=2, keep_best=True, higher_is_better=False)
     assert manager.completed() and manager.completed()[-1][0] < STEPS
 
-    resumed = subprocess.run(_command(inputs, tiny_decoder_dir, killed) + ["--resume", "latest"],
-                             capture_output=True, text=True, env=env, timeout=300)
+    resumed = subprocess.run(
+        _command(inputs, tiny_decoder_dir, killed) + ["--resume", "latest"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     expected, actual = _weights(straight / "final"), _weights(killed / "final")
@@ -76,14 +104,19 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_decoder_dir, tmp_
         torch.testing.assert_close(actual[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
     kept = [step for step, _ in manager.completed()]
-    straight_manager = CheckpointManager(straight / "checkpoints", keep_last=2, keep_best=True, higher_is_better=False)
+    straight_manager = CheckpointManager(
+        straight / "checkpoints", keep_last=2, keep_best=True, higher_is_better=False
+    )
     assert kept == [step for step, _ in straight_manager.completed()] and 2 <= len(kept) <= 3
     assert {9, 12} & set(kept) and max(kept) <= STEPS
     assert not list((killed / "checkpoints").glob(".tmp-*"))
     best_step, best_dir = manager.best()
     assert best_step in kept
     validation = [json.loads(line) for line in (straight / "validation.jsonl").read_text().splitlines()]
-    assert read_state(best_dir)["metric"] == pytest.approx(min(v["val/lm_loss"] for v in validation), abs=1e-6)
+    assert read_state(best_dir)["metric"] == pytest.approx(
+        min(v["val/lm_loss"] for v in validation), abs=1e-6
+    )
+
 
 def test_resume_names_what_is_missing(tmp_path):
     manager = CheckpointManager(tmp_path / "checkpoints", keep_last=1, keep_best=False, higher_is_better=True)
@@ -91,7 +124,9 @@ def test_resume_names_what_is_missing(tmp_path):
         manager.resolve("latest")
     half = tmp_path / "checkpoints" / "step-000000003"
     half.mkdir(parents=True)
-    with pytest.raises(CheckpointError, match=rf"--resume {half}: not a complete checkpoint; expected .*{STATE_NAME}"):
+    with pytest.raises(
+        CheckpointError, match=rf"--resume {half}: not a complete checkpoint; expected .*{STATE_NAME}"
+    ):
         manager.resolve(str(half))
     assert manager.completed() == []
 

@@ -33,8 +33,13 @@ def whas500_rows(start: int, stop: int, d: int = 4) -> SurvivalRows:
     event = torch.tensor(y["fstat"][start:stop].astype("int64"))
     generator = torch.Generator().manual_seed(start)
     n = stop - start
-    return SurvivalRows(time, event, torch.randn(n, generator=generator), torch.randn(n, d, generator=generator),
-                        torch.randn(n, d, generator=generator))
+    return SurvivalRows(
+        time,
+        event,
+        torch.randn(n, generator=generator),
+        torch.randn(n, d, generator=generator),
+        torch.randn(n, d, generator=generator),
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Ties in `time` detected:UserWarning")  # torchsurv warns on any tie
@@ -54,8 +59,13 @@ def test_memory_joins_the_cox_risk_set_as_constants():
     time, event = torch.cat([current.time, remembered.time]), torch.cat([current.event, remembered.event])
     direct = losses.cox_loss(log_risk, time, event, ties="efron")
     torch.testing.assert_close(terms["surv"], direct, rtol=0, atol=1e-6)
-    reference = neg_partial_log_likelihood(log_risk.detach().double().unsqueeze(1), event.bool(), time.double(),
-                                           ties_method="efron", reduction="sum") / int(event.sum())
+    reference = neg_partial_log_likelihood(
+        log_risk.detach().double().unsqueeze(1),
+        event.bool(),
+        time.double(),
+        ties_method="efron",
+        reduction="sum",
+    ) / int(event.sum())
     assert float(terms["surv"].detach()) == pytest.approx(float(reference), rel=1e-5)
     alone = survival_terms(current, LossConfig(ties="efron"))["surv"]
     assert float(terms["surv"].detach()) != pytest.approx(float(alone.detach()))
@@ -71,13 +81,20 @@ def test_a_deephit_batch_without_its_labels_is_named():
     from vlsurv.model.vlm import VLMOutput
 
     survival = SurvivalOutput(z_surv=torch.zeros(2, 4), logits=torch.zeros(2, len(CUTS) + 1))
-    output = VLMOutput(lm_loss=None, logits=torch.zeros(2, 3, 5), z_pooled=torch.zeros(2, 4), survival=survival)
+    output = VLMOutput(
+        lm_loss=None, logits=torch.zeros(2, 3, 5), z_pooled=torch.zeros(2, 4), survival=survival
+    )
     batch = {"time": torch.tensor([50.0, 800.0]), "event": torch.tensor([1, 0])}
-    with pytest.raises(SurvivalConfigError, match=r"DeepHit step: the batch has no \['bin_index', 'binned_event', "
-                       r"'censored_credit'\]; expected .*SampleDataset.set_deephit_cuts\(cuts\)"):
+    with pytest.raises(
+        SurvivalConfigError,
+        match=r"DeepHit step: the batch has no \['bin_index', 'binned_event', "
+        r"'censored_credit'\]; expected .*SampleDataset.set_deephit_cuts\(cuts\)",
+    ):
         local_rows(output, batch)
     labels = DeepHitCuts(CUTS).labels(batch["time"], batch["event"])
-    batch.update(bin_index=labels.bin_index, binned_event=labels.event, censored_credit=labels.censored_credit)
+    batch.update(
+        bin_index=labels.bin_index, binned_event=labels.event, censored_credit=labels.censored_credit
+    )
     assert local_rows(output, batch).bin_index.tolist() == [0, 2]
 
 
@@ -85,7 +102,9 @@ def dropout_model(decoder: str, head: str) -> VisionLanguageSurvivalModel:
     """A seeded tiny stage-2 model in train mode with LoRA dropout 0.3 (and LoRA B moved off zero)."""
     torch.manual_seed(0)
     config = ModelConfig(
-        decoder_path=decoder, image_token_dim=16, num_image_tokens=4,
+        decoder_path=decoder,
+        image_token_dim=16,
+        num_image_tokens=4,
         lora=LoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj"]),
         survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
     )
@@ -102,8 +121,13 @@ def dropout_model(decoder: str, head: str) -> VisionLanguageSurvivalModel:
 
 def forward_of(model):
     def forward(batch: dict):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
+        return model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            image_tokens=batch["image_tokens"],
+            pool_mask=batch["attention_mask"],
+        )
+
     return forward
 
 
@@ -112,7 +136,9 @@ def test_window_backward_equals_holding_every_graph_with_dropout(tiny_decoder_di
     config = LossConfig(deephit_ranking_weight=0.5)
     model = dropout_model(str(tiny_decoder_dir), head)
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
-    batches = [global_batch(model.processor, rows, model.deephit_cuts) for rows in ([0, 1, 2], [3, 4], [5, 6])]
+    batches = [
+        global_batch(model.processor, rows, model.deephit_cuts) for rows in ([0, 1, 2], [3, 4], [5, 6])
+    ]
     forward = forward_of(model)
 
     torch.manual_seed(5)  # reference: the window's loss with the three graphs held, same RNG draws in order
@@ -140,26 +166,44 @@ def stage2_inputs(tmp_path_factory, tiny_decoder_dir) -> tuple[dict, Path]:
     """The tiny cohort and a stage-1 folder (an untrained projector and LoRA saved with save_pretrained)."""
     root = tmp_path_factory.mktemp("risk_sets")
     inputs = build_tiny_inputs(root / "inputs")
-    config = load_train_config(ROOT / "configs/tiny/stage1.yaml", [f"model.decoder_path={tiny_decoder_dir}",
-                                                                   "model.projector_input_norm=none"])
+    config = load_train_config(
+        ROOT / "configs/tiny/stage1.yaml",
+        [f"model.decoder_path={tiny_decoder_dir}", "model.projector_input_norm=none"],
+    )
     torch.manual_seed(0)
     stage1 = VisionLanguageSurvivalModel(config.model).save_pretrained(root / "stage1")
     return inputs, Path(stage1)
 
 
 def first_step_gradients(inputs: dict, stage1: Path, decoder: Path, out: Path, *overrides: str) -> dict:
-    config = load_train_config(ROOT / "configs/tiny/stage2_deepsurv.yaml", [
-        f"data.manifest={inputs['manifest']}", f"data.vqa={inputs['vqa']}", f"data.cache={inputs['cache']}",
-        f"model.decoder_path={decoder}", f"data.stage1_dir={stage1}", f"output_dir={out}", "tracker=none",
-        "progress=false", "optim.max_steps=1", "optim.warmup_steps=0", "optim.max_grad_norm=0",
-        "eval.sample_answers=0", "checkpoint.every_n_steps=0", "checkpoint.keep_best=false",
-        "model.projector_input_norm=none", *overrides,
-    ])
+    config = load_train_config(
+        ROOT / "configs/tiny/stage2_deepsurv.yaml",
+        [
+            f"data.manifest={inputs['manifest']}",
+            f"data.vqa={inputs['vqa']}",
+            f"data.cache={inputs['cache']}",
+            f"model.decoder_path={decoder}",
+            f"data.stage1_dir={stage1}",
+            f"output_dir={out}",
+            "tracker=none",
+            "progress=false",
+            "optim.max_steps=1",
+            "optim.warmup_steps=0",
+            "optim.max_grad_norm=0",
+            "eval.sample_answers=0",
+            "checkpoint.every_n_steps=0",
+            "checkpoint.keep_best=false",
+            "model.projector_input_norm=none",
+            *overrides,
+        ],
+    )
     trainer = Trainer(config)
     captured = {}
 
     def capture(optimizer, args, kwargs):
-        captured.update({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
+        captured.update(
+            {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        )
 
     trainer.optimizer.optimizer.register_step_pre_hook(capture)
     trainer.fit()
@@ -167,14 +211,31 @@ def first_step_gradients(inputs: dict, stage1: Path, decoder: Path, out: Path, *
 
 
 @pytest.mark.slow
-def test_window_step_has_the_gradient_of_one_batch_of_the_window_size(stage2_inputs, tiny_decoder_dir, tmp_path):
+def test_window_step_has_the_gradient_of_one_batch_of_the_window_size(
+    stage2_inputs, tiny_decoder_dir, tmp_path
+):
     inputs, stage1 = stage2_inputs
-    big = first_step_gradients(inputs, stage1, tiny_decoder_dir, tmp_path / "big",
-                               "optim.batch_size=12", "optim.grad_accum=1")
-    window = first_step_gradients(inputs, stage1, tiny_decoder_dir, tmp_path / "window",
-                                  "optim.batch_size=3", "optim.grad_accum=4", "loss.risk_set=window")
-    micro = first_step_gradients(inputs, stage1, tiny_decoder_dir, tmp_path / "micro",
-                                 "optim.batch_size=3", "optim.grad_accum=4", "loss.risk_set=micro_batch")
+    big = first_step_gradients(
+        inputs, stage1, tiny_decoder_dir, tmp_path / "big", "optim.batch_size=12", "optim.grad_accum=1"
+    )
+    window = first_step_gradients(
+        inputs,
+        stage1,
+        tiny_decoder_dir,
+        tmp_path / "window",
+        "optim.batch_size=3",
+        "optim.grad_accum=4",
+        "loss.risk_set=window",
+    )
+    micro = first_step_gradients(
+        inputs,
+        stage1,
+        tiny_decoder_dir,
+        tmp_path / "micro",
+        "optim.batch_size=3",
+        "optim.grad_accum=4",
+        "loss.risk_set=micro_batch",
+    )
     assert big.keys() == window.keys() == micro.keys()
     assert any(name.startswith("survival_branch.") for name in big)
     for name, grad in big.items():

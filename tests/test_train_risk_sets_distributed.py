@@ -38,10 +38,16 @@ def launched_main(decoder: str, out: Path) -> None:
         wrapped = accelerator.prepare(model)
 
         def forward(batch: dict, wrapped=wrapped):
-            return wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           image_tokens=batch["image_tokens"], pool_mask=batch["attention_mask"])
+            return wrapped(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                image_tokens=batch["image_tokens"],
+                pool_mask=batch["attention_mask"],
+            )
 
-        batches = [global_batch(model.processor, shard(rows, rank, world), model.deephit_cuts) for rows in WINDOW]
+        batches = [
+            global_batch(model.processor, shard(rows, rank, world), model.deephit_cuts) for rows in WINDOW
+        ]
         cache = cache_window(forward, batches, LossConfig(deephit_ranking_weight=0.5))
         for index, batch in enumerate(batches):
             set_rng_state(cache.rng_states[index])
@@ -56,9 +62,27 @@ def launched_main(decoder: str, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_process_window_matches_one_batch_in_one_process(tiny_decoder_dir, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "0", __file__, "--decoder", str(tiny_decoder_dir), "--out", str(tmp_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        __file__,
+        "--decoder",
+        str(tiny_decoder_dir),
+        "--out",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     launched = json.loads((tmp_path / "parts.json").read_text())
@@ -71,8 +95,10 @@ def test_two_process_window_matches_one_batch_in_one_process(tiny_decoder_dir, t
         for name, value in parts.items():
             assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
         reference = gradients(model)
-        distributed = {k.removeprefix("module."): v
-                       for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()}
+        distributed = {
+            k.removeprefix("module."): v
+            for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()
+        }
         assert distributed.keys() == reference.keys()
         for name, grad in reference.items():
             torch.testing.assert_close(distributed[name], grad, atol=1e-6, rtol=1e-5, msg=f"{head} {name}")

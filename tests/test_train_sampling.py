@@ -37,9 +37,13 @@ def test_every_process_gets_a_disjoint_nonempty_part_of_each_global_batch(world,
 
 
 def test_a_short_last_batch_is_merged_when_a_process_would_get_nothing():
-    plan = BatchPlan([f"p{i}" for i in range(9)], global_batch_size=4, mode="patient_balanced", seed=0, world=2)
+    plan = BatchPlan(
+        [f"p{i}" for i in range(9)], global_batch_size=4, mode="patient_balanced", seed=0, world=2
+    )
     assert [len(b) for b in plan.epoch(0)] == [4, 5]
-    plan = BatchPlan([f"p{i}" for i in range(10)], global_batch_size=4, mode="patient_balanced", seed=0, world=2)
+    plan = BatchPlan(
+        [f"p{i}" for i in range(10)], global_batch_size=4, mode="patient_balanced", seed=0, world=2
+    )
     assert [len(b) for b in plan.epoch(0)] == [4, 4, 2]
 
 
@@ -50,7 +54,9 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert plan.epoch(2) == again.epoch(2)
     assert plan.epoch(2) != plan.epoch(3)
     assert plan.epoch(2) != BatchPlan(patients, 8, "patient_balanced", seed=2, world=1).epoch(2)
-    questions = {i for epoch in range(10) for batch in plan.epoch(epoch) for i in batch if patients[i] == "p0"}
+    questions = {
+        i for epoch in range(10) for batch in plan.epoch(epoch) for i in batch if patients[i] == "p0"
+    }
     assert len(questions) > 1
 
 
@@ -62,7 +68,9 @@ def test_resuming_at_a_position_gives_the_remaining_batches():
 
 
 def test_too_few_patients_for_the_processes_is_an_error():
-    with pytest.raises(SamplingError, match=r"sampling='patient_balanced': 2 training patients for 3 processes"):
+    with pytest.raises(
+        SamplingError, match=r"sampling='patient_balanced': 2 training patients for 3 processes"
+    ):
         BatchPlan(["a", "a", "b"], 6, "patient_balanced", seed=0, world=3)
     with pytest.raises(SamplingError, match=r"sampling: expected one of \['patient_balanced', 'pairs'\]"):
         BatchPlan(["a"], 6, "random", seed=0, world=1)

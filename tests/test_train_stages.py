@@ -33,10 +33,14 @@ def check_frozen_and_trained(before, model, trained_prefixes: tuple[str, ...]) -
     moved = set()
     for name, p in model.named_parameters():
         trainable, old = before[name]
-        assert trainable == any(name.startswith(prefix) or prefix in name for prefix in trained_prefixes), name
+        assert trainable == any(name.startswith(prefix) or prefix in name for prefix in trained_prefixes), (
+            name
+        )
         if trainable:
             if not torch.equal(old, p.detach()):
-                moved.add(next(prefix for prefix in trained_prefixes if name.startswith(prefix) or prefix in name))
+                moved.add(
+                    next(prefix for prefix in trained_prefixes if name.startswith(prefix) or prefix in name)
+                )
         else:
             assert torch.equal(old, p.detach()), f"frozen parameter {name} changed"
     assert moved == set(trained_prefixes)
@@ -65,7 +69,9 @@ def test_stage1_trains_projector_and_lora_only(stage1_run):
     check_frozen_and_trained(before, trainer.model, ("multi_modal_projector", "lora_"))
     values = losses(trainer.run_dir)
     assert len(values) == trainer.total_steps and falls(values)
-    validation = [json.loads(line) for line in (trainer.run_dir / "validation.jsonl").read_text().splitlines()]
+    validation = [
+        json.loads(line) for line in (trainer.run_dir / "validation.jsonl").read_text().splitlines()
+    ]
     assert [v["epochs_completed"] for v in validation] == [1, 2, 3]
     assert all("val/lm_loss" in v and "val/c_index" not in v for v in validation)
     samples = [json.loads(line) for line in (trainer.run_dir / "samples.jsonl").read_text().splitlines()]
@@ -89,18 +95,34 @@ def test_stage2_keeps_the_stage1_projector_frozen_and_trains_lora_and_survival(
     head, stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
 ):
     _, _, stage1_final = stage1_run
-    config = tiny_config(f"stage2_{head}", tiny_inputs, tiny_decoder_dir, tmp_path, f"data.stage1_dir={stage1_final}",
-                         "optim.epochs=8", "checkpoint.keep_best=false")  # final = the last step (best: see below)
+    config = tiny_config(
+        f"stage2_{head}",
+        tiny_inputs,
+        tiny_decoder_dir,
+        tmp_path,
+        f"data.stage1_dir={stage1_final}",
+        "optim.epochs=8",
+        "checkpoint.keep_best=false",
+    )  # final = the last step (best: see below)
     trainer = Trainer(config)
     model = trainer.accelerator.unwrap_model(trainer.model)
     stage1_projector = load_file(str(stage1_final / "projector.safetensors"))
-    assert all(torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in stage1_projector.items())
+    assert all(
+        torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in stage1_projector.items()
+    )
     before = snapshot(trainer.model)
     final = trainer.fit()
     check_frozen_and_trained(before, trainer.model, ("survival_branch", "lora_"))
     assert falls(losses(tmp_path))
     assert set(json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[0])) >= {
-        "train/loss", "train/lm", "train/surv", "train/disp", "train/align", "lr/lora", "lr/survival"}
+        "train/loss",
+        "train/lm",
+        "train/surv",
+        "train/disp",
+        "train/align",
+        "lr/lora",
+        "lr/survival",
+    }
     validation = [json.loads(line) for line in (tmp_path / "validation.jsonl").read_text().splitlines()]
     assert all(0.0 <= v["val/c_index"] <= 1.0 for v in validation)
     if head == "deephit":
@@ -112,8 +134,15 @@ def test_stage2_keeps_the_stage1_projector_frozen_and_trains_lora_and_survival(
 def test_a_cpu_run_repeats_exactly(tiny_inputs, tiny_decoder_dir, tmp_path):
     finals = []
     for name in ("a", "b"):
-        config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, tmp_path / name, "optim.max_steps=3",
-                             "model.lora.dropout=0.1", "eval.sample_answers=0")
+        config = tiny_config(
+            "stage1",
+            tiny_inputs,
+            tiny_decoder_dir,
+            tmp_path / name,
+            "optim.max_steps=3",
+            "model.lora.dropout=0.1",
+            "eval.sample_answers=0",
+        )
         finals.append(Trainer(config).fit())
     for relative in ("projector.safetensors", "adapter/adapter_model.safetensors"):
         first, second = (load_file(str(f / relative)) for f in finals)
@@ -127,8 +156,17 @@ def _predict_c_index(model_dir: Path, inputs: dict, out: Path, split: str = "val
     from vlsurv.metrics import concordance_index
     from vlsurv.predict import PredictConfig, predict
 
-    predict(PredictConfig(model=str(model_dir), manifest=str(inputs["manifest"]), cache=str(inputs["cache"]),
-                          out=str(out), split=split, device="cpu"), progress=False)
+    predict(
+        PredictConfig(
+            model=str(model_dir),
+            manifest=str(inputs["manifest"]),
+            cache=str(inputs["cache"]),
+            out=str(out),
+            split=split,
+            device="cpu",
+        ),
+        progress=False,
+    )
     risks = pd.read_csv(out / "predictions.csv", dtype={"scan_id": str})
     manifest = pd.read_csv(inputs["manifest"], dtype={"scan_id": str}).merge(risks, on="scan_id")
     return concordance_index(manifest["time"].tolist(), manifest["event"].tolist(), manifest["risk"].tolist())
@@ -138,22 +176,39 @@ def test_stage2_validates_what_predict_deploys_and_final_holds_the_best_checkpoi
     stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
 ):
     _, _, stage1_final = stage1_run
-    config = tiny_config("stage2_deepsurv", tiny_inputs, tiny_decoder_dir, tmp_path / "run",
-                         f"data.stage1_dir={stage1_final}", "optim.epochs=4", "eval.every_n_steps=1",
-                         "eval.max_new_tokens=6", "checkpoint.keep_last=1")
+    config = tiny_config(
+        "stage2_deepsurv",
+        tiny_inputs,
+        tiny_decoder_dir,
+        tmp_path / "run",
+        f"data.stage1_dir={stage1_final}",
+        "optim.epochs=4",
+        "eval.every_n_steps=1",
+        "eval.max_new_tokens=6",
+        "checkpoint.keep_last=1",
+    )
     trainer = Trainer(config)
     final = trainer.fit()
-    validation = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    validation = [
+        json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()
+    ]
     scored = [(v["val/c_index"], v["step"]) for v in validation]
     best_value = max(value for value, _ in scored)
-    assert len({value for value, _ in scored}) > 1, "every validation gave the same C-index: nothing to select"
+    assert len({value for value, _ in scored}) > 1, (
+        "every validation gave the same C-index: nothing to select"
+    )
     selection = json.loads((final / "selection.json").read_text())
     assert selection["selected"] == "best" and selection["metric"] == "val/c_index"
     # a checkpoint is kept on a strict improvement, so the best is the first step that reached the best value
-    assert (selection["step"], selection["value"]) == (min(s for v, s in scored if v == best_value), best_value)
+    assert (selection["step"], selection["value"]) == (
+        min(s for v, s in scored if v == best_value),
+        best_value,
+    )
     assert selection["last_step"] == trainer.total_steps
     assert selection["scoring"] == {"pool": "all", "generate": True, "max_new_tokens": 6, "do_sample": False}
-    checkpoint = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{selection['step']:09d}" / "model.safetensors"))
+    checkpoint = load_file(
+        str(tmp_path / "run" / "checkpoints" / f"step-{selection['step']:09d}" / "model.safetensors")
+    )
     saved = load_file(str(final / "survival_branch.safetensors"))
     assert all(torch.equal(saved[key], checkpoint[f"survival_branch.{key}"]) for key in saved)
     # predict on final/ with its defaults (pool, answer length from selection.json) gets the validated C-index
@@ -161,9 +216,18 @@ def test_stage2_validates_what_predict_deploys_and_final_holds_the_best_checkpoi
     assert all(v["truncated_answers"] == 0 for v in validation)
 
 
-def test_answers_over_the_length_cap_are_counted_in_the_validation_log(tiny_inputs, tiny_decoder_dir, tmp_path):
-    config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, tmp_path, "optim.max_steps=3",
-                         "model.max_answer_tokens=3", "eval.sample_answers=0")
+def test_answers_over_the_length_cap_are_counted_in_the_validation_log(
+    tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    config = tiny_config(
+        "stage1",
+        tiny_inputs,
+        tiny_decoder_dir,
+        tmp_path,
+        "optim.max_steps=3",
+        "model.max_answer_tokens=3",
+        "eval.sample_answers=0",
+    )
     Trainer(config).fit()
     lines = (tmp_path / "validation.jsonl").read_text().splitlines()
     counts = [json.loads(line)["truncated_answers"] for line in lines]

@@ -13,14 +13,17 @@ from vlsurv.data.transforms import PreprocessConfig, build_preprocess, config_ha
 
 # Array axis 0 runs anterior -> posterior (1.3 mm), axis 1 right -> left (2.0 mm), axis 2 inferior -> superior
 # (2.5 mm): a permuted, flipped, LPS-like layout with odd spacing.
-NON_RAS_AFFINE = np.array([
-    [0.0, -2.0, 0.0, 30.0],
-    [-1.3, 0.0, 0.0, 12.0],
-    [0.0, 0.0, 2.5, -40.0],
-    [0.0, 0.0, 0.0, 1.0],
-])
-CFG = PreprocessConfig(spacing=(2.0, 2.0, 3.0), spatial_size=(24, 32, 20), hu_min=-500.0, hu_max=500.0,
-                       out_min=-1.0, out_max=2.0)
+NON_RAS_AFFINE = np.array(
+    [
+        [0.0, -2.0, 0.0, 30.0],
+        [-1.3, 0.0, 0.0, 12.0],
+        [0.0, 0.0, 2.5, -40.0],
+        [0.0, 0.0, 0.0, 1.0],
+    ]
+)
+CFG = PreprocessConfig(
+    spacing=(2.0, 2.0, 3.0), spatial_size=(24, 32, 20), hu_min=-500.0, hu_max=500.0, out_min=-1.0, out_max=2.0
+)
 
 
 def make_volume():
@@ -70,17 +73,22 @@ def test_config_hash_is_stable_and_sensitive():
     assert config_hash(PreprocessConfig()) == config_hash(PreprocessConfig())
     assert len(config_hash(PreprocessConfig())) == 64
     ints = PreprocessConfig(spacing=(6, 6, 6), spatial_size=(64.0, 64.0, 32.0))
-    assert config_hash(ints) == config_hash(PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32)))
+    assert config_hash(ints) == config_hash(
+        PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
+    )
     assert config_hash(PreprocessConfig(hu_min=-900.0)) != config_hash(PreprocessConfig())
     assert config_hash(PreprocessConfig(orientation="ras")) == config_hash(PreprocessConfig())
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"orientation": "RAR"}, r"orientation: expected 3 axis codes such as 'RAS', got 'RAR'"),
-    ({"spacing": (1.0, 0.0, 1.0)}, r"spacing: expected 3 positive mm values"),
-    ({"spatial_size": (8, 8)}, r"spatial_size: expected 3 positive sizes"),
-    ({"hu_min": 100.0, "hu_max": -100.0}, r"expected hu_min < hu_max"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"orientation": "RAR"}, r"orientation: expected 3 axis codes such as 'RAS', got 'RAR'"),
+        ({"spacing": (1.0, 0.0, 1.0)}, r"spacing: expected 3 positive mm values"),
+        ({"spatial_size": (8, 8)}, r"spatial_size: expected 3 positive sizes"),
+        ({"hu_min": 100.0, "hu_max": -100.0}, r"expected hu_min < hu_max"),
+    ],
+)
 def test_bad_config(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         PreprocessConfig(**kwargs)

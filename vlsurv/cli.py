@@ -43,8 +43,11 @@ def usage(prog: str, commands: dict[str, tuple[str, str]]) -> str:
     width = max(map(len, commands))
     lines = [f"usage: {prog} [{DEBUG_FLAG}] <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in commands.items()]
-    lines += ["", f"`{prog} <command> --help` lists a command's options.",
-              f"An error is one line; `{prog} {DEBUG_FLAG} <command> ...` (or {DEBUG_ENV}=1) shows its traceback."]
+    lines += [
+        "",
+        f"`{prog} <command> --help` lists a command's options.",
+        f"An error is one line; `{prog} {DEBUG_FLAG} <command> ...` (or {DEBUG_ENV}=1) shows its traceback.",
+    ]
     return "\n".join(lines)
 
 

@@ -246,7 +246,9 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "command line") -> dict[str, Any]:
+def apply_overrides(
+    data: dict[str, Any], overrides: list[str], source: str = "command line"
+) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested mapping, in place."""
     for item in overrides:
         if "=" not in item:
@@ -261,7 +263,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str = "c
         try:
             node[keys[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {dotted} from the {source}: {raw!r} is not a YAML value ({getattr(err, 'problem', err)})") from err
+            raise ConfigError(
+                f"override {dotted} from the {source}: {raw!r} is not a YAML value ({getattr(err, 'problem', err)})"
+            ) from err
     return data
 
 
@@ -279,7 +283,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
+            raise ConfigError(
+                f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})"
+            ) from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
         data = loaded or {}

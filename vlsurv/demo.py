@@ -99,7 +99,9 @@ def _extract_vqa(manifest: Path, out: Path) -> Path:
     training file (``not_mentioned`` and ``error`` rows dropped, as ``qa_extraction to-vqa`` does)."""
     extractions, vqa = out / "extractions.jsonl", out / "vqa.jsonl"
     questions = load_questions("lung")
-    run_extraction(read_reports(manifest, "scan_id", ["report"]), questions, RulesBackend(questions), extractions)
+    run_extraction(
+        read_reports(manifest, "scan_id", ["report"]), questions, RulesBackend(questions), extractions
+    )
     scan_ids = pd.read_csv(manifest, usecols=["scan_id"], dtype=str)["scan_id"]
     rows, dropped = vqa_rows(read_extractions(extractions), {scan_id: [scan_id] for scan_id in scan_ids})
     write_jsonl(vqa, rows)
@@ -135,14 +137,17 @@ def clinical_only_c_index(manifest: pd.DataFrame) -> float:
     """Harrell's C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
     value = clinical_cox_c_index(manifest)
     if value is None:
-        raise DemoError("clinical-only baseline: the CoxPH fit did not converge or the train split has < 5 events")
+        raise DemoError(
+            "clinical-only baseline: the CoxPH fit did not converge or the train split has < 5 events"
+        )
     return value
 
 
 def split_c_index(predictions_csv: Path, manifest: pd.DataFrame, split: str) -> float:
     """Harrell's C of the mean six-question risk over the scans of ``split``."""
     rows = pd.read_csv(predictions_csv, dtype={"scan_id": str}).merge(
-        manifest.astype({"scan_id": str}), on="scan_id")
+        manifest.astype({"scan_id": str}), on="scan_id"
+    )
     rows = rows[rows["split"] == split]
     return concordance_index(rows["time"].to_numpy(), rows["event"].to_numpy(), rows["risk"].to_numpy())
 
@@ -170,9 +175,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     vqa = _extract_vqa(manifest_path, out / "qa")
     step = _step("2 extraction (rules) + VQA", timings, step)
 
-    decoder = build_tiny_decoder(out / "decoder", _decoder_texts(manifest, vqa), num_layers=cfg.decoder_layers,
-                                 hidden_size=cfg.decoder_hidden, seed=cfg.seed,
-                                 pretrain_steps=cfg.decoder_pretrain_steps)
+    decoder = build_tiny_decoder(
+        out / "decoder",
+        _decoder_texts(manifest, vqa),
+        num_layers=cfg.decoder_layers,
+        hidden_size=cfg.decoder_hidden,
+        seed=cfg.seed,
+        pretrain_steps=cfg.decoder_pretrain_steps,
+    )
     step = _step("3 tiny decoder + tokenizer", timings, step)
 
     preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
@@ -181,25 +191,59 @@ def run_demo(cfg: DemoConfig) -> dict:
     tokens, dim = FeatureCache(out / "cache").token_shape
     step = _step("4 feature cache", timings, step)
 
-    common = [f"data.manifest={manifest_path}", f"data.vqa={vqa}", f"data.cache={out / 'cache'}",
-              f"model.decoder_path={decoder}", f"model.image_token_dim={dim}", f"model.num_image_tokens={tokens}",
-              f"seed={cfg.seed}", f"progress={str(cfg.progress).lower()}"]
-    stage1 = _train("stage1.yaml", [*common, f"output_dir={out / 'stage1'}", f"optim.epochs={cfg.stage1_epochs}",
-                                    *cfg.train_overrides])
+    common = [
+        f"data.manifest={manifest_path}",
+        f"data.vqa={vqa}",
+        f"data.cache={out / 'cache'}",
+        f"model.decoder_path={decoder}",
+        f"model.image_token_dim={dim}",
+        f"model.num_image_tokens={tokens}",
+        f"seed={cfg.seed}",
+        f"progress={str(cfg.progress).lower()}",
+    ]
+    stage1 = _train(
+        "stage1.yaml",
+        [*common, f"output_dir={out / 'stage1'}", f"optim.epochs={cfg.stage1_epochs}", *cfg.train_overrides],
+    )
     step = _step("5 stage 1", timings, step)
-    stage2 = _train(f"stage2_{cfg.head}.yaml", [*common, f"data.stage1_dir={stage1}", f"output_dir={out / 'stage2'}",
-                                                f"optim.epochs={cfg.stage2_epochs}", *cfg.train_overrides])
+    stage2 = _train(
+        f"stage2_{cfg.head}.yaml",
+        [
+            *common,
+            f"data.stage1_dir={stage1}",
+            f"output_dir={out / 'stage2'}",
+            f"optim.epochs={cfg.stage2_epochs}",
+            *cfg.train_overrides,
+        ],
+    )
     step = _step("6 stage 2", timings, step)
 
-    predictions = predict(PredictConfig(model=str(stage2), manifest=str(manifest_path), cache=str(out / "cache"),
-                                        out=str(out / "predictions"), split="all", seed=cfg.seed),
-                          progress=cfg.progress)
+    predictions = predict(
+        PredictConfig(
+            model=str(stage2),
+            manifest=str(manifest_path),
+            cache=str(out / "cache"),
+            out=str(out / "predictions"),
+            split="all",
+            seed=cfg.seed,
+        ),
+        progress=cfg.progress,
+    )
     step = _step("7 predict (every scan; metrics on test, baselines from train)", timings, step)
 
-    metrics = evaluate_predictions(predictions, manifest_path, out / "eval", vqa=vqa,
-                                   config=EvaluationConfig(bootstrap=cfg.bootstrap, seed=cfg.seed, split="test",
-                                                           bertscore_samples=cfg.bertscore_samples,
-                                                           skip_invalid_horizons=True))
+    metrics = evaluate_predictions(
+        predictions,
+        manifest_path,
+        out / "eval",
+        vqa=vqa,
+        config=EvaluationConfig(
+            bootstrap=cfg.bootstrap,
+            seed=cfg.seed,
+            split="test",
+            bertscore_samples=cfg.bertscore_samples,
+            skip_invalid_horizons=True,
+        ),
+    )
     shutil.copyfile(out / "eval" / "report.html", out / "report.html")
     clinical_c = clinical_only_c_index(manifest)
     step = _step("8 evaluate + clinical-only baseline", timings, step)
@@ -207,12 +251,21 @@ def run_demo(cfg: DemoConfig) -> dict:
     oracle = json.loads((out / "cohort" / "oracle.json").read_text())
     train_c = split_c_index(predictions / "predictions.csv", manifest, "train")
     summary = {
-        "c_index": metrics["c_index"], "c_index_ci": metrics.get("c_index_ci"),
-        "c_index_clinical_only": clinical_c, "c_index_train": train_c, "oracle_c_index": oracle["oracle_c_index_test"],
-        "uno_c": metrics.get("uno_c"), "td_auc": metrics.get("td_auc"), "logrank_p": metrics["logrank_p"],
-        "bertscore_f1": metrics.get("bertscore_f1"), "per_question_c_index": metrics.get("per_question_c_index"),
-        "n_test": metrics["n"], "n_test_events": metrics["n_events"], "head": cfg.head,
-        "step_seconds": timings, "wall_seconds": round(time.perf_counter() - begin, 1),
+        "c_index": metrics["c_index"],
+        "c_index_ci": metrics.get("c_index_ci"),
+        "c_index_clinical_only": clinical_c,
+        "c_index_train": train_c,
+        "oracle_c_index": oracle["oracle_c_index_test"],
+        "uno_c": metrics.get("uno_c"),
+        "td_auc": metrics.get("td_auc"),
+        "logrank_p": metrics["logrank_p"],
+        "bertscore_f1": metrics.get("bertscore_f1"),
+        "per_question_c_index": metrics.get("per_question_c_index"),
+        "n_test": metrics["n"],
+        "n_test_events": metrics["n_events"],
+        "head": cfg.head,
+        "step_seconds": timings,
+        "wall_seconds": round(time.perf_counter() - begin, 1),
         "config": asdict(cfg),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -221,7 +274,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def _print_summary(summary: dict, out: Path) -> None:
     ci = summary["c_index_ci"] or [float("nan"), float("nan")]
-    print(f"\nvlsurv demo ({summary['head']}), {summary['n_test']} test patients, {summary['n_test_events']} events")
+    print(
+        f"\nvlsurv demo ({summary['head']}), {summary['n_test']} test patients, {summary['n_test_events']} events"
+    )
     print(f"  C-index (image + clinical + text) {summary['c_index']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]")
     print(f"  C-index clinical-only CoxPH       {summary['c_index_clinical_only']:.3f}")
     print(f"  oracle C-index (true hazard)      {summary['oracle_c_index']:.3f}")
@@ -235,7 +290,9 @@ def _print_summary(summary: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv demo", description=__doc__.splitlines()[0])
     add_config_arguments(parser, DemoConfig, skip=("train_overrides",))
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides for both stages")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="training overrides for both stages"
+    )
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(DemoConfig, args, train_overrides=args.overrides)

@@ -171,8 +171,10 @@ def _one_scan_per_patient(rows: pd.DataFrame, column: str | None, manifest: Path
     """Row indices (ascending) of each patient's earliest scan, and the rule in words."""
     if column is None:
         key = -rows.time.to_numpy(float)
-        rule = ("the scan with the longest follow-up (the time counts from the scan, so the earliest scan), "
-                "ties to the first in manifest order")
+        rule = (
+            "the scan with the longest follow-up (the time counts from the scan, so the earliest scan), "
+            "ties to the first in manifest order"
+        )
     else:
         values = rows[column]
         if not pd.api.types.is_numeric_dtype(values):
@@ -215,9 +217,11 @@ def _valid_horizons(cfg: EvaluationConfig, rows: pd.DataFrame, train: pd.DataFra
 
 def in_sample_warning(n_rows: int) -> str:
     """The plain statement that calibration used an in-sample Breslow baseline, and how to avoid it."""
-    return (f"calibration is IN-SAMPLE: no train-split predictions, so the Breslow baseline was fitted on "
-            f"the {n_rows} evaluated rows it is judged on; run `vlsurv predict --split all` to have it "
-            "fitted on the train rows")
+    return (
+        f"calibration is IN-SAMPLE: no train-split predictions, so the Breslow baseline was fitted on "
+        f"the {n_rows} evaluated rows it is judged on; run `vlsurv predict --split all` to have it "
+        "fitted on the train rows"
+    )
 
 
 def _calibration_horizons(horizons: list[float], curves, notes: list[str]) -> list[float]:
@@ -227,8 +231,10 @@ def _calibration_horizons(horizons: list[float], curves, notes: list[str]) -> li
         return horizons
     last = float(curves[1][-1])
     for horizon in (h for h in horizons if h > last):
-        notes.append(f"calibration at horizon {horizon:g} skipped: beyond the last survival-curve time {last:g} "
-                     "(S is not estimated past the last DeepHit cut)")
+        notes.append(
+            f"calibration at horizon {horizon:g} skipped: beyond the last survival-curve time {last:g} "
+            "(S is not estimated past the last DeepHit cut)"
+        )
     return [h for h in horizons if h <= last]
 
 
@@ -237,8 +243,11 @@ def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.nda
     if curves is not None:
         frame, times = curves
         probability = M.curve_risk_at(frame.loc[rows.scan_id].to_numpy(), times, horizons)
-        return probability, {"calibration_source": "survival curves",
-                             "calibration_baseline": "survival curves", "calibration_in_sample": False}
+        return probability, {
+            "calibration_source": "survival curves",
+            "calibration_baseline": "survival curves",
+            "calibration_in_sample": False,
+        }
     in_sample = train_rows.empty
     if in_sample:
         train_rows = rows
@@ -247,8 +256,11 @@ def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.nda
     else:
         source = f"Breslow baseline fitted on {len(train_rows)} train-split predictions"
     probability = M.breslow_risk_at(train_rows.time, train_rows.event, train_rows.risk, rows.risk, horizons)
-    return probability, {"calibration_source": source, "calibration_in_sample": in_sample,
-                         "calibration_baseline": "in-sample" if in_sample else "train"}
+    return probability, {
+        "calibration_source": source,
+        "calibration_in_sample": in_sample,
+        "calibration_baseline": "in-sample" if in_sample else "train",
+    }
 
 
 def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
@@ -263,9 +275,14 @@ def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
     sample = pairs.iloc[np.sort(picked)]
     candidates, references = sample.answer.astype(str).tolist(), sample.answer_reference.astype(str).tolist()
     score = metrics_text.bertscore(candidates, references, cfg.bertscore_model, cfg.bertscore_layers)
-    return {"bertscore_f1": float(score.f1.mean()), "bertscore_precision": float(score.precision.mean()),
-            "bertscore_recall": float(score.recall.mean()), "bertscore_pairs": len(sample),
-            "bertscore_model": score.model, "bertscore_layer": score.num_layers}
+    return {
+        "bertscore_f1": float(score.f1.mean()),
+        "bertscore_precision": float(score.precision.mean()),
+        "bertscore_recall": float(score.recall.mean()),
+        "bertscore_pairs": len(sample),
+        "bertscore_model": score.model,
+        "bertscore_layer": score.num_layers,
+    }
 
 
 @dataclass
@@ -321,8 +338,13 @@ def load_inputs(
     if vqa is not None and answers is None:
         raise EvaluationError(f"BERTScore against {vqa} needs {answers_path} (generated answers)")
     return EvaluationInputs(
-        rows=rows, first_scans=first_scans, patient_level=patient_level, train=train, answers=answers,
-        curves=curves, notes=notes,
+        rows=rows,
+        first_scans=first_scans,
+        patient_level=patient_level,
+        train=train,
+        answers=answers,
+        curves=curves,
+        notes=notes,
         train_rows=merged[(merged.split == "train") & ~merged.scan_id.isin(set(rows.scan_id))],
         vqa=None if vqa is None else read_answers(vqa, answer_fields),
     )
@@ -335,12 +357,17 @@ def _patient_level(cfg: EvaluationConfig, rows: pd.DataFrame, rule: str) -> dict
     cluster = cfg.patient_level == "cluster"
     return {
         "method": "cluster_bootstrap" if cluster else "one_scan_per_patient",
-        "n_scans": len(rows), "n_patients": int(scans_per_patient.size),
+        "n_scans": len(rows),
+        "n_patients": int(scans_per_patient.size),
         "patients_with_several_scans": int((scans_per_patient > 1).sum()),
         "one_scan_rule": rule,
         "point_estimates": "all scans (C-index, Uno's C, td-AUC, IBS)" if cluster else one_scan,
-        "bootstrap": ("cluster bootstrap over patients: each resample draws patients with replacement and "
-                      "keeps all of their scans") if cluster else f"over patients, {one_scan}",
+        "bootstrap": (
+            "cluster bootstrap over patients: each resample draws patients with replacement and "
+            "keeps all of their scans"
+        )
+        if cluster
+        else f"over patients, {one_scan}",
         "kaplan_meier_logrank": one_scan + ": the log-rank test needs independent patients",
         "calibration": one_scan + ": Kaplan-Meier observed risk and its CI need independent patients",
     }
@@ -358,11 +385,21 @@ def _concordance(cfg: EvaluationConfig, inputs: EvaluationInputs, tau: float) ->
     options = {"n": cfg.bootstrap, "seed": cfg.seed, "groups": rows.patient_id.to_numpy()}
     harrell = M.bootstrap_ci(M.concordance_index, time, event, risk, **options)
     uno_ci = M.bootstrap_ci(uno, time, event, risk, **options)
-    return {"c_index": harrell.estimate, "c_index_ci": harrell.as_list(), "uno_c": uno_ci.estimate,
-            "uno_c_ci": uno_ci.as_list(), "uno_c_tau": tau,
-            "bootstrap": {"resamples": cfg.bootstrap, "skipped_c_index": harrell.n_skipped,
-                          "skipped_uno_c": uno_ci.n_skipped, "seed": cfg.seed, "unit": "patient",
-                          "patients": harrell.n_groups}}
+    return {
+        "c_index": harrell.estimate,
+        "c_index_ci": harrell.as_list(),
+        "uno_c": uno_ci.estimate,
+        "uno_c_ci": uno_ci.as_list(),
+        "uno_c_tau": tau,
+        "bootstrap": {
+            "resamples": cfg.bootstrap,
+            "skipped_c_index": harrell.n_skipped,
+            "skipped_uno_c": uno_ci.n_skipped,
+            "seed": cfg.seed,
+            "unit": "patient",
+            "patients": harrell.n_groups,
+        },
+    }
 
 
 def evaluate_predictions(
@@ -381,11 +418,21 @@ def evaluate_predictions(
     time, event, risk = rows.time.to_numpy(float), rows.event.to_numpy(int), rows.risk.to_numpy(float)
     horizons, skipped = _valid_horizons(cfg, rows, train, notes)
     first = inputs.first_scans
-    results: dict = {"n": len(rows), "n_events": int(event.sum()), "n_patients": len(first),
-                     "splits": rows.split.value_counts().to_dict(), "patient_level": inputs.patient_level}
+    results: dict = {
+        "n": len(rows),
+        "n_events": int(event.sum()),
+        "n_patients": len(first),
+        "splits": rows.split.value_counts().to_dict(),
+        "patient_level": inputs.patient_level,
+    }
     results.update(_concordance(cfg, inputs, max(horizons) if horizons else float(train.time.max())))
-    results.update(horizons=horizons, skipped_horizons=skipped, td_auc={}, td_auc_mean=None,
-                   per_question_c_index=_per_question_c_index(rows, notes))
+    results.update(
+        horizons=horizons,
+        skipped_horizons=skipped,
+        td_auc={},
+        td_auc_mean=None,
+        per_question_c_index=_per_question_c_index(rows, notes),
+    )
     if inputs.curves is not None:
         results.update(_integrated_brier(inputs.curves, rows, train, notes))
     split = M.logrank_split(time[first], event[first], risk[first], groups=rows.patient_id.to_numpy()[first])
@@ -402,11 +449,15 @@ def evaluate_predictions(
         results["calibration_skipped_horizons"] = [f"{h:g}" for h in horizons if h not in calibrated]
         if calibrated:
             probability, source = _risk_at_horizons(rows, inputs.train_rows, inputs.curves, calibrated, notes)
-            tables = {h: M.calibration_table(time[first], event[first], probability[first, i], h)
-                      for i, h in enumerate(calibrated)}
+            tables = {
+                h: M.calibration_table(time[first], event[first], probability[first, i], h)
+                for i, h in enumerate(calibrated)
+            }
             results["calibration"] = {f"{h:g}": t.to_dict("records") for h, t in tables.items()}
             results.update(source)
-            images["Calibration: predicted vs observed risk"] = plot_calibration(tables, out / "calibration.png")
+            images["Calibration: predicted vs observed risk"] = plot_calibration(
+                tables, out / "calibration.png"
+            )
     results.update(bertscore_f1=None, bertscore_precision=None, bertscore_recall=None)
     if inputs.vqa is not None:
         results.update(_bertscore(cfg, inputs))
@@ -462,10 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(EvaluationConfig, args)
     results = evaluate_predictions(args.predictions, args.manifest, args.out, args.vqa, cfg)
     low, high = results["c_index_ci"]
-    print(f"n={results['n']} scans of {results['n_patients']} patients, events={results['n_events']} "
-          f"C-index {results['c_index']:.3f} [{low:.3f}, {high:.3f}] Uno's C {results['uno_c']:.3f} "
-          f"log-rank p {results['logrank_p']:.3g} ({results['patient_level']['method']}) "
-          f"-> {Path(args.out) / 'report.html'}")
+    print(
+        f"n={results['n']} scans of {results['n_patients']} patients, events={results['n_events']} "
+        f"C-index {results['c_index']:.3f} [{low:.3f}, {high:.3f}] Uno's C {results['uno_c']:.3f} "
+        f"log-rank p {results['logrank_p']:.3g} ({results['patient_level']['method']}) "
+        f"-> {Path(args.out) / 'report.html'}"
+    )
     if results.get("calibration_in_sample"):
         print(f"vlsurv evaluate: warning: {in_sample_warning(results['n'])}", file=sys.stderr)
     return 0

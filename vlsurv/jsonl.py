@@ -42,8 +42,10 @@ def parse_jsonl(
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise error(f"{source} line {number}: not valid JSON ({err.__class__.__name__}); "
-                        "expected one JSON object per line") from err
+            raise error(
+                f"{source} line {number}: not valid JSON ({err.__class__.__name__}); "
+                "expected one JSON object per line"
+            ) from err
         if not isinstance(row, dict):
             raise error(f"{source} line {number}: expected a JSON object with keys {list(required)}")
         absent = [key for key in required if key not in row]

@@ -131,7 +131,9 @@ def cox_loss(
         rank = events_so_far[event_rows] - 1.0 - events_before_group  # r = 0, ..., m_k - 1 within a group
         # T_k / D_k = sum_{i in H_k} exp(eta_i - log D_k); each term is <= 1 as i is in its own risk set
         tied_share = torch.zeros(n, dtype=log_risk.dtype, device=log_risk.device)
-        tied_share = tied_share.index_add(0, event_group, torch.exp(event_risk - log_denominator))[event_group]
+        tied_share = tied_share.index_add(0, event_group, torch.exp(event_risk - log_denominator))[
+            event_group
+        ]
         tied_share = tied_share.clamp(max=1.0)
         log_denominator = log_denominator + torch.log1p(-(rank / count) * tied_share)
     total = -(event_risk - log_denominator).sum()
@@ -141,7 +143,9 @@ def cox_loss(
 def _check_logits(logits: torch.Tensor, bin_index: torch.Tensor, event: torch.Tensor, where: str):
     _check_floating("logits", logits, where)
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise LossInputError(f"{where}: `logits` must have shape (N, K+1) with K >= 1, got {tuple(logits.shape)}")
+        raise LossInputError(
+            f"{where}: `logits` must have shape (N, K+1) with K >= 1, got {tuple(logits.shape)}"
+        )
     n, columns = logits.shape
     _check_bins(bin_index, n, columns, where)
     return _check_event(event, n, where)
@@ -196,7 +200,9 @@ def deephit_nll(
     log_total = torch.logsumexp(logits, dim=1)
     at_bin = logits.gather(1, bins).squeeze(1)
     log_from = torch.logsumexp(logits.masked_fill(column < bins, -math.inf), dim=1)  # log(S_{k-1} * total)
-    after = (column > bins) | (bins == columns - 1)  # the last column's rows have w = 0: keeps logsumexp finite
+    after = (column > bins) | (
+        bins == columns - 1
+    )  # the last column's rows have w = 0: keeps logsumexp finite
     log_after = torch.logsumexp(logits.masked_fill(~after, -math.inf), dim=1)  # log(S_k * total)
     credit = censored_credit.to(logits.dtype)
     log_censored = log_from + credit * (log_after - log_from)
@@ -299,7 +305,9 @@ def dispersion_loss_discrete(
     if num_groups < 2:
         return _zero(z)
     z_events = z[is_event]
-    sums = torch.zeros(num_groups, z.shape[1], dtype=z.dtype, device=z.device).index_add(0, group_of_row, z_events)
+    sums = torch.zeros(num_groups, z.shape[1], dtype=z.dtype, device=z.device).index_add(
+        0, group_of_row, z_events
+    )
     counts = torch.bincount(group_of_row, minlength=num_groups).to(z.dtype)
     prototypes = torch.nn.functional.normalize(sums / counts.unsqueeze(1), dim=1)
     similarity = prototypes @ prototypes.T / tau

@@ -126,7 +126,9 @@ def _resume(out: Path, header: list[str]) -> set[str]:
     finished = set(done["scan_id"])
     answers = out / ANSWERS
     if answers.is_file():
-        rows = [row for row in read_jsonl(answers, ("scan_id",), PredictError) if str(row["scan_id"]) in finished]
+        rows = [
+            row for row in read_jsonl(answers, ("scan_id",), PredictError) if str(row["scan_id"]) in finished
+        ]
         write_jsonl(answers, rows)
     curves = out / CURVES
     if curves.is_file():
@@ -194,9 +196,13 @@ def predict(
     generator = torch.Generator(device=model.language_model.get_input_embeddings().weight.device)
     generator.manual_seed(config.seed)
     texts = [q.text for q in questions]
-    clinical = sentence_function(rows.to_dict("records"), model.config.clinical_template,
-                                 max_missing_fraction=config.clinical_missing_warn,
-                                 where=f"manifest {config.manifest}", option="clinical_missing_warn")
+    clinical = sentence_function(
+        rows.to_dict("records"),
+        model.config.clinical_template,
+        max_missing_fraction=config.clinical_missing_warn,
+        where=f"manifest {config.manifest}",
+        option="clinical_missing_warn",
+    )
     with progress_bar(
         total=len(rows), initial=len(rows) - len(todo), desc="predict", unit="scan", enabled=progress
     ) as bar:

@@ -43,7 +43,13 @@ class _LineStream:
 
 
 def progress_bar(
-    *, total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, stream: IO[str] | None = None
+    *,
+    total: int,
+    desc: str,
+    unit: str = "it",
+    initial: int = 0,
+    enabled: bool = True,
+    stream: IO[str] | None = None,
 ) -> tqdm:
     """A tqdm bar over ``total`` items on ``stream`` (default stderr); see the module docstring.
 

@@ -75,7 +75,9 @@ def _question(entry: Any, index: int, source: Path) -> Question:
     if qid is None or qid == "":
         raise PromptError(f"{where}: missing 'id'; every question needs a stable id such as 'tumor'")
     if not isinstance(qid, str) or not _ID.match(qid):
-        raise PromptError(f"{where}: id {qid!r} must be lowercase letters, digits and '_' (e.g. 'lymph_nodes')")
+        raise PromptError(
+            f"{where}: id {qid!r} must be lowercase letters, digits and '_' (e.g. 'lymph_nodes')"
+        )
     text = entry.get("text")
     if not isinstance(text, str) or not text.strip():
         raise PromptError(f"{where} (id {qid!r}): missing 'text'; expected the question as a sentence")

@@ -159,12 +159,17 @@ def _metric_rows(metrics: Mapping) -> list[list[str]]:
                 f"{metrics['bertscore_pairs']} sampled pairs)",
             ]
         )
-    rows += [["scans", str(metrics["n"])], ["patients", str(metrics.get("n_patients", metrics["n"]))],
-             ["events (scans)", str(metrics["n_events"])]]
+    rows += [
+        ["scans", str(metrics["n"])],
+        ["patients", str(metrics.get("n_patients", metrics["n"]))],
+        ["events (scans)", str(metrics["n_events"])],
+    ]
     level = metrics.get("patient_level")
     if level:
-        rows += [["bootstrap CIs", level["bootstrap"]],
-                 ["Kaplan-Meier and log-rank", level["kaplan_meier_logrank"]]]
+        rows += [
+            ["bootstrap CIs", level["bootstrap"]],
+            ["Kaplan-Meier and log-rank", level["kaplan_meier_logrank"]],
+        ]
     if metrics.get("calibration_baseline"):
         in_sample = "IN-SAMPLE: " if metrics.get("calibration_in_sample") else ""
         rows.append(["calibration baseline", in_sample + metrics["calibration_source"]])

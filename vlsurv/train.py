@@ -22,7 +22,9 @@ from vlsurv.training.loop import train
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv train", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="training YAML (configs/stage1.yaml, configs/tiny/...)")
+    parser.add_argument(
+        "--config", required=True, help="training YAML (configs/stage1.yaml, configs/tiny/...)"
+    )
     parser.add_argument("--resume", help="'latest' (newest checkpoint of output_dir) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted TrainConfig overrides")
     args = parser.parse_args(argv)

@@ -25,20 +25,33 @@ def add_backend_arguments(parser: argparse.ArgumentParser, default: str | None =
     group = parser.add_argument_group("backend")
     group.add_argument("--backend", choices=BACKENDS if default else BACKENDS[1:], default=default)
     group.add_argument("--model", help="transformers: a local model folder; openai: the served model name")
-    group.add_argument("--batch-size", type=int, default=8,
-                       help="conversations generated together (openai: at least --concurrency); rows are "
-                            "written after each batch")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="conversations generated together (openai: at least --concurrency); rows are "
+        "written after each batch",
+    )
     group.add_argument("--max-new-tokens", type=int, default=160)
     group.add_argument("--trust-remote-code", action="store_true", help="transformers: run the folder's code")
     group.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    group.add_argument("--device", default=None, help="transformers: cpu, cuda, cuda:1 (default: cuda if any)")
-    group.add_argument("--base-url", default=None,
-                       help=f"openai: server URL (env VLSURV_OPENAI_BASE_URL, default {DEFAULT_BASE_URL})")
-    group.add_argument("--api-key", default=None, help="openai: API key (prefer the env variable OPENAI_API_KEY)")
+    group.add_argument(
+        "--device", default=None, help="transformers: cpu, cuda, cuda:1 (default: cuda if any)"
+    )
+    group.add_argument(
+        "--base-url",
+        default=None,
+        help=f"openai: server URL (env VLSURV_OPENAI_BASE_URL, default {DEFAULT_BASE_URL})",
+    )
+    group.add_argument(
+        "--api-key", default=None, help="openai: API key (prefer the env variable OPENAI_API_KEY)"
+    )
     group.add_argument("--concurrency", type=int, default=8, help="openai: requests in flight")
     group.add_argument("--timeout", type=float, default=120.0, help="openai: seconds per request")
     group.add_argument("--max-retries", type=int, default=3, help="openai: retries after a 5xx or a timeout")
-    group.add_argument("--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)")
+    group.add_argument(
+        "--backoff", type=float, default=1.0, help="openai: first retry delay in seconds (doubles)"
+    )
 
 
 def build_backend(args: argparse.Namespace, questions=None):
@@ -52,8 +65,14 @@ def build_backend(args: argparse.Namespace, questions=None):
 
         if not args.model:
             raise BackendConfigError("--backend transformers needs --model, a local model folder")
-        return TransformersBackend(args.model, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                   trust_remote_code=args.trust_remote_code, dtype=args.dtype, device=args.device)
+        return TransformersBackend(
+            args.model,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.dtype,
+            device=args.device,
+        )
     from qa_extraction.backends.openai_api import OpenAIBackend  # it imports BackendConfigError from here
 
     if not args.model:
@@ -61,5 +80,11 @@ def build_backend(args: argparse.Namespace, questions=None):
     return OpenAIBackend(
         base_url=args.base_url or os.environ.get("VLSURV_OPENAI_BASE_URL") or DEFAULT_BASE_URL,
         api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "",
-        model=args.model, batch_size=max(args.batch_size, args.concurrency), max_tokens=args.max_new_tokens,
-        concurrency=args.concurrency, timeout=args.timeout, max_retries=args.max_retries, backoff=args.backoff)
+        model=args.model,
+        batch_size=max(args.batch_size, args.concurrency),
+        max_tokens=args.max_new_tokens,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        backoff=args.backoff,
+    )

@@ -32,10 +32,23 @@ class BackendUnavailableError(InputError):
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, *, base_url: str, api_key: str, model: str, batch_size: int = 32, max_tokens: int = 160,
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 3, backoff: float = 1.0):
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        model: str,
+        batch_size: int = 32,
+        max_tokens: int = 160,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+    ):
         if concurrency < 1 or max_retries < 0 or timeout <= 0:
-            raise BackendConfigError("openai backend: --concurrency >= 1, --max-retries >= 0 and --timeout > 0 expected")
+            raise BackendConfigError(
+                "openai backend: --concurrency >= 1, --max-retries >= 0 and --timeout > 0 expected"
+            )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self._api_key = api_key
         self.model = model
@@ -52,8 +65,9 @@ class OpenAIBackend:
         headers = {"Content-Type": "application/json"}
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        return urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
-                                      method="POST")
+        return urllib.request.Request(
+            self.url, data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
+        )
 
     def complete(self, messages: Messages) -> str:
         """The reply text of one chat completion, with retries."""
@@ -61,7 +75,9 @@ class OpenAIBackend:
         for attempt in range(self.max_retries + 1):
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
-                log.warning("openai backend: %s; retry %d/%d in %.1fs", problem, attempt, self.max_retries, delay)
+                log.warning(
+                    "openai backend: %s; retry %d/%d in %.1fs", problem, attempt, self.max_retries, delay
+                )
                 time.sleep(delay)
             try:
                 with urllib.request.urlopen(self._request(messages), timeout=self.timeout) as response:
@@ -70,8 +86,9 @@ class OpenAIBackend:
                 problem = f"HTTP {err.code} from {self.url}"
                 if err.code in _RETRY_STATUS:
                     continue
-                raise BackendUnavailableError(f"openai backend: {problem} ({err.reason}); check --base-url, "
-                                              "--model and the API key") from None
+                raise BackendUnavailableError(
+                    f"openai backend: {problem} ({err.reason}); check --base-url, --model and the API key"
+                ) from None
             except TimeoutError:
                 problem = f"no reply from {self.url} within {self.timeout:g}s"
                 continue
@@ -83,8 +100,10 @@ class OpenAIBackend:
                 return str(json.loads(payload)["choices"][0]["message"]["content"] or "")
             except (ValueError, KeyError, IndexError, TypeError):
                 problem = f"{self.url} sent a reply that is not a chat completion"
-        raise BackendUnavailableError(f"openai backend: {problem} after {self.max_retries + 1} attempts; check "
-                                      "--base-url (or VLSURV_OPENAI_BASE_URL) and that the server is up")
+        raise BackendUnavailableError(
+            f"openai backend: {problem} after {self.max_retries + 1} attempts; check "
+            "--base-url (or VLSURV_OPENAI_BASE_URL) and that the server is up"
+        )
 
     def generate(self, conversations: list[Messages]) -> list[str]:
         pool = ThreadPoolExecutor(max_workers=self.concurrency)

@@ -39,19 +39,30 @@ def _plain_prompt(messages: Messages) -> str:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, model_dir: str | Path, *, batch_size: int = 8, max_new_tokens: int = 160,
-                 trust_remote_code: bool = False, dtype: str = "auto", device: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 160,
+        trust_remote_code: bool = False,
+        dtype: str = "auto",
+        device: str | None = None,
+    ):
         path = Path(model_dir)
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"--model {path}: not a model folder (no config.json); expected a local folder "
-                                 "saved with save_pretrained")
+            raise ModelLoadError(
+                f"--model {path}: not a model folder (no config.json); expected a local folder "
+                "saved with save_pretrained"
+            )
         self.model = path.name
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.lm = AutoModelForCausalLM.from_pretrained(
-                path, trust_remote_code=trust_remote_code, dtype=_DTYPES.get(dtype, "auto"))
+                path, trust_remote_code=trust_remote_code, dtype=_DTYPES.get(dtype, "auto")
+            )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"--model {path}: transformers cannot load it ({err})") from err
         self.lm.to(self.device).eval()
@@ -66,24 +77,35 @@ class TransformersBackend:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception:  # noqa: BLE001 - jinja raises its own TemplateError for an unsupported system role
-            return self.tokenizer.apply_chat_template(_fold_system(messages), tokenize=False,
-                                                      add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                _fold_system(messages), tokenize=False, add_generation_prompt=True
+            )
 
     @torch.no_grad()
     def generate(self, conversations: list[Messages]) -> list[str]:
         """Greedy replies, ``batch_size`` conversations at a time."""
         replies: list[str] = []
         for start in range(0, len(conversations), self.batch_size):
-            texts = [self.prompt_text(m) for m in conversations[start:start + self.batch_size]]
+            texts = [self.prompt_text(m) for m in conversations[start : start + self.batch_size]]
             templated = bool(getattr(self.tokenizer, "chat_template", None))  # the template adds BOS itself
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True,
-                                   add_special_tokens=not templated).to(self.device)
-            output = self.lm.generate(**batch, do_sample=False, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            batch = self.tokenizer(
+                texts, return_tensors="pt", padding=True, add_special_tokens=not templated
+            ).to(self.device)
+            output = self.lm.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
             replies += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return replies
 
     def run(self, items: Sequence[Item]) -> Iterator[tuple[Item, Result]]:
-        log.info("transformers backend: %d items, batch size %d, device %s", len(items), self.batch_size, self.device)
+        log.info(
+            "transformers backend: %d items, batch size %d, device %s",
+            len(items),
+            self.batch_size,
+            self.device,
+        )
         return answer_items(self.generate, items, self.batch_size, self.prompts)

@@ -84,7 +84,8 @@ def _template_path(template: str | Path) -> Path:
     if not path.is_file():
         raise ClinicalTemplateError(
             f"unknown clinical template {str(template)!r}: expected one of {available_templates()} "
-            f"(files in {PROMPTS_DIR / 'clinical'}) or a path to a .yaml template")
+            f"(files in {PROMPTS_DIR / 'clinical'}) or a path to a .yaml template"
+        )
     return path
 
 
@@ -98,33 +99,53 @@ def _parse_field(name: str, spec: Any, path: Path) -> FieldSpec:
     fmt = spec.get("format", "text")
     if fmt not in _FORMATS:
         raise ClinicalTemplateError(f"{where}: format must be one of {list(_FORMATS)}, got {fmt!r}")
-    values = tuple((str(word), tuple(str(s).lower() for s in spellings))
-                   for word, spellings in (spec.get("values") or {}).items())
+    values = tuple(
+        (str(word), tuple(str(s).lower() for s in spellings))
+        for word, spellings in (spec.get("values") or {}).items()
+    )
     words = tuple((bool(flag), str(text)) for flag, text in (spec.get("words") or {}).items())
-    return FieldSpec(name=name, columns=tuple(str(c) for c in spec["columns"]), format=fmt,
-                     decimals=int(spec.get("decimals", 1)), prefix=str(spec.get("prefix", "")),
-                     values=values, words=words)
+    return FieldSpec(
+        name=name,
+        columns=tuple(str(c) for c in spec["columns"]),
+        format=fmt,
+        decimals=int(spec.get("decimals", 1)),
+        prefix=str(spec.get("prefix", "")),
+        values=values,
+        words=words,
+    )
 
 
 def _parse_clause(item: Any, fields: dict[str, FieldSpec], path: Path) -> Clause:
     if isinstance(item, str):
         clause = Clause(parts=(item,))
     elif isinstance(item, dict) and isinstance(item.get("parts"), list) and set(item) <= {"parts", "when"}:
-        clause = Clause(parts=tuple(str(p) for p in item["parts"]),
-                        when=tuple((str(k), bool(v)) for k, v in (item.get("when") or {}).items()))
+        clause = Clause(
+            parts=tuple(str(p) for p in item["parts"]),
+            when=tuple((str(k), bool(v)) for k, v in (item.get("when") or {}).items()),
+        )
     else:
-        raise ClinicalTemplateError(f"{path}: clause {item!r}: expected a string or a mapping with 'parts' "
-                                    f"(a list) and optional 'when'")
-    for name in [n for part in clause.parts for n in _PLACEHOLDER.findall(part)] + [n for n, _ in clause.when]:
+        raise ClinicalTemplateError(
+            f"{path}: clause {item!r}: expected a string or a mapping with 'parts' "
+            f"(a list) and optional 'when'"
+        )
+    for name in [n for part in clause.parts for n in _PLACEHOLDER.findall(part)] + [
+        n for n, _ in clause.when
+    ]:
         if name not in fields:
-            raise ClinicalTemplateError(f"{path}: clause {item!r} names field {name!r}, which is not under 'fields'")
+            raise ClinicalTemplateError(
+                f"{path}: clause {item!r} names field {name!r}, which is not under 'fields'"
+            )
     for name in (n for part in clause.parts for n in _PLACEHOLDER.findall(part)):
         if fields[name].format == "flag" and {flag for flag, _ in fields[name].words} != {True, False}:
-            raise ClinicalTemplateError(f"{path}: flag field {name!r} is written in a clause, so it needs "
-                                        f"'words' for both true and false")
+            raise ClinicalTemplateError(
+                f"{path}: flag field {name!r} is written in a clause, so it needs "
+                f"'words' for both true and false"
+            )
     for name, _ in clause.when:
         if fields[name].format != "flag":
-            raise ClinicalTemplateError(f"{path}: clause {item!r}: 'when' field {name!r} must have format flag")
+            raise ClinicalTemplateError(
+                f"{path}: clause {item!r}: 'when' field {name!r} must have format flag"
+            )
     return clause
 
 
@@ -133,13 +154,20 @@ def load_template(template: str | Path) -> ClinicalTemplate:
     """Read and validate a clinical template by name ("lung", "pe") or path."""
     path = _template_path(template)
     raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict) or not isinstance(raw.get("fields"), dict) or not isinstance(
-            raw.get("clauses"), list):
-        raise ClinicalTemplateError(f"{path}: expected a mapping with 'fields' (a mapping) and 'clauses' (a list)")
+    if (
+        not isinstance(raw, dict)
+        or not isinstance(raw.get("fields"), dict)
+        or not isinstance(raw.get("clauses"), list)
+    ):
+        raise ClinicalTemplateError(
+            f"{path}: expected a mapping with 'fields' (a mapping) and 'clauses' (a list)"
+        )
     fields = {str(name): _parse_field(str(name), spec, path) for name, spec in raw["fields"].items()}
     head = tuple(_parse_clause(str(part), fields, path).parts[0] for part in raw.get("head") or ())
     clauses = tuple(_parse_clause(item, fields, path) for item in raw["clauses"])
-    return ClinicalTemplate(path=path, fields=fields, head=head, clauses=clauses, article=bool(raw.get("article")))
+    return ClinicalTemplate(
+        path=path, fields=fields, head=head, clauses=clauses, article=bool(raw.get("article"))
+    )
 
 
 def is_missing(value: Any) -> bool:
@@ -165,7 +193,11 @@ def _number(value: Any) -> float | None:
 def _format_value(spec: FieldSpec, value: Any, where: str) -> str | bool:
     """The text of ``value`` under ``spec``; a flag gives a bool."""
     if spec.format == "flag":
-        key = str(int(value)) if isinstance(value, (bool, int, float)) and _number(value) is not None else str(value)
+        key = (
+            str(int(value))
+            if isinstance(value, (bool, int, float)) and _number(value) is not None
+            else str(value)
+        )
         key = key.strip().lower()
         if key not in _TRUE | _FALSE:
             raise ClinicalTemplateError(f"{where}: expected a yes/no flag (1/0, true/false), got {value!r}")
@@ -182,9 +214,13 @@ def _format_value(spec: FieldSpec, value: Any, where: str) -> str | bool:
             if text.lower() in spellings:
                 return word
         accepted = ", ".join(word for word, _ in spec.values)
-        raise ClinicalTemplateError(f"{where}: expected one of {accepted} (or a listed spelling), got {value!r}")
+        raise ClinicalTemplateError(
+            f"{where}: expected one of {accepted} (or a listed spelling), got {value!r}"
+        )
     if spec.prefix:
-        return spec.prefix + (text[len(spec.prefix):] if text.upper().startswith(spec.prefix.upper()) else text)
+        return spec.prefix + (
+            text[len(spec.prefix) :] if text.upper().startswith(spec.prefix.upper()) else text
+        )
     return text
 
 
@@ -221,7 +257,9 @@ def _render(part: str, values: dict[str, str | bool], fields: dict[str, FieldSpe
 def _article(head: str) -> str:
     """ "A" or "An" by the sound of the head's first word ("An 81-year-old", "A 61-year-old")."""
     first = re.split(r"[\s-]", head, maxsplit=1)[0].lower()
-    vowel_sound = first[:1] in "aeio" or (first.isdigit() and (first.startswith("8") or first in ("11", "18")))
+    vowel_sound = first[:1] in "aeio" or (
+        first.isdigit() and (first.startswith("8") or first in ("11", "18"))
+    )
     return "An" if vowel_sound else "A"
 
 
@@ -276,9 +314,14 @@ def check_max_missing_fraction(value: float, option: str) -> float:
     return value
 
 
-def warn_missing_fields(rows: Iterable[Mapping], template: str | Path, *,
-                        max_fraction: float = DEFAULT_MAX_MISSING_FRACTION, where: str = "",
-                        option: str = "max_fraction") -> dict[str, float]:
+def warn_missing_fields(
+    rows: Iterable[Mapping],
+    template: str | Path,
+    *,
+    max_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+    where: str = "",
+    option: str = "max_fraction",
+) -> dict[str, float]:
     """Warn once when more than ``max_fraction`` of the rows lack a field of ``template``; return those fields.
 
     The warning names the template, ``where`` (e.g. the manifest), each such field with its columns and
@@ -289,18 +332,29 @@ def warn_missing_fields(rows: Iterable[Mapping], template: str | Path, *,
     fractions, count = missing_field_fractions(rows, template)
     over = {name: fraction for name, fraction in fractions.items() if fraction > max_fraction}
     if over:
-        listed = "; ".join(f"{name} {fraction:.0%} (columns {', '.join(spec.fields[name].columns)})"
-                           for name, fraction in over.items())
+        listed = "; ".join(
+            f"{name} {fraction:.0%} (columns {', '.join(spec.fields[name].columns)})"
+            for name, fraction in over.items()
+        )
         place = f"{where}: " if where else ""
-        warnings.warn(f"{place}clinical template {spec.path.name}: {len(over)} field(s) missing in more than "
-                      f"{max_fraction:.0%} of the {count} rows that need them: {listed}; those parts of the "
-                      f"clinical sentence are left out", MissingClinicalFieldsWarning, stacklevel=2)
+        warnings.warn(
+            f"{place}clinical template {spec.path.name}: {len(over)} field(s) missing in more than "
+            f"{max_fraction:.0%} of the {count} rows that need them: {listed}; those parts of the "
+            f"clinical sentence are left out",
+            MissingClinicalFieldsWarning,
+            stacklevel=2,
+        )
     return over
 
 
-def sentence_function(rows: Iterable[Mapping], template: str | Path, *,
-                      max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION, where: str = "",
-                      option: str = "max_missing_fraction") -> Callable[[Mapping], str]:
+def sentence_function(
+    rows: Iterable[Mapping],
+    template: str | Path,
+    *,
+    max_missing_fraction: float = DEFAULT_MAX_MISSING_FRACTION,
+    where: str = "",
+    option: str = "max_missing_fraction",
+) -> Callable[[Mapping], str]:
     """Check ``rows`` once (``warn_missing_fields``), then return ``row -> clinical_sentence(row, template)``."""
     warn_missing_fields(rows, template, max_fraction=max_missing_fraction, where=where, option=option)
     return functools.partial(clinical_sentence, template=template)

@@ -61,12 +61,20 @@ def check_volume(volume: CTVolume) -> CTVolume:
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim != 3 or min(array.shape) < 2:
-        raise CTError(f"{volume.source}: expected a 3D volume, got an image of shape {tuple(volume.array.shape)}")
+        raise CTError(
+            f"{volume.source}: expected a 3D volume, got an image of shape {tuple(volume.array.shape)}"
+        )
     non_finite = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if non_finite:
-        raise CTError(f"{volume.source}: volume contains {non_finite} NaN or infinite voxel(s); expected finite HU")
+        raise CTError(
+            f"{volume.source}: volume contains {non_finite} NaN or infinite voxel(s); expected finite HU"
+        )
     affine = np.asarray(volume.affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if (
+        affine.shape != (4, 4)
+        or not np.all(np.isfinite(affine))
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+    ):
         raise CTError(f"{volume.source}: affine is not an invertible finite 4x4 matrix")
     return CTVolume(array=array.astype(np.float32, copy=False), affine=affine, source=volume.source)
 
@@ -99,8 +107,10 @@ def _load_dicom_series(folder: Path) -> CTVolume:
     slices = _read_slices(folder)
     series = sorted({str(getattr(s, "SeriesInstanceUID", "")) for s in slices})
     if len(series) > 1:
-        raise CTError(f"{folder}: folder mixes {len(series)} DICOM series (SeriesInstanceUID {series}); "
-                      "expected one series per folder")
+        raise CTError(
+            f"{folder}: folder mixes {len(series)} DICOM series (SeriesInstanceUID {series}); "
+            "expected one series per folder"
+        )
     try:
         orientation = np.asarray([float(v) for v in slices[0].ImageOrientationPatient], dtype=np.float64)
         row_spacing, column_spacing = (float(v) for v in slices[0].PixelSpacing)
@@ -116,7 +126,9 @@ def _load_dicom_series(folder: Path) -> CTVolume:
         raise CTError(f"{folder}: expected a 3D volume, got a series of 1 slice")
     gaps = np.diff(positions @ normal)
     if np.any(gaps <= 1e-6) or np.ptp(gaps) > _SLICE_SPACING_TOLERANCE * np.mean(gaps):
-        raise CTError(f"{folder}: slice positions are not evenly spaced (gaps {np.round(gaps, 3).tolist()} mm)")
+        raise CTError(
+            f"{folder}: slice positions are not evenly spaced (gaps {np.round(gaps, 3).tolist()} mm)"
+        )
     pixels = []
     for dataset in slices:
         slope = float(getattr(dataset, "RescaleSlope", 1.0))

@@ -39,7 +39,9 @@ from vlsurv.data.ct import CTVolume, check_volume
 from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
 from vlsurv.errors import InputError
 
-_NAME_PATTERN = re.compile(r"^(?P<split>train|valid)_(?P<number>[0-9]+)_(?P<letter>[a-z]+)_(?P<index>[0-9]+)$")
+_NAME_PATTERN = re.compile(
+    r"^(?P<split>train|valid)_(?P<number>[0-9]+)_(?P<letter>[a-z]+)_(?P<index>[0-9]+)$"
+)
 _SPLIT_NAMES = {"train": "train", "valid": "val"}
 _METADATA_COLUMNS = ("VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept")
 _REPORT_COLUMNS = ("VolumeName", "Findings_EN", "Impressions_EN")
@@ -130,11 +132,15 @@ def read_ctrate_metadata(path: str | Path) -> dict[str, CTRateGeometry]:
             except (TypeError, ValueError):
                 numbers[field] = math.nan
             if not math.isfinite(numbers[field]) or (field != "RescaleIntercept" and numbers[field] <= 0):
-                raise CTRateError(f"{where}: field {field!r}: got {getattr(row, field)!r}; expected a "
-                                  f"{'finite' if field == 'RescaleIntercept' else 'positive'} number")
+                raise CTRateError(
+                    f"{where}: field {field!r}: got {getattr(row, field)!r}; expected a "
+                    f"{'finite' if field == 'RescaleIntercept' else 'positive'} number"
+                )
         geometry[scan_id_of(row.VolumeName)] = CTRateGeometry(
             xy_spacing=parse_xy_spacing(row.XYSpacing, f"{where}: field 'XYSpacing'"),
-            z_spacing=numbers["ZSpacing"], slope=numbers["RescaleSlope"], intercept=numbers["RescaleIntercept"],
+            z_spacing=numbers["ZSpacing"],
+            slope=numbers["RescaleSlope"],
+            intercept=numbers["RescaleIntercept"],
         )
     return geometry
 
@@ -145,7 +151,9 @@ def parse_dicom_age(text: object, where: str = "PatientAge") -> float:
         return math.nan
     match = _DICOM_AGE.match(str(text).strip().upper())
     if match is None:
-        raise CTRateError(f"{where}: got {text!r}; expected a DICOM age such as '036Y' (number + D, W, M or Y)")
+        raise CTRateError(
+            f"{where}: got {text!r}; expected a DICOM age such as '036Y' (number + D, W, M or Y)"
+        )
     return int(match["number"]) / _UNITS_PER_YEAR[match["unit"]]
 
 
@@ -176,16 +184,21 @@ def read_ctrate_demographics(path: str | Path) -> dict[str, dict[str, float | st
 
 def format_report(findings: object, impression: object) -> str:
     """'FINDINGS: ...\\n\\nIMPRESSION: ...', leaving out an empty part."""
-    parts = [f"{title}: {str(text).strip()}" for title, text in (("FINDINGS", findings), ("IMPRESSION", impression))
-             if isinstance(text, str) and text.strip()]
+    parts = [
+        f"{title}: {str(text).strip()}"
+        for title, text in (("FINDINGS", findings), ("IMPRESSION", impression))
+        if isinstance(text, str) and text.strip()
+    ]
     return "\n\n".join(parts)
 
 
 def read_ctrate_reports(path: str | Path) -> dict[str, str]:
     """Map scan_id -> report text from CT-RATE's reports CSV."""
     table = _read_csv(path, _REPORT_COLUMNS)
-    return {scan_id_of(row.VolumeName): format_report(row.Findings_EN, row.Impressions_EN)
-            for row in table.itertuples(index=False)}
+    return {
+        scan_id_of(row.VolumeName): format_report(row.Findings_EN, row.Impressions_EN)
+        for row in table.itertuples(index=False)
+    }
 
 
 def load_ctrate_volume(path: str | Path, geometry: CTRateGeometry) -> CTVolume:
@@ -215,8 +228,9 @@ def find_ctrate_volumes(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise CTRateError(f"{root}: CT-RATE volume folder not found")
-    volumes = sorted((p for p in root.rglob("*.nii*") if p.name.endswith((".nii.gz", ".nii"))),
-                     key=lambda p: scan_id_of(p))
+    volumes = sorted(
+        (p for p in root.rglob("*.nii*") if p.name.endswith((".nii.gz", ".nii"))), key=lambda p: scan_id_of(p)
+    )
     for path in volumes:
         parse_volume_name(path)
     if not volumes:
@@ -224,8 +238,11 @@ def find_ctrate_volumes(root: str | Path) -> list[Path]:
     return volumes
 
 
-def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Path | None = None,
-                    metadata_csv: str | Path | None = None) -> pd.DataFrame:
+def ctrate_manifest(
+    volumes: str | Path | Iterable[Path],
+    reports_csv: str | Path | None = None,
+    metadata_csv: str | Path | None = None,
+) -> pd.DataFrame:
     """Manifest rows (``MANIFEST_COLUMNS``, time/event empty) for volumes used as they are on disk.
 
     ``volumes`` is a folder (searched with ``find_ctrate_volumes``) or a list of paths. Use this for
@@ -239,10 +256,21 @@ def ctrate_manifest(volumes: str | Path | Iterable[Path], reports_csv: str | Pat
         patient_id, scan_id, split = parse_volume_name(path)
         if reports_csv is not None and scan_id not in reports:
             raise CTRateError(f"{reports_csv}: no report for volume {scan_id}")
-        rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(path.resolve()),
-                     "report": reports.get(scan_id, ""), "time": math.nan, "event": math.nan, "split": split})
+        rows.append(
+            {
+                "patient_id": patient_id,
+                "scan_id": scan_id,
+                "image": str(path.resolve()),
+                "report": reports.get(scan_id, ""),
+                "time": math.nan,
+                "event": math.nan,
+                "split": split,
+            }
+        )
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
-    return frame if metadata_csv is None else _with_demographics(frame, read_ctrate_demographics(metadata_csv))
+    return (
+        frame if metadata_csv is None else _with_demographics(frame, read_ctrate_demographics(metadata_csv))
+    )
 
 
 def _with_demographics(frame: pd.DataFrame, demographics: dict[str, dict]) -> pd.DataFrame:
@@ -251,7 +279,9 @@ def _with_demographics(frame: pd.DataFrame, demographics: dict[str, dict]) -> pd
     return frame.assign(age=[d.get("age", math.nan) for d in known], sex=[d.get("sex") for d in known])
 
 
-def iter_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path) -> Iterator[CTRateSample]:
+def iter_ctrate(
+    root: str | Path, metadata_csv: str | Path, reports_csv: str | Path
+) -> Iterator[CTRateSample]:
     """Yield every raw volume under ``root`` as a CTRateSample in HU with metadata spacing and its report."""
     geometry = read_ctrate_metadata(metadata_csv)
     reports = read_ctrate_reports(reports_csv)
@@ -261,11 +291,14 @@ def iter_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | P
             raise CTRateError(f"{metadata_csv}: no metadata row for volume {path}")
         if scan_id not in reports:
             raise CTRateError(f"{reports_csv}: no report for volume {path}")
-        yield CTRateSample(patient_id, scan_id, split, load_ctrate_volume(path, geometry[scan_id]), reports[scan_id])
+        yield CTRateSample(
+            patient_id, scan_id, split, load_ctrate_volume(path, geometry[scan_id]), reports[scan_id]
+        )
 
 
-def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str | Path,
-                   out_dir: str | Path) -> Path:
+def convert_ctrate(
+    root: str | Path, metadata_csv: str | Path, reports_csv: str | Path, out_dir: str | Path
+) -> Path:
     """Write HU volumes (int16, corrected affine) to ``out_dir/images/<scan_id>.nii.gz`` and
     ``out_dir/manifest.csv`` (time/event empty; ``age``, ``sex`` from the metadata); return the manifest path.
     Existing volumes are kept."""
@@ -286,12 +319,23 @@ def convert_ctrate(root: str | Path, metadata_csv: str | Path, reports_csv: str 
             if scan_id not in geometry:
                 raise CTRateError(f"{metadata_csv}: no metadata row for volume {path}")
             volume = load_ctrate_volume(path, geometry[scan_id])
-            hu = np.clip(np.rint(volume.array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(np.int16)
+            hu = np.clip(np.rint(volume.array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(
+                np.int16
+            )
             partial = target.with_name(f".{scan_id}.partial.nii.gz")
             nib.save(nib.Nifti1Image(hu, volume.affine), str(partial))
             partial.replace(target)
-        rows.append({"patient_id": patient_id, "scan_id": scan_id, "image": str(target.resolve()),
-                     "report": reports[scan_id], "time": math.nan, "event": math.nan, "split": split})
+        rows.append(
+            {
+                "patient_id": patient_id,
+                "scan_id": scan_id,
+                "image": str(target.resolve()),
+                "report": reports[scan_id],
+                "time": math.nan,
+                "event": math.nan,
+                "split": split,
+            }
+        )
     frame = _with_demographics(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), demographics)
     return write_manifest(frame, out_dir / "manifest.csv")
 
@@ -301,19 +345,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv ctrate", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--volumes", required=True, help="folder searched for CT-RATE .nii.gz volumes")
     parser.add_argument("--metadata", required=True, help="metadata CSV (XYSpacing, ZSpacing, Rescale*)")
-    parser.add_argument("--reports", required=True, help="reports CSV (VolumeName, Findings_EN, Impressions_EN)")
+    parser.add_argument(
+        "--reports", required=True, help="reports CSV (VolumeName, Findings_EN, Impressions_EN)"
+    )
     parser.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
-    parser.add_argument("--max-missing-fraction", type=float, default=DEFAULT_MAX_MISSING_FRACTION,
-                        help=f"warn when more than this fraction of scans lack age or sex ({CLINICAL_TEMPLATE})")
+    parser.add_argument(
+        "--max-missing-fraction",
+        type=float,
+        default=DEFAULT_MAX_MISSING_FRACTION,
+        help=f"warn when more than this fraction of scans lack age or sex ({CLINICAL_TEMPLATE})",
+    )
     args = parser.parse_args(argv)
     try:
         check_max_missing_fraction(args.max_missing_fraction, "--max-missing-fraction")
         manifest = convert_ctrate(args.volumes, args.metadata, args.reports, args.out)
         rows = pd.read_csv(manifest, usecols=["scan_id", *DEMOGRAPHIC_COLUMNS]).to_dict("records")
-        warn_missing_fields(rows, CLINICAL_TEMPLATE, max_fraction=args.max_missing_fraction, where=str(manifest),
-                            option="--max-missing-fraction")
+        warn_missing_fields(
+            rows,
+            CLINICAL_TEMPLATE,
+            max_fraction=args.max_missing_fraction,
+            where=str(manifest),
+            option="--max-missing-fraction",
+        )
     except InputError as err:
         parser.error(str(err))
-    print(f"{manifest}: CT-RATE manifest written (time and event are empty: CT-RATE has no follow-up); "
-          f"clinical sentences (age, sex): model.clinical_template={CLINICAL_TEMPLATE}")
+    print(
+        f"{manifest}: CT-RATE manifest written (time and event are empty: CT-RATE has no follow-up); "
+        f"clinical sentences (age, sex): model.clinical_template={CLINICAL_TEMPLATE}"
+    )
     return 0

@@ -60,7 +60,9 @@ def read_vqa(path: str | Path) -> list[dict[str, str]]:
     """Rows of a VQA JSONL file; a bad line raises DatasetError naming the file, the line and the field."""
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"data.vqa {path}: file does not exist; expected a JSONL file from qa_extraction to-vqa")
+        raise DatasetError(
+            f"data.vqa {path}: file does not exist; expected a JSONL file from qa_extraction to-vqa"
+        )
     rows = read_jsonl(path, error=DatasetError, check=_vqa_row_problem)
     if not rows:
         raise DatasetError(f"{path}: no VQA rows; expected one JSON object per line")
@@ -72,8 +74,16 @@ def _sample(
 ) -> Sample:
     """One (scan, question) sample of a manifest row; time NaN and event -1 when survival is not needed."""
     time, event = (float(row["time"]), int(row["event"])) if require_survival else (math.nan, -1)
-    return Sample(scan_id=str(row["scan_id"]), patient_id=str(row["patient_id"]), question_id=question_id,
-                  question=question, answer=answer, clinical=clinical, time=time, event=event)
+    return Sample(
+        scan_id=str(row["scan_id"]),
+        patient_id=str(row["patient_id"]),
+        question_id=question_id,
+        question=question,
+        answer=answer,
+        clinical=clinical,
+        time=time,
+        event=event,
+    )
 
 
 def split_rows(
@@ -109,8 +119,9 @@ def training_samples(
         if pair["scan_id"] not in by_scan:
             continue
         row, sentence = by_scan[pair["scan_id"]]
-        samples.append(_sample(row, pair["question_id"], pair["question"], pair["answer"], sentence,
-                               require_survival))
+        samples.append(
+            _sample(row, pair["question_id"], pair["question"], pair["answer"], sentence, require_survival)
+        )
     if not samples:
         raise DatasetError(f"{where}: no VQA pair belongs to a {split!r} scan; expected at least one")
     return samples
@@ -154,7 +165,9 @@ class SampleDataset(Dataset):
         event = torch.tensor([s.event for s in self.samples], dtype=torch.long)
         labels = cuts.labels(time, event)
         self.deephit_labels = {
-            "bin_index": labels.bin_index, "binned_event": labels.event, "censored_credit": labels.censored_credit,
+            "bin_index": labels.bin_index,
+            "binned_event": labels.event,
+            "censored_credit": labels.censored_credit,
         }
 
     def __len__(self) -> int:

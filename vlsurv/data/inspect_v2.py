@@ -47,8 +47,14 @@ from vlsurv.errors import InputError
 LABEL_COLUMNS = ("impression_id", "tte_mortality", "is_censored_mortality")
 _IMPRESSION_TEXT_COLUMNS = ("impressions", "impression", "report", "text")
 _PATIENT_COLUMNS = ("person_id", "patient_id")
-_SPLIT_NAMES = {"train": "train", "valid": "val", "validation": "val", "val": "val", "tune": "val",
-                "test": "test"}
+_SPLIT_NAMES = {
+    "train": "train",
+    "valid": "val",
+    "validation": "val",
+    "val": "val",
+    "tune": "val",
+    "test": "test",
+}
 PE_FLAG_COLUMNS = ("pe_positive_nlp", "pe_acute", "pe_subsegmentalonly")
 HORIZON_LABEL = re.compile(r"^\d+_month_\w+$")
 CLINICAL_TEMPLATE = "pe"
@@ -78,8 +84,9 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = [c for c in required if c not in table.columns]
     if missing:
-        raise InspectError(f"{path}: missing column(s) {missing}; expected {list(required)}, "
-                           f"found {list(table.columns)}")
+        raise InspectError(
+            f"{path}: missing column(s) {missing}; expected {list(required)}, found {list(table.columns)}"
+        )
     for column in ("impression_id", "image_id", *_PATIENT_COLUMNS):
         if column in table.columns:
             table[column] = table[column].str.strip()
@@ -90,7 +97,9 @@ def _first_present(table: pd.DataFrame, candidates: tuple[str, ...], path: Path,
     for column in candidates:
         if column in table.columns:
             return column
-    raise InspectError(f"{path}: no {what} column; expected one of {list(candidates)}, found {list(table.columns)}")
+    raise InspectError(
+        f"{path}: no {what} column; expected one of {list(candidates)}, found {list(table.columns)}"
+    )
 
 
 def _label_value(text: object, column: str, where: str) -> float:
@@ -117,14 +126,19 @@ def _label_value(text: object, column: str, where: str) -> float:
 
 def _typed_labels(labels: pd.DataFrame, path: Path) -> pd.DataFrame:
     """``tte_*``, ``is_censored_*``, PE flags and horizon labels as float columns (see module docstring)."""
-    typed = [c for c in labels.columns if c.startswith(("tte_", "is_censored_")) or c in PE_FLAG_COLUMNS
-             or HORIZON_LABEL.match(c)]
+    typed = [
+        c
+        for c in labels.columns
+        if c.startswith(("tte_", "is_censored_")) or c in PE_FLAG_COLUMNS or HORIZON_LABEL.match(c)
+    ]
     labels = labels.copy()
     for column in typed:
         labels[column] = [
             _label_value(text, column, f"{path}: row {row_number} (impression_id={impression_id!r})")
-            for row_number, (impression_id, text) in enumerate(zip(labels["impression_id"], labels[column],
-                                                                   strict=True), start=1)]
+            for row_number, (impression_id, text) in enumerate(
+                zip(labels["impression_id"], labels[column], strict=True), start=1
+            )
+        ]
     return labels
 
 
@@ -134,8 +148,10 @@ def _survival(labels: pd.DataFrame, path: Path) -> pd.DataFrame:
     for row_number, row in enumerate(labels.itertuples(index=False), start=1):
         if pd.isna(row.tte_mortality) != pd.isna(row.is_censored_mortality):
             empty = "tte_mortality" if pd.isna(row.tte_mortality) else "is_censored_mortality"
-            raise InspectError(f"{path}: row {row_number} (impression_id={row.impression_id!r}): field {empty!r} "
-                               f"is empty but its pair is not; expected both or neither")
+            raise InspectError(
+                f"{path}: row {row_number} (impression_id={row.impression_id!r}): field {empty!r} "
+                f"is empty but its pair is not; expected both or neither"
+            )
     return labels.assign(time=labels["tte_mortality"], event=1.0 - labels["is_censored_mortality"])
 
 
@@ -148,8 +164,10 @@ def _splits(root: Path) -> tuple[str, dict[str, str]]:
     for row_number, (key_value, split) in enumerate(zip(table[key], table["split"], strict=True), start=1):
         name = _SPLIT_NAMES.get(str(split).strip().lower())
         if name is None:
-            raise InspectError(f"{path}: row {row_number} ({key}={key_value!r}): field 'split': got {split!r}; "
-                               f"expected one of {sorted(_SPLIT_NAMES)}")
+            raise InspectError(
+                f"{path}: row {row_number} ({key}={key_value!r}): field 'split': got {split!r}; "
+                f"expected one of {sorted(_SPLIT_NAMES)}"
+            )
         mapping[str(key_value)] = name
     return key, mapping
 
@@ -174,12 +192,15 @@ def read_clinical_table(path: str | Path) -> tuple[str, pd.DataFrame]:
     table[key] = table[key].str.strip()
     empty = table[key].isna() | (table[key] == "")
     if empty.any():
-        raise InspectError(f"{path}: row {int(empty.to_numpy().argmax()) + 1}: field {key!r} is empty; "
-                           f"expected an id on every row")
+        raise InspectError(
+            f"{path}: row {int(empty.to_numpy().argmax()) + 1}: field {key!r} is empty; "
+            f"expected an id on every row"
+        )
     repeated = table[key].duplicated()
     if repeated.any():
-        raise InspectError(f"{path}: {key} {table[key][repeated].iloc[0]!r} has several rows; expected one row "
-                           f"per {key}")
+        raise InspectError(
+            f"{path}: {key} {table[key][repeated].iloc[0]!r} has several rows; expected one row per {key}"
+        )
     other_keys = [c for c in ("impression_id", *_PATIENT_COLUMNS) if c in table.columns and c != key]
     return key, table.drop(columns=other_keys)
 
@@ -193,18 +214,23 @@ def join_clinical(frame: pd.DataFrame, path: str | Path, *, has_person_ids: bool
     key, table = read_clinical_table(path)
     frame_key = "impression_id" if key == "impression_id" else "patient_id"
     if frame_key == "patient_id" and not has_person_ids:
-        raise InspectError(f"{path}: keyed by {key!r}, but study_mapping has no person_id column; expected a "
-                           f"table keyed by impression_id")
+        raise InspectError(
+            f"{path}: keyed by {key!r}, but study_mapping has no person_id column; expected a "
+            f"table keyed by impression_id"
+        )
     clashes = [c for c in table.columns if c != key and c in frame.columns]
     if clashes:
-        raise InspectError(f"{path}: column(s) {clashes} are already in the manifest; expected only new clinical "
-                           f"columns besides {key!r}")
+        raise InspectError(
+            f"{path}: column(s) {clashes} are already in the manifest; expected only new clinical "
+            f"columns besides {key!r}"
+        )
     joined = frame.merge(table.rename(columns={key: frame_key}), on=frame_key, how="left")
     return joined
 
 
-def inspect_manifest(root: str | Path, *, keep_unlabelled: bool = False,
-                     clinical: str | Path | None = None) -> pd.DataFrame:
+def inspect_manifest(
+    root: str | Path, *, keep_unlabelled: bool = False, clinical: str | Path | None = None
+) -> pd.DataFrame:
     """Manifest DataFrame (``MANIFEST_COLUMNS`` + extra columns) for an INSPECT v2 folder; time in days.
 
     ``clinical``: a CSV/TSV of age, sex, vitals, ... keyed by impression_id or person_id (``join_clinical``).
@@ -224,25 +250,44 @@ def inspect_manifest(root: str | Path, *, keep_unlabelled: bool = False,
 
     patient_column = next((c for c in _PATIENT_COLUMNS if c in mapping.columns), None)
     label_extras = [c for c in labels.columns if c not in (*LABEL_COLUMNS, "time", "event")]
-    table = mapping.merge(labels[["impression_id", "time", "event", *label_extras]], on="impression_id",
-                          how="left", suffixes=("", "_label"))
+    table = mapping.merge(
+        labels[["impression_id", "time", "event", *label_extras]],
+        on="impression_id",
+        how="left",
+        suffixes=("", "_label"),
+    )
     rows = []
     for row_number, row in enumerate(table.to_dict("records"), start=1):
         impression_id, image_id = row["impression_id"], row["image_id"]
         where = f"{mapping_path}: row {row_number} (image_id={image_id!r})"
         if impression_id not in reports:
-            raise InspectError(f"{where}: impression_id {impression_id!r} has no row in {impressions_path.name}")
+            raise InspectError(
+                f"{where}: impression_id {impression_id!r} has no row in {impressions_path.name}"
+            )
         split = splits.get(str(row.get(split_key)))
         if split is None:
             raise InspectError(f"{where}: {split_key} {row.get(split_key)!r} has no row in splits file")
         if not keep_unlabelled and pd.isna(row["time"]):
             continue
         patient_id = row[patient_column] if patient_column else impression_id
-        extras = {k: v for k, v in row.items()
-                  if k not in (*MANIFEST_COLUMNS, "image_id", "impression_id", patient_column)}
-        rows.append({"patient_id": patient_id, "scan_id": image_id, "image": str(root / "CTPA" / f"{image_id}.nii.gz"),
-                     "report": reports[impression_id], "time": row["time"], "event": row["event"], "split": split,
-                     "impression_id": impression_id, **extras})
+        extras = {
+            k: v
+            for k, v in row.items()
+            if k not in (*MANIFEST_COLUMNS, "image_id", "impression_id", patient_column)
+        }
+        rows.append(
+            {
+                "patient_id": patient_id,
+                "scan_id": image_id,
+                "image": str(root / "CTPA" / f"{image_id}.nii.gz"),
+                "report": reports[impression_id],
+                "time": row["time"],
+                "event": row["event"],
+                "split": split,
+                "impression_id": impression_id,
+                **extras,
+            }
+        )
     frame = pd.DataFrame(rows, columns=[*MANIFEST_COLUMNS, "impression_id", *_extra_columns(rows)])
     if not frame["event"].isna().any():
         frame["event"] = frame["event"].astype("int64")
@@ -261,19 +306,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv inspect", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--root", required=True, help="INSPECT folder (labels_*.tsv, ..., CTPA/)")
     parser.add_argument("--out", required=True, help="manifest file to write (.csv or .jsonl)")
-    parser.add_argument("--keep-unlabelled", action="store_true", help="keep studies without a mortality label")
-    parser.add_argument("--clinical", help="CSV/TSV of age, sex, vitals keyed by impression_id or person_id "
-                                           "(from the EHR; see prompts/clinical/README.md)")
-    parser.add_argument("--max-missing-fraction", type=float, default=DEFAULT_MAX_MISSING_FRACTION,
-                        help="warn when more than this fraction of scans lack a field of the pe template")
+    parser.add_argument(
+        "--keep-unlabelled", action="store_true", help="keep studies without a mortality label"
+    )
+    parser.add_argument(
+        "--clinical",
+        help="CSV/TSV of age, sex, vitals keyed by impression_id or person_id "
+        "(from the EHR; see prompts/clinical/README.md)",
+    )
+    parser.add_argument(
+        "--max-missing-fraction",
+        type=float,
+        default=DEFAULT_MAX_MISSING_FRACTION,
+        help="warn when more than this fraction of scans lack a field of the pe template",
+    )
     args = parser.parse_args(argv)
     try:
         frame = inspect_manifest(args.root, keep_unlabelled=args.keep_unlabelled, clinical=args.clinical)
-        warn_missing_fields(frame.to_dict("records"), CLINICAL_TEMPLATE, max_fraction=args.max_missing_fraction,
-                            where=str(args.out), option="--max-missing-fraction")
+        warn_missing_fields(
+            frame.to_dict("records"),
+            CLINICAL_TEMPLATE,
+            max_fraction=args.max_missing_fraction,
+            where=str(args.out),
+            option="--max-missing-fraction",
+        )
     except InputError as err:
         parser.error(str(err))
     path = write_manifest(frame, args.out)
-    print(f"{path}: {len(frame)} INSPECT scans, {int(frame['event'].sum())} deaths; clinical sentences: "
-          f"model.clinical_template={CLINICAL_TEMPLATE}")
+    print(
+        f"{path}: {len(frame)} INSPECT scans, {int(frame['event'].sum())} deaths; clinical sentences: "
+        f"model.clinical_template={CLINICAL_TEMPLATE}"
+    )
     return 0

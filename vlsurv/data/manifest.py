@@ -89,7 +89,9 @@ def _validate_rows(table: pd.DataFrame, path: Path, *, require_survival: bool, c
             if _is_missing(record[column]):
                 raise _row_error(path, index, scan_id, column, "is empty; expected a value")
         if scan_id in seen:
-            raise _row_error(path, index, scan_id, "scan_id", f"duplicate of row {seen[scan_id]}; expected unique ids")
+            raise _row_error(
+                path, index, scan_id, "scan_id", f"duplicate of row {seen[scan_id]}; expected unique ids"
+            )
         seen[scan_id] = index
         if record["split"] not in SPLITS:
             raise _row_error(path, index, scan_id, "split", f"{record['split']!r} is not one of {SPLITS}")
@@ -120,7 +122,9 @@ def _validate_rows(table: pd.DataFrame, path: Path, *, require_survival: bool, c
     table["event"] = event_series.astype("int64") if not event_series.isna().any() else event_series
 
 
-def load_manifest(path: str | Path, *, require_survival: bool = True, check_files: bool = True) -> pd.DataFrame:
+def load_manifest(
+    path: str | Path, *, require_survival: bool = True, check_files: bool = True
+) -> pd.DataFrame:
     """Read and validate a manifest (CSV or JSONL).
 
     Returns a DataFrame with ``MANIFEST_COLUMNS`` first (``image`` as an absolute path, ``time`` float64,

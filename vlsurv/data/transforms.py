@@ -49,10 +49,14 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         self.orientation = str(self.orientation).upper()
-        axes = [next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), None) for c in self.orientation]
+        axes = [
+            next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), None)
+            for c in self.orientation
+        ]
         if len(self.orientation) != 3 or sorted(axes, key=str) != [0, 1, 2]:
-            raise ConfigError(f"PreprocessConfig.orientation: expected 3 axis codes such as 'RAS', "
-                              f"got {self.orientation!r}")
+            raise ConfigError(
+                f"PreprocessConfig.orientation: expected 3 axis codes such as 'RAS', got {self.orientation!r}"
+            )
         self.spacing = tuple(float(v) for v in self.spacing)
         self.spatial_size = tuple(int(v) for v in self.spatial_size)
         self.hu_min, self.hu_max = float(self.hu_min), float(self.hu_max)
@@ -60,9 +64,13 @@ class PreprocessConfig:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ConfigError(f"PreprocessConfig.spacing: expected 3 positive mm values, got {self.spacing}")
         if len(self.spatial_size) != 3 or min(self.spatial_size) <= 0:
-            raise ConfigError(f"PreprocessConfig.spatial_size: expected 3 positive sizes, got {self.spatial_size}")
+            raise ConfigError(
+                f"PreprocessConfig.spatial_size: expected 3 positive sizes, got {self.spatial_size}"
+            )
         if self.hu_min >= self.hu_max:
-            raise ConfigError(f"PreprocessConfig: expected hu_min < hu_max, got {self.hu_min} >= {self.hu_max}")
+            raise ConfigError(
+                f"PreprocessConfig: expected hu_min < hu_max, got {self.hu_min} >= {self.hu_max}"
+            )
 
 
 class LoadCTd(MapTransform):
@@ -87,15 +95,18 @@ class LoadCTd(MapTransform):
 
 def build_preprocess(cfg: PreprocessConfig, keys: KeysCollection = ("image",)) -> Compose:
     """MONAI ``Compose`` over dicts ``{"image": path}`` producing float32 (1, H, W, D) per key."""
-    return Compose([
-        LoadCTd(keys),
-        Orientationd(keys, axcodes=cfg.orientation, labels=None),
-        Spacingd(keys, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"),
-        ScaleIntensityRanged(keys, a_min=cfg.hu_min, a_max=cfg.hu_max, b_min=cfg.out_min, b_max=cfg.out_max,
-                             clip=True),
-        ResizeWithPadOrCropd(keys, spatial_size=cfg.spatial_size, mode="constant", value=cfg.out_min),
-        EnsureTyped(keys, dtype=torch.float32, track_meta=False),
-    ])
+    return Compose(
+        [
+            LoadCTd(keys),
+            Orientationd(keys, axcodes=cfg.orientation, labels=None),
+            Spacingd(keys, pixdim=cfg.spacing, mode="bilinear", padding_mode="border"),
+            ScaleIntensityRanged(
+                keys, a_min=cfg.hu_min, a_max=cfg.hu_max, b_min=cfg.out_min, b_max=cfg.out_max, clip=True
+            ),
+            ResizeWithPadOrCropd(keys, spatial_size=cfg.spatial_size, mode="constant", value=cfg.out_min),
+            EnsureTyped(keys, dtype=torch.float32, track_meta=False),
+        ]
+    )
 
 
 def preprocess_ct(path_or_volume: str | Path | CTVolume, cfg: PreprocessConfig) -> torch.Tensor:

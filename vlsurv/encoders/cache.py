@@ -97,7 +97,9 @@ def encode_manifest(
     with progress_bar(total=len(todo), desc="encode", unit="scan", enabled=progress) as bar:
         for start in range(0, len(todo), shard_size):
             shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
-            tokens = _encode_scans(todo[start : start + shard_size], encoder, preprocess, dtype, batch_size, bar)
+            tokens = _encode_scans(
+                todo[start : start + shard_size], encoder, preprocess, dtype, batch_size, bar
+            )
             _write_shard(root / shard_name, tokens, key)
             for scan_id, value in tokens.items():
                 entries[scan_id] = {"shard": shard_name, "shape": list(value.shape), **key}
@@ -151,7 +153,11 @@ def _read_index(root: Path) -> dict:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CacheError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION or not isinstance(index.get("scans"), dict):
+    if (
+        not isinstance(index, dict)
+        or index.get("version") != INDEX_VERSION
+        or not isinstance(index.get("scans"), dict)
+    ):
         raise CacheError(f"{path}: expected {{'version': {INDEX_VERSION}, 'scans': {{...}}}}")
     for scan_id, entry in index["scans"].items():
         absent = [f for f in ("shard", "shape", *KEY_FIELDS) if f not in entry]
@@ -166,8 +172,11 @@ def _shard_files(root: Path) -> list[Path]:
 
 def _next_shard_number(root: Path) -> int:
     """One past the highest shard number on disk (orphans of a crashed run included)."""
-    numbers = [int(p.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)]) for p in _shard_files(root)
-               if p.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)].isdigit()]
+    numbers = [
+        int(p.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)])
+        for p in _shard_files(root)
+        if p.name[len(SHARD_PREFIX) : -len(SHARD_SUFFIX)].isdigit()
+    ]
     return max(numbers, default=-1) + 1
 
 
@@ -290,8 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     encoder = build_encoder(args.encoder, args.encoder_config, args.checkpoint).to(args.device)
     preprocess = load_config(PreprocessConfig, args.preprocess_config) if args.preprocess_config else None
     counts = encode_manifest(
-        args.manifest, args.out, encoder, preprocess,
-        dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
+        args.manifest,
+        args.out,
+        encoder,
+        preprocess,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
     )
     print(f"encoded {counts['encoded']} scans, skipped {counts['skipped']} already cached -> {args.out}")
     return 0

@@ -231,8 +231,10 @@ def _load_failure(err: Exception) -> str:
     """One line saying why a file did not load (torch's weights-only refusal spans many lines)."""
     refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(err))
     if refused:
-        return (f"refused: {refused.group(1).strip()}; only tensors are unpickled, so code in a pickle never runs; "
-                "expected a plain state dict of tensors or a .safetensors file")
+        return (
+            f"refused: {refused.group(1).strip()}; only tensors are unpickled, so code in a pickle never runs; "
+            "expected a plain state dict of tensors or a .safetensors file"
+        )
     return " ".join(str(err).split())
 
 
@@ -243,16 +245,24 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled objects refused by weights_only, ...
-        raise CheckpointError(f"checkpoint {path}: cannot read it as a state dict ({_load_failure(err)})") from err
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read it as a state dict ({_load_failure(err)})"
+        ) from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path}: expected a flat state dict of tensors, got {type(state).__name__}")
+        raise CheckpointError(
+            f"checkpoint {path}: expected a flat state dict of tensors, got {type(state).__name__}"
+        )
     return state
 
 
 def _image_encoder_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """Strip the official prefix, dropping every other key; a bare dict passes through."""
     if any(key.startswith(OFFICIAL_PREFIX) for key in state):
-        return {key[len(OFFICIAL_PREFIX) :]: value for key, value in state.items() if key.startswith(OFFICIAL_PREFIX)}
+        return {
+            key[len(OFFICIAL_PREFIX) :]: value
+            for key, value in state.items()
+            if key.startswith(OFFICIAL_PREFIX)
+        }
     if "conv1.weight" in state:
         return dict(state)
     first = ", ".join(list(state)[:3]) or "nothing"
@@ -281,6 +291,9 @@ def _check_keys_and_shapes(
     wrong = [key for key in expected if tuple(got[key].shape) != tuple(expected[key].shape)]
     if wrong:
         details = "; ".join(
-            f"{key}: expected {tuple(expected[key].shape)}, got {tuple(got[key].shape)}" for key in wrong[:shown]
+            f"{key}: expected {tuple(expected[key].shape)}, got {tuple(got[key].shape)}"
+            for key in wrong[:shown]
         )
-        raise CheckpointError(f"checkpoint {source}: {len(wrong)} keys have the wrong shape for {name} ({details})")
+        raise CheckpointError(
+            f"checkpoint {source}: {len(wrong)} keys have the wrong shape for {name} ({details})"
+        )

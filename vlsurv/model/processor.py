@@ -51,8 +51,11 @@ class VLMProcessor:
         max_answer_tokens: int | None = None,
         max_seq_len: int | None = None,
     ) -> None:
-        for name, value in (("num_image_tokens", num_image_tokens), ("max_answer_tokens", max_answer_tokens),
-                            ("max_seq_len", max_seq_len)):
+        for name, value in (
+            ("num_image_tokens", num_image_tokens),
+            ("max_answer_tokens", max_answer_tokens),
+            ("max_seq_len", max_seq_len),
+        ):
             if value is not None and value < 1:
                 raise ProcessorError(f"{name}: expected >= 1, got {value}")
         if IMAGE_TOKEN not in tokenizer.get_vocab():

@@ -57,7 +57,9 @@ class TokenStandardizer(nn.Module):
         std = tokens.std(0)
         varying = std > self.eps
         if not varying.any():
-            raise ProjectorError("projector standardize: every token entry is constant over the training scans")
+            raise ProjectorError(
+                "projector standardize: every token entry is constant over the training scans"
+            )
         std = torch.where(varying, std.clamp_min(floor * std[varying].median()), torch.ones_like(std))
         self.mean.copy_(tokens.mean(0))
         self.std.copy_(std)

@@ -66,8 +66,9 @@ class SurvivalConfig:
     def __post_init__(self) -> None:
         check_fields(self, "survival", SurvivalConfigError)
         if self.head == "deephit" and self.deephit_risk == "cif_at_horizon" and self.horizon is None:
-            raise invalid("survival", "horizon", "required when deephit_risk is 'cif_at_horizon'",
-                          SurvivalConfigError)
+            raise invalid(
+                "survival", "horizon", "required when deephit_risk is 'cif_at_horizon'", SurvivalConfigError
+            )
 
 
 @dataclass
@@ -140,7 +141,9 @@ class DeepHitCuts:
                 f"DeepHit cuts: expected strictly increasing times, got {cuts.tolist()}"
             )
         if censoring not in DEEPHIT_CENSORING:
-            raise SurvivalConfigError(f"DeepHit censoring: expected one of {DEEPHIT_CENSORING}, got {censoring!r}")
+            raise SurvivalConfigError(
+                f"DeepHit censoring: expected one of {DEEPHIT_CENSORING}, got {censoring!r}"
+            )
         if placement is not None and placement not in DEEPHIT_CUT_PLACEMENTS:
             raise SurvivalConfigError(
                 f"DeepHit cut placement: expected one of {DEEPHIT_CUT_PLACEMENTS} or null, got {placement!r}"

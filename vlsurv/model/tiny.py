@@ -104,8 +104,9 @@ def build_tiny_decoder(
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if pretrain_steps > 0:
-        pretrain_on_texts(model, tokenizer, texts, pretrain_steps, pretrain_length, pretrain_batch_size,
-                          pretrain_lr, seed)
+        pretrain_on_texts(
+            model, tokenizer, texts, pretrain_steps, pretrain_length, pretrain_batch_size, pretrain_lr, seed
+        )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -128,10 +129,15 @@ def pretrain_on_texts(
     stream: list[int] = []
     for text in texts:
         if text and text.strip():
-            stream += [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False).input_ids,
-                       tokenizer.eos_token_id]
+            stream += [
+                tokenizer.bos_token_id,
+                *tokenizer(text, add_special_tokens=False).input_ids,
+                tokenizer.eos_token_id,
+            ]
     if len(stream) <= length:
-        raise TinyDecoderError(f"pretraining: the texts give {len(stream)} tokens; expected more than {length}")
+        raise TinyDecoderError(
+            f"pretraining: the texts give {len(stream)} tokens; expected more than {length}"
+        )
     windows = torch.tensor(stream[: len(stream) // length * length]).view(-1, length)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -172,8 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=0,
-                        help="causal-LM steps on the texts before saving (a RadLlama-like start; default 0)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="causal-LM steps on the texts before saving (a RadLlama-like start; default 0)",
+    )
     args = parser.parse_args(argv)
     out = build_tiny_decoder(
         args.out,

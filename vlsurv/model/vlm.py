@@ -162,13 +162,18 @@ class VisionLanguageSurvivalModel(nn.Module):
             )
         self.tokenizer = prepare_tokenizer(tokenizer, IMAGE_TOKEN)
         self.processor = VLMProcessor(
-            self.tokenizer, config.num_image_tokens, max_answer_tokens=config.max_answer_tokens,
+            self.tokenizer,
+            config.num_image_tokens,
+            max_answer_tokens=config.max_answer_tokens,
             max_seq_len=config.max_seq_len,
         )
         self.language_model = load_language_model(config, self.tokenizer)
         d_model = self.language_model.get_input_embeddings().weight.shape[1]
         self.multi_modal_projector = build_projector(
-            config.projector, config.image_token_dim, d_model, config.projector_input_norm,
+            config.projector,
+            config.image_token_dim,
+            d_model,
+            config.projector_input_norm,
             config.num_image_tokens,
         )
         self.survival_branch = SurvivalBranch(d_model, config.survival)
@@ -280,7 +285,9 @@ class VisionLanguageSurvivalModel(nn.Module):
         )
         mask = attention_mask if pool_mask is None else pool_mask * attention_mask
         z_pooled = masked_mean(out.hidden_states[-1], mask).to(self.device)
-        return VLMOutput(lm_loss=out.loss, logits=out.logits, z_pooled=z_pooled, survival=self.survive(z_pooled))
+        return VLMOutput(
+            lm_loss=out.loss, logits=out.logits, z_pooled=z_pooled, survival=self.survive(z_pooled)
+        )
 
     def survive(self, z_pooled: torch.Tensor) -> SurvivalOutput:
         """The survival branch on (B, d) ``z_pooled`` in float32: autocast off, and weights stored in bf16/fp16

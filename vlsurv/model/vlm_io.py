@@ -104,8 +104,12 @@ def _peft_scope(kbit: bool) -> Iterator[None]:
         sys.modules["bitsandbytes"] = None
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning, module="transformers.modeling_utils")
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+                module="transformers.modeling_utils",
+            )
             yield
     finally:
         if hide and "bitsandbytes" in sys.modules and sys.modules["bitsandbytes"] is None:
@@ -172,7 +176,9 @@ def load_adapter(language_model, adapter_dir: Path, kbit: bool) -> None:
         with _peft_scope(kbit):
             result = language_model.load_adapter(adapter_dir, adapter_name="default", is_trainable=True)
     except (RuntimeError, ValueError) as err:
-        raise ModelLoadError(f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA: {err}") from err
+        raise ModelLoadError(
+            f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA: {err}"
+        ) from err
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA (missing "
@@ -208,7 +214,9 @@ def load_module(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state)
 
 
-def save_model(model, directory: str | Path, merge_decoder: bool = False, state_dict: dict | None = None) -> Path:
+def save_model(
+    model, directory: str | Path, merge_decoder: bool = False, state_dict: dict | None = None
+) -> Path:
     """Write ``model`` (a VisionLanguageSurvivalModel) to ``directory``; see the module docstring.
 
     ``state_dict``: the model's full state dict gathered by the caller (``accelerator.get_state_dict`` under
@@ -216,7 +224,9 @@ def save_model(model, directory: str | Path, merge_decoder: bool = False, state_
     """
     directory = Path(directory)
     if state_dict is not None and merge_decoder:
-        raise ModelLoadError("save_pretrained: merge_decoder=True takes the module's own weights; give no state_dict")
+        raise ModelLoadError(
+            "save_pretrained: merge_decoder=True takes the module's own weights; give no state_dict"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
     if merge_decoder:
@@ -233,8 +243,10 @@ def save_model(model, directory: str | Path, merge_decoder: bool = False, state_
         gathered = {} if state_dict is None else {"state_dict": part_of(state_dict, "language_model.")}
         model.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False, **gathered)
     (directory / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))
-    for module, name, prefix in ((model.multi_modal_projector, PROJECTOR_NAME, "multi_modal_projector."),
-                                 (model.survival_branch, SURVIVAL_NAME, "survival_branch.")):
+    for module, name, prefix in (
+        (model.multi_modal_projector, PROJECTOR_NAME, "multi_modal_projector."),
+        (model.survival_branch, SURVIVAL_NAME, "survival_branch."),
+    ):
         save_module(module, directory / name, None if state_dict is None else part_of(state_dict, prefix))
     model.tokenizer.save_pretrained(directory)
     if model.deephit_cuts is not None:

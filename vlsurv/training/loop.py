@@ -160,8 +160,13 @@ class Trainer:
         self.accelerator.log(result.metrics(), step=self.step)
         self.last_validation = (self.step, self.metric_of(result))
         if self.accelerator.is_main_process:
-            line = {"step": self.step, "epochs_completed": self.epoch, **result.metrics(), "note": result.c_index_note,
-                    "truncated_answers": self.data.val.processor.truncated_answers}
+            line = {
+                "step": self.step,
+                "epochs_completed": self.epoch,
+                **result.metrics(),
+                "note": result.c_index_note,
+                "truncated_answers": self.data.val.processor.truncated_answers,
+            }
             with (self.run_dir / "validation.jsonl").open("a") as handle:
                 handle.write(to_line(line))
             with (self.run_dir / "samples.jsonl").open("a") as handle:
@@ -271,8 +276,13 @@ class Trainer:
         self.start(resume)
         acc = self.accelerator
         cfg = self.config
-        progress = progress_bar(total=self.total_steps, initial=self.step, desc=f"stage {cfg.stage}", unit="step",
-                                enabled=cfg.progress and acc.is_local_main_process)
+        progress = progress_bar(
+            total=self.total_steps,
+            initial=self.step,
+            desc=f"stage {cfg.stage}",
+            unit="step",
+            enabled=cfg.progress and acc.is_local_main_process,
+        )
         sums: dict[str, float] = defaultdict(float)
         micro = 0
         n_batches = self.plan.batches_per_epoch()
@@ -309,10 +319,16 @@ class Trainer:
         else:
             step = self.step
             selected = "last"
-            value = self.last_validation[1] if self.last_validation and self.last_validation[0] == step else None
+            value = (
+                self.last_validation[1] if self.last_validation and self.last_validation[0] == step else None
+            )
         unwrapped = self.accelerator.unwrap_model(self.model)
         return {
-            "selected": selected, "step": step, "metric": name, "value": value, "last_step": self.step,
+            "selected": selected,
+            "step": step,
+            "metric": name,
+            "value": value,
+            "last_step": self.step,
             "scoring": scoring_options(unwrapped, self.config.eval.max_new_tokens),
         }
 

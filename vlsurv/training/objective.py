@@ -86,9 +86,12 @@ class SurvivalRows:
     @staticmethod
     def cat(parts: list[SurvivalRows]) -> SurvivalRows:
         columns = {f.name: [getattr(p, f.name) for p in parts] for f in fields(SurvivalRows)}
-        return SurvivalRows(**{
-            name: None if column[0] is None else torch.cat(column, dim=0) for name, column in columns.items()
-        })
+        return SurvivalRows(
+            **{
+                name: None if column[0] is None else torch.cat(column, dim=0)
+                for name, column in columns.items()
+            }
+        )
 
 
 DEEPHIT_LABELS = ("bin_index", "binned_event", "censored_credit")
@@ -110,8 +113,12 @@ def local_rows(output, batch: dict) -> SurvivalRows:
             )
         labels = {key: batch[key].to(device) for key in DEEPHIT_LABELS}
     return SurvivalRows(
-        time=batch["time"].to(device=device, dtype=torch.float32), event=batch["event"].to(device),
-        head=head.float(), z_surv=survival.z_surv.float(), z_pooled=output.z_pooled.float(), **labels,
+        time=batch["time"].to(device=device, dtype=torch.float32),
+        event=batch["event"].to(device),
+        head=head.float(),
+        z_surv=survival.z_surv.float(),
+        z_pooled=output.z_pooled.float(),
+        **labels,
     )
 
 
@@ -141,7 +148,9 @@ def survival_terms(
         credit = joined.censored_credit[:n].to(dtype=logits.dtype)
         surv = losses.deephit_nll(logits[:n], bins[:n], binned_event[:n], credit)
         if config.deephit_ranking_weight > 0:
-            ranking = losses.deephit_ranking_loss(logits, bins, binned_event, sigma=config.deephit_ranking_sigma)
+            ranking = losses.deephit_ranking_loss(
+                logits, bins, binned_event, sigma=config.deephit_ranking_sigma
+            )
             surv = surv + config.deephit_ranking_weight * ranking
         disp = losses.dispersion_loss_discrete(z_surv, bins, event, tau=config.dispersion_tau)
     return {"surv": surv, "disp": disp, "align": losses.alignment_loss(rows.z_surv, rows.z_pooled)}
@@ -168,8 +177,13 @@ def step_loss(
     rows = gathered_rows(local_rows(output, batch))
     terms = survival_terms(rows, config, memory)
     total, parts = losses.objective(
-        lm, terms["surv"], terms["disp"], terms["align"],
-        alpha=config.alpha, lambda_d=config.lambda_d, lambda_a=config.lambda_a,
+        lm,
+        terms["surv"],
+        terms["disp"],
+        terms["align"],
+        alpha=config.alpha,
+        lambda_d=config.lambda_d,
+        lambda_a=config.lambda_a,
     )
     parts = {"loss": parts.pop("total"), **parts}
     return StepLoss(to_backpropagate=size * total, parts=parts, rows=rows.detached())

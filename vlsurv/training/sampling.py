@@ -42,7 +42,9 @@ def shard(batch: Sequence[int], rank: int, world: int) -> list[int]:
 class BatchPlan:
     """Deterministic global batches of ``global_batch_size`` over samples grouped by ``patients``."""
 
-    def __init__(self, patients: Sequence[str], global_batch_size: int, mode: str, seed: int, world: int) -> None:
+    def __init__(
+        self, patients: Sequence[str], global_batch_size: int, mode: str, seed: int, world: int
+    ) -> None:
         if mode not in SAMPLINGS:
             raise SamplingError(f"sampling: expected one of {list(SAMPLINGS)}, got {mode!r}")
         self.mode = mode

@@ -61,7 +61,9 @@ def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
     stage 2 loads that adapter, so a different ``model.lora`` would otherwise be silently ignored."""
     path = adapter / "adapter_config.json"
     if not path.is_file():
-        raise ConfigError(f"data.stage1_dir: {path} does not exist; expected the LoRA adapter's config (PEFT)")
+        raise ConfigError(
+            f"data.stage1_dir: {path} does not exist; expected the LoRA adapter's config (PEFT)"
+        )
     saved = json.loads(path.read_text())
     lora = config.model.lora
     pairs = {
@@ -69,7 +71,11 @@ def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
         "alpha": (lora.alpha, saved.get("lora_alpha")),
         "target_modules": (sorted(lora.target_modules), sorted(saved.get("target_modules") or [])),
     }
-    differ = [f"model.lora.{name}={ours} (adapter: {theirs})" for name, (ours, theirs) in pairs.items() if ours != theirs]
+    differ = [
+        f"model.lora.{name}={ours} (adapter: {theirs})"
+        for name, (ours, theirs) in pairs.items()
+        if ours != theirs
+    ]
     if differ:
         raise ConfigError(
             f"data.stage1_dir: the stage-1 LoRA adapter {path} disagrees with the stage-2 config: {'; '.join(differ)}; "
@@ -99,12 +105,18 @@ def load_data(config: TrainConfig, processor) -> RunData:
     cache = FeatureCache(config.data.cache)
     where = f"data.manifest {config.data.manifest}"
     used = manifest[manifest["split"].isin([config.data.train_split, config.data.val_split])]
-    clinical = sentence_function(used.to_dict("records"), config.model.clinical_template, where=where,
-                                 max_missing_fraction=config.data.clinical_missing_warn,
-                                 option="data.clinical_missing_warn")
+    clinical = sentence_function(
+        used.to_dict("records"),
+        config.model.clinical_template,
+        where=where,
+        max_missing_fraction=config.data.clinical_missing_warn,
+        option="data.clinical_missing_warn",
+    )
     train = training_samples(manifest, vqa, config.data.train_split, cache, clinical, survival, where)
     questions = load_questions(config.data.questions)
-    val = scan_question_samples(manifest, vqa, questions, config.data.val_split, cache, clinical, survival, where)
+    val = scan_question_samples(
+        manifest, vqa, questions, config.data.val_split, cache, clinical, survival, where
+    )
     train_scans = {s.scan_id: (s.time, s.event) for s in train}
     return RunData(
         train=SampleDataset(train, cache, processor),
@@ -131,8 +143,11 @@ def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
         return DeepHitCuts(config.deephit_cuts, censoring=survival.deephit_censoring)
     try:
         return DeepHitCuts.from_times(
-            data.train_time, data.train_event, survival.num_bins,
-            placement=survival.deephit_cut_placement, censoring=survival.deephit_censoring,
+            data.train_time,
+            data.train_event,
+            survival.num_bins,
+            placement=survival.deephit_cut_placement,
+            censoring=survival.deephit_censoring,
         )
     except SurvivalConfigError as err:
         raise ConfigError(
@@ -143,8 +158,11 @@ def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
 
 def build_optimizer(model: VisionLanguageSurvivalModel, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameter groups, each with its own learning rate (group ``name`` kept)."""
-    rates = {"projector": config.optim.lr_projector, "lora": config.optim.lr_lora,
-             "survival": config.optim.lr_survival}
+    rates = {
+        "projector": config.optim.lr_projector,
+        "lora": config.optim.lr_lora,
+        "survival": config.optim.lr_survival,
+    }
     groups = [
         {"params": params, "lr": rates[name], "name": name, "weight_decay": config.optim.weight_decay}
         for name, params in model.parameter_groups().items()
@@ -167,9 +185,12 @@ def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int
     if optim.warmup_ratio is not None:
         return math.floor(optim.warmup_ratio * steps)
     if optim.warmup_steps >= steps:
-        plan = (f"optim.max_steps = {optim.max_steps}" if optim.max_steps > 0 else
-                f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / optim.grad_accum = "
-                f"{optim.grad_accum}")
+        plan = (
+            f"optim.max_steps = {optim.max_steps}"
+            if optim.max_steps > 0
+            else f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / optim.grad_accum = "
+            f"{optim.grad_accum}"
+        )
         raise ConfigError(
             f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {steps} planned optimizer steps "
             f"({plan}): the learning rate would never leave warmup; lower optim.warmup_steps or set "

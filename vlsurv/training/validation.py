@@ -99,7 +99,10 @@ def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_p
     texts = [text for _, text in questions]
     records = []
     for start in range(0, len(mine), scans_per_batch):
-        batch = [ScanInput(sid, clinical, dataset.feature_cache.get(sid)) for sid, clinical in mine[start : start + scans_per_batch]]
+        batch = [
+            ScanInput(sid, clinical, dataset.feature_cache.get(sid))
+            for sid, clinical in mine[start : start + scans_per_batch]
+        ]
         with accelerator.autocast():
             result = score_shared_prefix(unwrapped, batch, texts, unwrapped.config.pool, options)
         for scan, risk, answers in zip(batch, result.risks.mean(1).tolist(), result.answers):
@@ -126,7 +129,11 @@ def _first_answers(dataset, records: list[dict], count: int) -> list[dict]:
     by_scan = {r["scan_id"]: r["answers"] for r in records}
     position = {qid: i for i, (qid, _) in enumerate(questions)}
     return [
-        {"scan_id": s.scan_id, "question_id": s.question_id, "answer": by_scan[s.scan_id][position[s.question_id]]}
+        {
+            "scan_id": s.scan_id,
+            "question_id": s.question_id,
+            "answer": by_scan[s.scan_id][position[s.question_id]],
+        }
         for s in dataset.samples[:count]
     ]
 
@@ -159,7 +166,9 @@ def scoring_options(model, max_new_tokens: int) -> dict:
     return {"pool": model.config.pool, "generate": True, "max_new_tokens": max_new_tokens, "do_sample": False}
 
 
-def validate(model, dataset, accelerator, *, batch_size: int, with_risk: bool, answers: int, max_new_tokens: int):
+def validate(
+    model, dataset, accelerator, *, batch_size: int, with_risk: bool, answers: int, max_new_tokens: int
+):
     """Run validation on every process; the returned ``ValidationResult`` is the same on each."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = model.training
@@ -173,7 +182,9 @@ def validate(model, dataset, accelerator, *, batch_size: int, with_risk: bool, a
     if with_risk and fsdp:
         note = "not scored under FSDP: the prediction path needs unsharded parameters; run vlsurv predict on final/"
     elif with_risk:
-        options = DecodeOptions(**{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"})
+        options = DecodeOptions(
+            **{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"}
+        )
         _, questions = _scans_and_questions(dataset)
         records = score_scans(unwrapped, dataset, accelerator, options, max(1, batch_size // len(questions)))
         records = sorted(gather_object(records), key=lambda r: r["scan_id"])

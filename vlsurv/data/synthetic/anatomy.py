@@ -72,17 +72,36 @@ class Tissue(IntEnum):
 
 #: Tissue -> (mean HU, noise SD in HU).
 TISSUE_HU: dict[Tissue, tuple[float, float]] = {
-    Tissue.AIR: (-1000.0, 6.0), Tissue.FAT: (-100.0, 12.0), Tissue.MUSCLE: (45.0, 12.0),
-    Tissue.RIGHT_LUNG: (-850.0, 40.0), Tissue.LEFT_LUNG: (-850.0, 40.0),
-    Tissue.MEDIASTINAL_FAT: (-90.0, 12.0), Tissue.HEART: (45.0, 10.0), Tissue.BLOOD_POOL: (150.0, 12.0),
-    Tissue.AORTA: (190.0, 14.0), Tissue.PULMONARY_ARTERY: (170.0, 14.0), Tissue.SVC: (140.0, 14.0),
-    Tissue.AIRWAY: (-990.0, 8.0), Tissue.ESOPHAGUS: (35.0, 10.0), Tissue.VERTEBRA: (700.0, 60.0),
-    Tissue.RIB: (650.0, 60.0), Tissue.DISC: (80.0, 12.0), Tissue.CSF: (10.0, 8.0),
-    Tissue.LIVER: (60.0, 10.0), Tissue.SPLEEN: (50.0, 10.0), Tissue.STOMACH: (30.0, 12.0),
-    Tissue.ADRENAL: (25.0, 10.0), Tissue.ABDOMEN: (30.0, 14.0), Tissue.NORMAL_NODE: (35.0, 10.0),
-    Tissue.TUMOR: (35.0, 15.0), Tissue.NODE: (35.0, 10.0), Tissue.EFFUSION: (10.0, 8.0),
-    Tissue.METASTASIS: (35.0, 12.0), Tissue.LIVER_METASTASIS: (15.0, 10.0),
-    Tissue.LYTIC: (40.0, 15.0), Tissue.SCLEROTIC: (1200.0, 80.0),
+    Tissue.AIR: (-1000.0, 6.0),
+    Tissue.FAT: (-100.0, 12.0),
+    Tissue.MUSCLE: (45.0, 12.0),
+    Tissue.RIGHT_LUNG: (-850.0, 40.0),
+    Tissue.LEFT_LUNG: (-850.0, 40.0),
+    Tissue.MEDIASTINAL_FAT: (-90.0, 12.0),
+    Tissue.HEART: (45.0, 10.0),
+    Tissue.BLOOD_POOL: (150.0, 12.0),
+    Tissue.AORTA: (190.0, 14.0),
+    Tissue.PULMONARY_ARTERY: (170.0, 14.0),
+    Tissue.SVC: (140.0, 14.0),
+    Tissue.AIRWAY: (-990.0, 8.0),
+    Tissue.ESOPHAGUS: (35.0, 10.0),
+    Tissue.VERTEBRA: (700.0, 60.0),
+    Tissue.RIB: (650.0, 60.0),
+    Tissue.DISC: (80.0, 12.0),
+    Tissue.CSF: (10.0, 8.0),
+    Tissue.LIVER: (60.0, 10.0),
+    Tissue.SPLEEN: (50.0, 10.0),
+    Tissue.STOMACH: (30.0, 12.0),
+    Tissue.ADRENAL: (25.0, 10.0),
+    Tissue.ABDOMEN: (30.0, 14.0),
+    Tissue.NORMAL_NODE: (35.0, 10.0),
+    Tissue.TUMOR: (35.0, 15.0),
+    Tissue.NODE: (35.0, 10.0),
+    Tissue.EFFUSION: (10.0, 8.0),
+    Tissue.METASTASIS: (35.0, 12.0),
+    Tissue.LIVER_METASTASIS: (15.0, 10.0),
+    Tissue.LYTIC: (40.0, 15.0),
+    Tissue.SCLEROTIC: (1200.0, 80.0),
 }
 _THORAX = (Tissue.RIGHT_LUNG, Tissue.LEFT_LUNG, Tissue.EFFUSION)
 _LUNG_OF_SIDE = {"right": Tissue.RIGHT_LUNG, "left": Tissue.LEFT_LUNG}
@@ -93,8 +112,11 @@ _LUNGS = {
 }
 #: Lobe centre as (side, fraction of the lung's semi-axes along y, fraction along z).
 _LOBE_CENTRES = {
-    "RUL": ("right", 0.05, 0.45), "RML": ("right", 0.45, -0.1), "RLL": ("right", -0.35, -0.42),
-    "LUL": ("left", 0.15, 0.35), "LLL": ("left", -0.35, -0.42),
+    "RUL": ("right", 0.05, 0.45),
+    "RML": ("right", 0.45, -0.1),
+    "RLL": ("right", -0.35, -0.42),
+    "LUL": ("left", 0.15, 0.35),
+    "LLL": ("left", -0.35, -0.42),
 }
 #: Where an invading tumor sits: a point on the vessel and the side the mass grows toward.
 _VESSEL_CONTACT = {
@@ -168,8 +190,11 @@ class Findings:
             "tumor": int(self.tumor_size_mm > 0),
             "lymph_nodes": int(bool(self.nodes)),
             "pleura": int(self.effusion_right_mm > 0 or self.effusion_left_mm > 0),
-            "metastases": int(bool(self.lung_metastases_mm) or self.adrenal_metastasis_mm > 0
-                              or self.liver_metastasis_mm > 0),
+            "metastases": int(
+                bool(self.lung_metastases_mm)
+                or self.adrenal_metastasis_mm > 0
+                or self.liver_metastasis_mm > 0
+            ),
             "vessels": int(bool(self.vessel)),
             "bone": int(bool(self.bone_lesion)),
         }
@@ -189,8 +214,9 @@ class RenderedScan:
 
 def _ellipsoid(coords, centre, semi) -> np.ndarray:
     x, y, z = coords
-    return (((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2
-            + ((z - centre[2]) / semi[2]) ** 2) <= 1.0
+    return (
+        ((x - centre[0]) / semi[0]) ** 2 + ((y - centre[1]) / semi[1]) ** 2 + ((z - centre[2]) / semi[2]) ** 2
+    ) <= 1.0
 
 
 def _cylinder(coords, centre_xy, semi_xy, z_range) -> np.ndarray:
@@ -236,10 +262,18 @@ def base_labels(grid: Grid) -> np.ndarray:
         paint(_ellipsoid(c, (35 * side, -45, -100), (24, 22, 30)), Tissue.FAT)
         paint(_ellipsoid(c, (35 * side, -45, -100), (6, 12, 18)), Tissue.ADRENAL)
     # rib cage: an elliptic shell banded in z, open at the front where the cartilage is
-    shell = _cylinder(c, (0, -8), (144.5, 102.5), (-120, 150)) & ~_cylinder(c, (0, -8), (135.5, 93.5), (-1e3, 1e3))
+    shell = _cylinder(c, (0, -8), (144.5, 102.5), (-120, 150)) & ~_cylinder(
+        c, (0, -8), (135.5, 93.5), (-1e3, 1e3)
+    )
     phase = _rib_phase(y, z)
-    paint(shell & (np.mod(phase, _LEVEL_MM) < 9.0) & (phase > 0) & (phase < 12 * _LEVEL_MM)
-          & ~((y > 50) & (np.abs(x) < 45)), Tissue.RIB)
+    paint(
+        shell
+        & (np.mod(phase, _LEVEL_MM) < 9.0)
+        & (phase > 0)
+        & (phase < 12 * _LEVEL_MM)
+        & ~((y > 50) & (np.abs(x) < 45)),
+        Tissue.RIB,
+    )
     for side, (centre, semi) in _LUNGS.items():
         paint(_ellipsoid(c, centre, semi), _LUNG_OF_SIDE[side])
     paint(_cylinder(c, (-3, 10), (30, 66), (-40, 145)), Tissue.MEDIASTINAL_FAT)
@@ -261,8 +295,10 @@ def base_labels(grid: Grid) -> np.ndarray:
     paint(_cylinder(c, (0, -92), (24, 14), (-1e3, 1e3)), Tissue.VERTEBRA)  # posterior elements
     paint(_cylinder(c, (0, -108), (5, 10), (-1e3, 1e3)), Tissue.VERTEBRA)  # spinous process
     paint(_cylinder(c, (0, -62), (22, 18), (-1e3, 1e3)), Tissue.VERTEBRA)
-    paint(_cylinder(c, (0, -62), (22, 18), (-1e3, 1e3)) & (np.mod(_SPINE_TOP_MM - z, _LEVEL_MM) < 5.0),
-          Tissue.DISC)
+    paint(
+        _cylinder(c, (0, -62), (22, 18), (-1e3, 1e3)) & (np.mod(_SPINE_TOP_MM - z, _LEVEL_MM) < 5.0),
+        Tissue.DISC,
+    )
     paint(_cylinder(c, (0, -88), (8, 8), (-1e3, 1e3)), Tissue.CSF)
     for side in (1, -1):
         paint(_cylinder(c, (36 * side, -102), (22, 16), (-1e3, 1e3)), Tissue.MUSCLE)
@@ -277,7 +313,9 @@ def _paint_box(labels, grid, centre, semi, tissue, allowed) -> None:
     local = labels[slices]
     inside = _ellipsoid(coords, centre, semi)
     if not inside.any():
-        slices = tuple(slice(i, i + 1) for i in np.rint(np.linalg.solve(grid.affine, [*centre, 1.0])[:3]).astype(int))
+        slices = tuple(
+            slice(i, i + 1) for i in np.rint(np.linalg.solve(grid.affine, [*centre, 1.0])[:3]).astype(int)
+        )
         if not all(0 <= s.start < n for s, n in zip(slices, grid.shape)):
             return
         local, inside = labels[slices], np.ones((1, 1, 1), dtype=bool)
@@ -332,7 +370,9 @@ def _draw_bone_lesion(labels, grid, f: Findings, rng) -> None:
     z = _SPINE_TOP_MM - _LEVEL_MM * (number - 1) - 4.5 - 12.0 * (y + 8.0) / 98.0
     semi = (radius, radius, max(radius, 0.6 * grid.spacing[2]))
     chest_wall = (Tissue.RIB, Tissue.MUSCLE, Tissue.FAT)
-    _paint_box(labels, grid, (x, y, z), semi, tissue, (Tissue.RIB,) if tissue == Tissue.SCLEROTIC else chest_wall)
+    _paint_box(
+        labels, grid, (x, y, z), semi, tissue, (Tissue.RIB,) if tissue == Tissue.SCLEROTIC else chest_wall
+    )
     slices, _ = grid.box((x, y, z), semi)
     if not (labels[slices] == tissue).any():  # coarse grids can miss the thin rib: mark the chest wall there
         _paint_box(labels, grid, (x, y, z), (0.1, 0.1, 0.1), tissue, chest_wall)
@@ -341,41 +381,65 @@ def _draw_bone_lesion(labels, grid, f: Findings, rng) -> None:
 def _draw_findings(labels, grid, f: Findings, rng) -> None:
     for station in rng.choice(list(NODE_STATIONS), size=2, replace=False):  # normal small nodes
         if station not in dict(f.nodes):
-            _paint_box(labels, grid, NODE_STATIONS[station][0], (3.0, 3.0, 4.0), Tissue.NORMAL_NODE,
-                       (Tissue.MEDIASTINAL_FAT, *_THORAX))
+            _paint_box(
+                labels,
+                grid,
+                NODE_STATIONS[station][0],
+                (3.0, 3.0, 4.0),
+                Tissue.NORMAL_NODE,
+                (Tissue.MEDIASTINAL_FAT, *_THORAX),
+            )
     for side, depth in (("right", f.effusion_right_mm), ("left", f.effusion_left_mm)):
         if depth:
             (cx, cy, cz), (sx, sy, sz) = _LUNGS[side]
             slices, (_, y, _) = grid.box((cx, cy, cz), (sx, sy, sz))
             local = labels[slices]
             local[(local == _LUNG_OF_SIDE[side]) & np.broadcast_to(y < cy - sy + depth, local.shape)] = (
-                Tissue.EFFUSION)
+                Tissue.EFFUSION
+            )
     if f.tumor_size_mm:
         _draw_tumor(labels, grid, f, rng)
     for station, short_axis in f.nodes:
         semi = (short_axis / 2.0, short_axis / 2.0, 0.7 * short_axis)
-        _paint_box(labels, grid, NODE_STATIONS[station][0], semi, Tissue.NODE,
-                   (Tissue.MEDIASTINAL_FAT, Tissue.NORMAL_NODE, Tissue.ESOPHAGUS, *_THORAX))
+        _paint_box(
+            labels,
+            grid,
+            NODE_STATIONS[station][0],
+            semi,
+            Tissue.NODE,
+            (Tissue.MEDIASTINAL_FAT, Tissue.NORMAL_NODE, Tissue.ESOPHAGUS, *_THORAX),
+        )
     contralateral = "left" if f.tumor_side == "right" else "right"
     for size in f.lung_metastases_mm:
-        centre = _lung_point(contralateral, rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.4), rng,
-                             margin=size / 2.0 + 8.0)
+        centre = _lung_point(
+            contralateral, rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.4), rng, margin=size / 2.0 + 8.0
+        )
         _paint_box(labels, grid, centre, (size / 2.0,) * 3, Tissue.METASTASIS, _THORAX)
     if f.adrenal_metastasis_mm:
         centre = (35.0 if f.adrenal_side == "right" else -35.0, -45.0, -100.0)
-        _paint_box(labels, grid, centre, (f.adrenal_metastasis_mm / 2.0,) * 3, Tissue.METASTASIS,
-                   (Tissue.ADRENAL, Tissue.FAT, Tissue.ABDOMEN))
+        _paint_box(
+            labels,
+            grid,
+            centre,
+            (f.adrenal_metastasis_mm / 2.0,) * 3,
+            Tissue.METASTASIS,
+            (Tissue.ADRENAL, Tissue.FAT, Tissue.ABDOMEN),
+        )
     if f.liver_metastasis_mm:
         centre = (rng.uniform(40.0, 90.0), rng.uniform(-20.0, 40.0), rng.uniform(-125.0, -95.0))
-        _paint_box(labels, grid, centre, (f.liver_metastasis_mm / 2.0,) * 3, Tissue.LIVER_METASTASIS,
-                   (Tissue.LIVER,))
+        _paint_box(
+            labels, grid, centre, (f.liver_metastasis_mm / 2.0,) * 3, Tissue.LIVER_METASTASIS, (Tissue.LIVER,)
+        )
     if f.bone_lesion:
         _draw_bone_lesion(labels, grid, f, rng)
 
 
 _FINDING_TISSUES = {
-    "tumor": (Tissue.TUMOR,), "lymph_nodes": (Tissue.NODE,), "pleura": (Tissue.EFFUSION,),
-    "metastases": (Tissue.METASTASIS, Tissue.LIVER_METASTASIS), "bone": (Tissue.LYTIC, Tissue.SCLEROTIC),
+    "tumor": (Tissue.TUMOR,),
+    "lymph_nodes": (Tissue.NODE,),
+    "pleura": (Tissue.EFFUSION,),
+    "metastases": (Tissue.METASTASIS, Tissue.LIVER_METASTASIS),
+    "bone": (Tissue.LYTIC, Tissue.SCLEROTIC),
 }
 _HU_TABLES = (
     np.array([TISSUE_HU.get(t, (0.0, 0.0))[0] for t in range(256)], dtype=np.float32),

@@ -28,10 +28,22 @@ CLINICAL_COLUMNS = ("age", "sex", "smoking", "stage", "t_stage", "n_stage", "m_s
 #: Log-hazard coefficients of the survival model; features are defined in ``risk_features``. Most image risk
 #: sits on findings large enough to see on the demo's 3 x 3 x 6 mm grid (effusion depth, vessel invasion, tumor
 #: size); a 1 cm bone lesion is a few voxels there, so it carries less.
-CLINICAL_COEFFICIENTS = {"age_per_decade": 0.3, "male": 0.2, "former_smoker": 0.1, "current_smoker": 0.3,
-                         "stage": 0.25, "m1": 0.3}
-IMAGE_COEFFICIENTS = {"log_tumor_size": 0.8, "vessel_invasion": 1.0, "effusion_per_cm": 0.5,
-                      "bone_lesion": 0.5, "metastases": 0.3, "node_short_axis_per_cm": 0.2}
+CLINICAL_COEFFICIENTS = {
+    "age_per_decade": 0.3,
+    "male": 0.2,
+    "former_smoker": 0.1,
+    "current_smoker": 0.3,
+    "stage": 0.25,
+    "m1": 0.3,
+}
+IMAGE_COEFFICIENTS = {
+    "log_tumor_size": 0.8,
+    "vessel_invasion": 1.0,
+    "effusion_per_cm": 0.5,
+    "bone_lesion": 0.5,
+    "metastases": 0.3,
+    "node_short_axis_per_cm": 0.2,
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,13 @@ def sample_findings(rng: np.random.Generator) -> Findings:
     side = {"R": "right", "L": "left"}.get(lobe[:1], "")
     vessel = ""
     if size >= 35 and rng.random() < 0.45:
-        vessel = ("left pulmonary artery" if side == "left"
-                  else "superior vena cava" if lobe == "RUL" and rng.random() < 0.5 else "right pulmonary artery")
+        vessel = (
+            "left pulmonary artery"
+            if side == "left"
+            else "superior vena cava"
+            if lobe == "RUL" and rng.random() < 0.5
+            else "right pulmonary artery"
+        )
     nodes = _sample_nodes(rng, side, size, vessel)
     effusion = {"right": 0, "left": 0}
     if rng.random() < 0.3:
@@ -113,10 +130,21 @@ def sample_findings(rng: np.random.Generator) -> Findings:
         else:
             number = int(rng.integers(3, 11))
             bone_site = f"{rng.choice(['right', 'left'])} {number}{'rd' if number == 3 else 'th'} rib"
-    return Findings(tumor_size_mm=size, tumor_lobe=lobe, nodes=nodes, effusion_right_mm=effusion["right"],
-                    effusion_left_mm=effusion["left"], lung_metastases_mm=lung_mets,
-                    adrenal_metastasis_mm=adrenal_mm, adrenal_side=adrenal_side, liver_metastasis_mm=liver_mm,
-                    vessel=vessel, bone_lesion=bone_lesion, bone_site=bone_site, bone_size_mm=bone_mm)
+    return Findings(
+        tumor_size_mm=size,
+        tumor_lobe=lobe,
+        nodes=nodes,
+        effusion_right_mm=effusion["right"],
+        effusion_left_mm=effusion["left"],
+        lung_metastases_mm=lung_mets,
+        adrenal_metastasis_mm=adrenal_mm,
+        adrenal_side=adrenal_side,
+        liver_metastasis_mm=liver_mm,
+        vessel=vessel,
+        bone_lesion=bone_lesion,
+        bone_site=bone_site,
+        bone_size_mm=bone_mm,
+    )
 
 
 def _misclassify(value: int, low: int, high: int, p: float, rng) -> int:
@@ -128,7 +156,9 @@ def _misclassify(value: int, low: int, high: int, p: float, rng) -> int:
 def sample_clinical(f: Findings, rng: np.random.Generator) -> dict:
     """Age, sex, smoking and TNM / stage read from the findings with misclassification."""
     male = rng.random() < 0.58
-    smoking = str(rng.choice(["never", "former", "current"], p=[0.1, 0.5, 0.4] if male else [0.25, 0.45, 0.3]))
+    smoking = str(
+        rng.choice(["never", "former", "current"], p=[0.1, 0.5, 0.4] if male else [0.25, 0.45, 0.3])
+    )
     size = f.tumor_size_mm
     t = 4 if f.vessel else 1 if size <= 30 else 2 if size <= 50 else 3
     sides = {NODE_STATIONS[station][1] for station, _ in f.nodes}
@@ -145,22 +175,33 @@ def sample_clinical(f: Findings, rng: np.random.Generator) -> dict:
     n = _misclassify(n, 0, 3, 0.2, rng)
     m = int(f.flags["metastases"]) if rng.random() >= 0.1 else 1 - f.flags["metastases"]
     stage = 4 if m else 3 if (n >= 2 or t == 4) else 2 if (n == 1 or t == 3) else 1
-    return {"age": int(np.clip(round(rng.normal(67.0, 9.0)), 35, 90)), "sex": "male" if male else "female",
-            "smoking": smoking, "stage": stage, "t_stage": f"T{t}", "n_stage": f"N{n}", "m_stage": f"M{m}"}
+    return {
+        "age": int(np.clip(round(rng.normal(67.0, 9.0)), 35, 90)),
+        "sex": "male" if male else "female",
+        "smoking": smoking,
+        "stage": stage,
+        "t_stage": f"T{t}",
+        "n_stage": f"N{n}",
+        "m_stage": f"M{m}",
+    }
 
 
 def risk_features(f: Findings, clinical: dict) -> tuple[dict[str, float], dict[str, float]]:
     """(clinical features, image features) keyed like CLINICAL_COEFFICIENTS / IMAGE_COEFFICIENTS."""
     clinical_features = {
-        "age_per_decade": (clinical["age"] - 65.0) / 10.0, "male": float(clinical["sex"] == "male"),
+        "age_per_decade": (clinical["age"] - 65.0) / 10.0,
+        "male": float(clinical["sex"] == "male"),
         "former_smoker": float(clinical["smoking"] == "former"),
         "current_smoker": float(clinical["smoking"] == "current"),
-        "stage": clinical["stage"] - 2.0, "m1": float(clinical["m_stage"] == "M1"),
+        "stage": clinical["stage"] - 2.0,
+        "m1": float(clinical["m_stage"] == "M1"),
     }
     image_features = {
-        "log_tumor_size": float(np.log(max(f.tumor_size_mm, 10) / 25.0)), "vessel_invasion": float(bool(f.vessel)),
+        "log_tumor_size": float(np.log(max(f.tumor_size_mm, 10) / 25.0)),
+        "vessel_invasion": float(bool(f.vessel)),
         "effusion_per_cm": max(f.effusion_right_mm, f.effusion_left_mm) / 10.0,
-        "bone_lesion": float(bool(f.bone_lesion)), "metastases": float(f.flags["metastases"]),
+        "bone_lesion": float(bool(f.bone_lesion)),
+        "metastases": float(f.flags["metastases"]),
         "node_short_axis_per_cm": max((size for _, size in f.nodes), default=0) / 10.0,
     }
     return clinical_features, image_features
@@ -168,17 +209,26 @@ def risk_features(f: Findings, clinical: dict) -> tuple[dict[str, float], dict[s
 
 def _findings_row(f: Findings) -> dict:
     right, left = f.effusion_right_mm, f.effusion_left_mm
-    sites = (["contralateral lung"] if f.lung_metastases_mm else []) + (
-        [f"{f.adrenal_side} adrenal"] if f.adrenal_metastasis_mm else []) + (["liver"] if f.liver_metastasis_mm else [])
+    sites = (
+        (["contralateral lung"] if f.lung_metastases_mm else [])
+        + ([f"{f.adrenal_side} adrenal"] if f.adrenal_metastasis_mm else [])
+        + (["liver"] if f.liver_metastasis_mm else [])
+    )
     return {
         **f.flags,
-        "tumor_size_mm": f.tumor_size_mm or None, "tumor_lobe": f.tumor_lobe,
+        "tumor_size_mm": f.tumor_size_mm or None,
+        "tumor_lobe": f.tumor_lobe,
         "node_size_mm": max((size for _, size in f.nodes), default=None),
         "node_station": ";".join(station for station, _ in f.nodes),
         "effusion_side": "bilateral" if right and left else "right" if right else "left" if left else "",
-        "effusion_mm": max(right, left) or None, "effusion_right_mm": right or None, "effusion_left_mm": left or None,
-        "metastasis_sites": ";".join(sites), "vessel": f.vessel,
-        "bone_lesion_type": f.bone_lesion, "bone_site": f.bone_site, "bone_size_mm": f.bone_size_mm or None,
+        "effusion_mm": max(right, left) or None,
+        "effusion_right_mm": right or None,
+        "effusion_left_mm": left or None,
+        "metastasis_sites": ";".join(sites),
+        "vessel": f.vessel,
+        "bone_lesion_type": f.bone_lesion,
+        "bone_site": f.bone_site,
+        "bone_size_mm": f.bone_size_mm or None,
     }
 
 
@@ -187,11 +237,13 @@ def _assign_splits(n: int, seed: int) -> list[str]:
     n_test = n_val = int(round(0.2 * n))
     splits = np.full(n, "train", dtype=object)
     splits[order[:n_test]] = "test"
-    splits[order[n_test:n_test + n_val]] = "val"
+    splits[order[n_test : n_test + n_val]] = "val"
     return list(splits)
 
 
-def build_cohort_table(n: int, seed: int, model: SurvivalModel = SurvivalModel()) -> tuple[list[Findings], pd.DataFrame]:
+def build_cohort_table(
+    n: int, seed: int, model: SurvivalModel = SurvivalModel()
+) -> tuple[list[Findings], pd.DataFrame]:
     """Findings, clinical fields, report, survival and split of n patients (no images) -> (findings, table)."""
     if n < 1:
         raise SyntheticCohortError(f"synthetic cohort: n must be at least 1, got {n}")
@@ -204,18 +256,34 @@ def build_cohort_table(n: int, seed: int, model: SurvivalModel = SurvivalModel()
         lp = clinical_lp + sum(IMAGE_COEFFICIENTS[k] * v for k, v in image_x.items())
         survival_rng = patient_rng(seed, 1, i, 3)
         event_time = model.scale_days * (survival_rng.exponential() / np.exp(lp - model.lp_reference)) ** (
-            1.0 / model.shape)
+            1.0 / model.shape
+        )
         censor_time = min(survival_rng.exponential(model.censor_mean_days), model.followup_days)
         scan_id = f"syn{i:05d}_ct"
-        rows.append({"patient_id": f"syn{i:05d}", "scan_id": scan_id, "image": f"images/{scan_id}.nii.gz",
-                     "report": write_report(f, patient_rng(seed, 1, i, 2)),
-                     "time": float(max(round(min(event_time, censor_time)), 1)),
-                     "event": int(event_time <= censor_time), **clinical,
-                     "linear_predictor": lp, "clinical_predictor": clinical_lp, **_findings_row(f)})
+        rows.append(
+            {
+                "patient_id": f"syn{i:05d}",
+                "scan_id": scan_id,
+                "image": f"images/{scan_id}.nii.gz",
+                "report": write_report(f, patient_rng(seed, 1, i, 2)),
+                "time": float(max(round(min(event_time, censor_time)), 1)),
+                "event": int(event_time <= censor_time),
+                **clinical,
+                "linear_predictor": lp,
+                "clinical_predictor": clinical_lp,
+                **_findings_row(f),
+            }
+        )
         all_findings.append(f)
     table = pd.DataFrame(rows)
-    for column in ("tumor_size_mm", "node_size_mm", "effusion_mm", "effusion_right_mm", "effusion_left_mm",
-                   "bone_size_mm"):
+    for column in (
+        "tumor_size_mm",
+        "node_size_mm",
+        "effusion_mm",
+        "effusion_right_mm",
+        "effusion_left_mm",
+        "bone_size_mm",
+    ):
         table[column] = table[column].astype("Int64")
     table["split"] = _assign_splits(n, seed)
     return all_findings, table
@@ -231,13 +299,18 @@ def _c_index(time, event, risk) -> float | None:
 
 
 def _clinical_design(table: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "age": table["age"].astype(float), "male": (table["sex"] == "male").astype(float),
-        "former": (table["smoking"] == "former").astype(float),
-        "current": (table["smoking"] == "current").astype(float), "stage": table["stage"].astype(float),
-        "t": table["t_stage"].str[1].astype(float), "n": table["n_stage"].str[1].astype(float),
-        "m": table["m_stage"].str[1].astype(float),
-    })
+    return pd.DataFrame(
+        {
+            "age": table["age"].astype(float),
+            "male": (table["sex"] == "male").astype(float),
+            "former": (table["smoking"] == "former").astype(float),
+            "current": (table["smoking"] == "current").astype(float),
+            "stage": table["stage"].astype(float),
+            "t": table["t_stage"].str[1].astype(float),
+            "n": table["n_stage"].str[1].astype(float),
+            "m": table["m_stage"].str[1].astype(float),
+        }
+    )
 
 
 def clinical_cox_c_index(table: pd.DataFrame) -> float | None:
@@ -270,10 +343,14 @@ def oracle_summary(table: pd.DataFrame, seed: int, model: SurvivalModel) -> dict
         "oracle_c_index_test": _c_index(test["time"], test["event"], test["linear_predictor"]),
         "clinical_only_oracle_c_index": clinical_cox_c_index(table),
         "clinical_only_method": "lifelines CoxPHFitter (penalizer 0.05) on the train split's age, sex, smoking, "
-                                "stage, T, N, M; Harrell's C on the test split",
+        "stage, T, N, M; Harrell's C on the test split",
         "clinical_terms_c_index_test": _c_index(test["time"], test["event"], test["clinical_predictor"]),
-        "n": len(table), "n_test": len(test), "seed": seed,
+        "n": len(table),
+        "n_test": len(test),
+        "seed": seed,
         "event_rate": float(table["event"].mean()),
-        "clinical_coefficients": CLINICAL_COEFFICIENTS, "image_coefficients": IMAGE_COEFFICIENTS,
-        "survival_model": asdict(model), "time_unit": "days",
+        "clinical_coefficients": CLINICAL_COEFFICIENTS,
+        "image_coefficients": IMAGE_COEFFICIENTS,
+        "survival_model": asdict(model),
+        "time_unit": "days",
     }

@@ -15,8 +15,11 @@ import numpy as np
 from vlsurv.data.synthetic.anatomy import Findings
 
 LOBE_NAMES = {
-    "RUL": "right upper lobe", "RML": "right middle lobe", "RLL": "right lower lobe",
-    "LUL": "left upper lobe", "LLL": "left lower lobe",
+    "RUL": "right upper lobe",
+    "RML": "right middle lobe",
+    "RLL": "right lower lobe",
+    "LUL": "left upper lobe",
+    "LLL": "left lower lobe",
 }
 
 _TUMOR = (
@@ -75,8 +78,11 @@ _EFFUSION_BOTH = (
     "Bilateral pleural effusions, right {right}, left {left} in depth.",
     "Pleural effusions on both sides: {right} on the right, {left} on the left.",
 )
-_EFFUSION_ABSENT = ("No pleural effusion.", "No pleural effusion or thickening.",
-                    "The pleural spaces are clear, with no pleural effusion.")
+_EFFUSION_ABSENT = (
+    "No pleural effusion.",
+    "No pleural effusion or thickening.",
+    "The pleural spaces are clear, with no pleural effusion.",
+)
 _LUNG_METS_ONE = (
     "A {size} solid nodule in the {side} lung, suspicious for metastasis.",
     "Solitary {size} nodule in the contralateral {side} lung, likely a pulmonary metastasis.",
@@ -98,16 +104,26 @@ _METS_ABSENT = (
     "No evidence of distant metastatic disease in the imaged upper abdomen.",
     "The liver and adrenal glands show no metastatic lesion.",
 )
-_ABDOMEN_CLEAR = ("The liver and adrenal glands are unremarkable.", "The imaged upper abdominal organs are unremarkable.")
+_ABDOMEN_CLEAR = (
+    "The liver and adrenal glands are unremarkable.",
+    "The imaged upper abdominal organs are unremarkable.",
+)
 _LUNG_METS_ABSENT = ("No additional pulmonary nodules.", "No contralateral pulmonary nodules.")
-_BONE_WORDS = {"lytic": ("lytic", "osteolytic", "destructive lytic"), "sclerotic": ("sclerotic", "osteoblastic")}
+_BONE_WORDS = {
+    "lytic": ("lytic", "osteolytic", "destructive lytic"),
+    "sclerotic": ("sclerotic", "osteoblastic"),
+}
 _BONE = (
     "A {kind} lesion in the {site} measuring {size}, suspicious for osseous metastasis.",
     "{Kind} focus within the {site} ({size}).",
     "There is a {size} {kind} lesion of the {site}, compatible with metastasis.",
 )
-_BONE_ABSENT = ("No lytic or sclerotic osseous lesion.", "No suspicious osseous lesion.",
-                "Osseous structures are intact without destructive lesion.", "Bones: no lytic or blastic lesions.")
+_BONE_ABSENT = (
+    "No lytic or sclerotic osseous lesion.",
+    "No suspicious osseous lesion.",
+    "Osseous structures are intact without destructive lesion.",
+    "Bones: no lytic or blastic lesions.",
+)
 _BACKGROUND = (
     "The trachea and main bronchi are patent.",
     "Heart size is normal. No pericardial effusion.",
@@ -163,10 +179,15 @@ def _node_sentences(f: Findings, rng) -> list[str]:
     largest, size = max(f.nodes, key=lambda node: node[1])
     hedge = _pick(_NODE_HEDGES, rng)
     if len(f.nodes) == 1:
-        return [_pick(_NODE_ONE, rng).format(station=largest, Station=_cap(largest), size=_size(size, rng),
-                                             hedge=hedge)]
+        return [
+            _pick(_NODE_ONE, rng).format(
+                station=largest, Station=_cap(largest), size=_size(size, rng), hedge=hedge
+            )
+        ]
     stations = _join([station for station, _ in f.nodes])
-    return [_pick(_NODE_MANY, rng).format(stations=stations, largest=largest, size=_size(size, rng), hedge=hedge)]
+    return [
+        _pick(_NODE_MANY, rng).format(stations=stations, largest=largest, size=_size(size, rng), hedge=hedge)
+    ]
 
 
 def _effusion_sentences(f: Findings, rng) -> list[str]:
@@ -175,8 +196,11 @@ def _effusion_sentences(f: Findings, rng) -> list[str]:
         return [_pick(_EFFUSION_BOTH, rng).format(right=_size(right, rng), left=_size(left, rng))]
     if right or left:
         side, mm = ("right", right) if right else ("left", left)
-        return [_pick(_EFFUSION_ONE, rng).format(side=side, size=_size(mm, rng), degree=_degree(mm),
-                                                 Degree=_cap(_degree(mm)))]
+        return [
+            _pick(_EFFUSION_ONE, rng).format(
+                side=side, size=_size(mm, rng), degree=_degree(mm), Degree=_cap(_degree(mm))
+            )
+        ]
     return [_pick(_EFFUSION_ABSENT, rng)]
 
 
@@ -188,13 +212,19 @@ def _metastasis_sentences(f: Findings, rng) -> tuple[list[str], list[str]]:
         count = len(f.lung_metastases_mm)
         words = ("One", "Two", "Three", "Four", "Five")
         options = _LUNG_METS_ONE if count == 1 else _LUNG_METS_MANY
-        lungs.append(_pick(options, rng).format(size=_size(max(f.lung_metastases_mm), rng), side=side,
-                                                count=count, Count=words[count - 1]))
+        lungs.append(
+            _pick(options, rng).format(
+                size=_size(max(f.lung_metastases_mm), rng), side=side, count=count, Count=words[count - 1]
+            )
+        )
     elif f.tumor_size_mm:
         lungs.append(_pick(_LUNG_METS_ABSENT, rng))
     if f.adrenal_metastasis_mm:
-        abdomen.append(_pick(_ADRENAL_METS, rng).format(size=_size(f.adrenal_metastasis_mm, rng),
-                                                        side=f.adrenal_side, Side=_cap(f.adrenal_side)))
+        abdomen.append(
+            _pick(_ADRENAL_METS, rng).format(
+                size=_size(f.adrenal_metastasis_mm, rng), side=f.adrenal_side, Side=_cap(f.adrenal_side)
+            )
+        )
     if f.liver_metastasis_mm:
         abdomen.append(_pick(_LIVER_METS, rng).format(size=_size(f.liver_metastasis_mm, rng)))
     if not abdomen:  # a metastasis elsewhere must not read as negated
@@ -206,8 +236,11 @@ def _bone_sentences(f: Findings, rng) -> list[str]:
     if not f.bone_lesion:
         return [_pick(_BONE_ABSENT, rng)]
     kind = _pick(_BONE_WORDS[f.bone_lesion], rng)
-    return [_pick(_BONE, rng).format(kind=kind, Kind=_cap(kind), site=f.bone_site,
-                                     size=_size(f.bone_size_mm, rng))]
+    return [
+        _pick(_BONE, rng).format(
+            kind=kind, Kind=_cap(kind), site=f.bone_site, size=_size(f.bone_size_mm, rng)
+        )
+    ]
 
 
 def _impression_items(f: Findings, rng) -> list[str]:
@@ -218,19 +251,32 @@ def _impression_items(f: Findings, rng) -> list[str]:
     if f.nodes:
         items.append(f"{_cap(_join([station for station, _ in f.nodes]))} lymphadenopathy")
     if f.effusion_right_mm or f.effusion_left_mm:
-        side = ("bilateral" if f.effusion_right_mm and f.effusion_left_mm
-                else "right" if f.effusion_right_mm else "left")
+        side = (
+            "bilateral"
+            if f.effusion_right_mm and f.effusion_left_mm
+            else "right"
+            if f.effusion_right_mm
+            else "left"
+        )
         items.append(f"{_cap(side)} pleural effusion{'s' if side == 'bilateral' else ''}")
-    sites = (["contralateral pulmonary nodules"] if f.lung_metastases_mm else []) + (
-        [f"{f.adrenal_side} adrenal"] if f.adrenal_metastasis_mm else []) + (
-        ["liver"] if f.liver_metastasis_mm else [])
+    sites = (
+        (["contralateral pulmonary nodules"] if f.lung_metastases_mm else [])
+        + ([f"{f.adrenal_side} adrenal"] if f.adrenal_metastasis_mm else [])
+        + (["liver"] if f.liver_metastasis_mm else [])
+    )
     if sites:
         items.append(f"Metastatic disease: {_join(sites)}")
     if f.bone_lesion:
         items.append(f"{_cap(f.bone_lesion)} lesion of the {f.bone_site}, suspicious for bone metastasis")
-    negatives = [text for flag, text in (
-        (f.nodes, "no lymphadenopathy"), (f.effusion_right_mm or f.effusion_left_mm, "no pleural effusion"),
-        (f.bone_lesion, "no osseous lesion")) if not flag]
+    negatives = [
+        text
+        for flag, text in (
+            (f.nodes, "no lymphadenopathy"),
+            (f.effusion_right_mm or f.effusion_left_mm, "no pleural effusion"),
+            (f.bone_lesion, "no osseous lesion"),
+        )
+        if not flag
+    ]
     if not items:
         items.append("No CT evidence of malignancy in the chest")
     if negatives and rng.random() < 0.5:

@@ -36,15 +36,21 @@ def resolve_grid(shape=DEFAULT_SHAPE, spacing=None) -> Grid:
     shape = tuple(int(v) for v in shape)
     if len(shape) != 3 or min(shape) < 1:
         raise SyntheticCohortError(f"synthetic cohort: shape must be 3 positive integers, got {shape}")
-    spacing = tuple(float(fov / n) for fov, n in zip(STANDARD_FOV_MM, shape)) if spacing is None else tuple(
-        float(v) for v in spacing)
+    spacing = (
+        tuple(float(fov / n) for fov, n in zip(STANDARD_FOV_MM, shape))
+        if spacing is None
+        else tuple(float(v) for v in spacing)
+    )
     if len(spacing) != 3 or min(spacing) <= 0:
-        raise SyntheticCohortError(f"synthetic cohort: spacing must be 3 positive numbers (mm), got {spacing}")
+        raise SyntheticCohortError(
+            f"synthetic cohort: spacing must be 3 positive numbers (mm), got {spacing}"
+        )
     for axis, n, s, need in zip("xyz", shape, spacing, MIN_FOV_MM):
         if n * s < need:
             raise SyntheticCohortError(
                 f"synthetic cohort: field of view along {axis} is {n} x {s:g} mm = {n * s:g} mm, smaller than the "
-                f"{need:g} mm the anatomy needs; raise the shape or the spacing")
+                f"{need:g} mm the anatomy needs; raise the shape or the spacing"
+            )
     return Grid(shape=shape, spacing=spacing)  # type: ignore[arg-type]
 
 
@@ -56,8 +62,9 @@ def _write_nifti(hu: np.ndarray, grid: Grid, path: Path) -> None:
     image.to_filename(path)
 
 
-def make_cohort(n: int, seed: int, out_dir, *, shape=DEFAULT_SHAPE, spacing=None,
-                model: SurvivalModel = SurvivalModel()) -> Path:  # noqa: B008 (a frozen dataclass)
+def make_cohort(
+    n: int, seed: int, out_dir, *, shape=DEFAULT_SHAPE, spacing=None, model: SurvivalModel = SurvivalModel()
+) -> Path:  # noqa: B008 (a frozen dataclass)
     """Write n synthetic patients to ``out_dir`` and return the path of ``manifest.csv``.
 
     Writes ``images/<scan_id>.nii.gz`` (int16 HU, shape ``shape``, RAS affine), ``manifest.csv``
@@ -74,15 +81,33 @@ def make_cohort(n: int, seed: int, out_dir, *, shape=DEFAULT_SHAPE, spacing=None
         hu = render_scan(all_findings[i], grid, patient_rng(seed, 1, i, 1)).hu
         _write_nifti(hu, grid, out_dir / table["image"].iloc[i])
 
-    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:  # zlib and numpy release the GIL
+    with ThreadPoolExecutor(
+        max_workers=min(2, os.cpu_count() or 1)
+    ) as pool:  # zlib and numpy release the GIL
         list(pool.map(write_scan, range(n)))
-    manifest_columns = ["patient_id", "scan_id", "image", "report", "time", "event", "split", *CLINICAL_COLUMNS]
+    manifest_columns = [
+        "patient_id",
+        "scan_id",
+        "image",
+        "report",
+        "time",
+        "event",
+        "split",
+        *CLINICAL_COLUMNS,
+    ]
     manifest_path = out_dir / "manifest.csv"
     table[manifest_columns].to_csv(manifest_path, index=False)
-    detail = [c for c in table.columns if c not in manifest_columns and c not in ("linear_predictor",
-                                                                                 "clinical_predictor")]
+    detail = [
+        c
+        for c in table.columns
+        if c not in manifest_columns and c not in ("linear_predictor", "clinical_predictor")
+    ]
     table[["scan_id", *detail]].to_csv(out_dir / "findings.csv", index=False)
-    summary = {**oracle_summary(table, seed, model), "shape": list(grid.shape), "spacing_mm": list(grid.spacing)}
+    summary = {
+        **oracle_summary(table, seed, model),
+        "shape": list(grid.shape),
+        "spacing_mm": list(grid.spacing),
+    }
     (out_dir / "oracle.json").write_text(json.dumps(summary, indent=2) + "\n")
     return manifest_path
 
@@ -93,8 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SX", "SY", "SZ"),
-                        help="voxel size in mm (default: the shape spread over a 384 mm cube)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("SX", "SY", "SZ"),
+        help="voxel size in mm (default: the shape spread over a 384 mm cube)",
+    )
     args = parser.parse_args(argv)
     start = timer.perf_counter()
     try:
@@ -102,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     except SyntheticCohortError as err:
         parser.error(str(err))
     oracle = json.loads((args.out / "oracle.json").read_text())
-    print(f"wrote {args.n} patients to {manifest} in {timer.perf_counter() - start:.1f} s; "
-          f"event rate {oracle['event_rate']:.2f}, oracle C {oracle['oracle_c_index']}, "
-          f"oracle C (test) {oracle['oracle_c_index_test']}, clinical-only C (test) "
-          f"{oracle['clinical_only_oracle_c_index']}")
+    print(
+        f"wrote {args.n} patients to {manifest} in {timer.perf_counter() - start:.1f} s; "
+        f"event rate {oracle['event_rate']:.2f}, oracle C {oracle['oracle_c_index']}, "
+        f"oracle C (test) {oracle['oracle_c_index_test']}, clinical-only C (test) "
+        f"{oracle['clinical_only_oracle_c_index']}"
+    )
     return 0
