@@ -63,8 +63,14 @@ def _write_nifti(hu: np.ndarray, grid: Grid, path: Path) -> None:
 
 
 def make_cohort(
-    n: int, seed: int, out_dir, *, shape=DEFAULT_SHAPE, spacing=None, model: SurvivalModel = SurvivalModel()
-) -> Path:  # noqa: B008 (a frozen dataclass)
+    n: int,
+    seed: int,
+    out_dir,
+    *,
+    shape=DEFAULT_SHAPE,
+    spacing=None,
+    model: SurvivalModel = SurvivalModel(),  # noqa: B008 (a frozen dataclass)
+) -> Path:
     """Write n synthetic patients to ``out_dir`` and return the path of ``manifest.csv``.
 
     Writes ``images/<scan_id>.nii.gz`` (int16 HU, shape ``shape``, RAS affine), ``manifest.csv``
