@@ -23,14 +23,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks
+	$(PY) -m ruff format --check vlsurv qa_extraction tests scripts benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks
+	$(PY) -m ruff format --check vlsurv qa_extraction tests scripts benchmarks
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not distributed and not resume"
 
 lint: $(STAMP)
 	$(PY) -m ruff check vlsurv qa_extraction tests scripts benchmarks
+	$(PY) -m ruff format --check vlsurv qa_extraction tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) runs

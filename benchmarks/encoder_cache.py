@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"device: {device} (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     print(
-        f"encoder: {encoder.name}, random init, {sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
+        f"encoder: {encoder.name}, random init, "
+        f"{sum(p.numel() for p in encoder.parameters()) / 1e6:.1f}M params, "
         f"built in {build_seconds:.1f} s; input 1x1x{SHAPE[0]}x{SHAPE[1]}x{SHAPE[2]}, "
         f"tokens {token_shape}"
     )

@@ -105,7 +105,8 @@ def main() -> None:
     same_risks = torch.cat([r.risks for r in same_work])
     max_diff = (same_risks - naive.risks).abs().max().item()
     print(
-        f"device {device}, torch threads {torch.get_num_threads()}, decoder 8 layers x 512, {args.scans} scans x "
+        f"device {device}, torch threads {torch.get_num_threads()}, decoder 8 layers x 512, "
+        f"{args.scans} scans x "
         f"{len(questions)} questions, max_new_tokens {args.max_new_tokens}, batch_scans {args.batch_scans}"
     )
     print(f"naive (6 separate prompts per scan, generate + full forward, pool=all): {naive_s:8.2f} s")

@@ -3,8 +3,8 @@
 
 Inputs: float32 log-risks ~ N(0, 1), integer times in days 1..``--max-day`` (so event times tie, as in real
 cohorts), events with probability 0.4. For every (ties, N) the two implementations are timed alternately for
-``--repeats`` rounds (each round = ``--inner`` forward+backward calls) and the medians are compared; the values of
-the two losses are checked to agree first. Prints one line per case with the ratio ours / torchsurv.
+``--repeats`` rounds (each round = ``--inner`` forward+backward calls) and the medians are compared; the
+values of the two losses are checked to agree first. Prints one line per case with the ratio ours / torchsurv.
 
     python benchmarks/losses.py [--sizes 1024 8192] [--repeats 31] [--inner 10] [--device cpu]
 """

@@ -1,15 +1,17 @@
-"""Risk-set ablation (README "Training"): test C-index of stage 2 with ``loss.risk_set`` micro_batch / window /
-memory on a heavily censored synthetic cohort, same data, epochs and optimizer steps.
+"""Risk-set ablation (README "Training"): test C-index of stage 2 with ``loss.risk_set`` micro_batch /
+window / memory on a heavily censored synthetic cohort, same data, epochs and optimizer steps.
 
 Shared once: a cohort of ``--patients`` (event rate ~20% through ``SurvivalModel(censor_mean_days,
 followup_days)``), the rules VQA file, a tiny decoder, a tiny-encoder feature cache and a stage-1 run
-(configs/tiny/stage1.yaml). Then per seed and option a stage-2 DeepSurv run (configs/tiny/stage2_deepsurv.yaml)
-with micro-batch ``--batch`` x accumulation ``--accum``; the memory holds ``accum - 1`` micro-batches, so both
-wide options span one optimizer step's rows. Validation during training is skipped (the budget is fixed; the
-last step is scored). Score: Harrell's C on the test split of the mean six-question risk, answers = the reference
-answers (teacher forcing, no generation), so the ablation measures the survival training alone.
+(configs/tiny/stage1.yaml). Then per seed and option a stage-2 DeepSurv run
+(configs/tiny/stage2_deepsurv.yaml) with micro-batch ``--batch`` x accumulation ``--accum``; the memory holds
+``accum - 1`` micro-batches, so both wide options span one optimizer step's rows. Validation during training
+is skipped (the budget is fixed; the last step is scored). Score: Harrell's C on the test split of the mean
+six-question risk, answers = the reference answers (teacher forcing, no generation), so the ablation measures
+the survival training alone.
 
-    python benchmarks/risk_set_ablation.py --out runs/risk_set_ablation [--patients 300] [--epochs 6] [--seeds 0 1]
+    python benchmarks/risk_set_ablation.py --out runs/risk_set_ablation \\
+        [--patients 300] [--epochs 6] [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ def test_c_index(trainer: Trainer) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/risk_set_ablation"))
     parser.add_argument("--patients", type=int, default=600)
     parser.add_argument("--censor-mean-days", type=float, default=300.0)

@@ -1,10 +1,11 @@
-"""Benchmark: training throughput (samples/s) of stage 1 and stage 2, tiny decoder vs a larger one, and peak RSS.
+"""Benchmark: training throughput (samples/s) of stage 1 and stage 2, tiny decoder vs a larger one, and
+peak RSS.
 
-Inputs are made on the fly: a synthetic cohort (``make_cohort``), a VQA file from its findings, a feature cache of
-the tiny Merlin-architecture encoder, and two Llama decoders built with ``build_tiny_decoder``: the tiny configs'
-size (2 layers x 128) and a larger one (8 layers x 512). Each measurement builds a ``Trainer`` from
-``configs/tiny/stage{1,2_deepsurv}.yaml``, runs ``--warmup`` micro-batches, then times ``--steps`` micro-batches
-(forward, global-batch loss, backward, optimizer step) and prints samples/s = samples / seconds.
+Inputs are made on the fly: a synthetic cohort (``make_cohort``), a VQA file from its findings, a feature
+cache of the tiny Merlin-architecture encoder, and two Llama decoders built with ``build_tiny_decoder``: the
+tiny configs' size (2 layers x 128) and a larger one (8 layers x 512). Each measurement builds a ``Trainer``
+from ``configs/tiny/stage{1,2_deepsurv}.yaml``, runs ``--warmup`` micro-batches, then times ``--steps``
+micro-batches (forward, global-batch loss, backward, optimizer step) and prints samples/s = samples / seconds.
 
     python benchmarks/train_step.py [--patients 40] [--batch-size 8] [--steps 12] [--warmup 2] [key=value ...]
 
@@ -81,7 +82,7 @@ def throughput(trainer: Trainer, steps: int, warmup: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=12)
@@ -94,7 +95,8 @@ def main() -> None:
         tokens, dim = FeatureCache(inputs["cache"]).token_shape
         print(
             f"{args.patients} patients, image tokens {tokens} x {dim}, local batch {args.batch_size}, "
-            f"{args.steps} timed micro-batches after {args.warmup} warm-up, overrides {args.overrides or 'none'}"
+            f"{args.steps} timed micro-batches after {args.warmup} warm-up, overrides "
+            f"{args.overrides or 'none'}"
         )
         print(f"{'decoder':<14} {'stage':<6} {'samples/s':>10}")
         for name in DECODERS:

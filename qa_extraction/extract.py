@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = run_extraction(reports, questions, backend, args.out, retry_errors=args.retry_errors)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.by_status.items())) or "nothing new"
     print(
-        f"{args.out}: {summary.written} rows written ({counts}); {summary.already_done} pairs were done before"
+        f"{args.out}: {summary.written} rows written ({counts}); {summary.already_done} pairs were "
+        "done before"
     )
     return 0

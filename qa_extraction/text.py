@@ -42,7 +42,8 @@ _READ = (
 )
 _HEADER = re.compile(
     r"(?:^|(?<=[\n.]))\s*(findings|impressions?|conclusions?|opinion|results?|summary|technique|protocol|"
-    r"clinical (?:history|information|indication|details)|history|indications?|comparison|reason for (?:exam|study))"
+    r"clinical (?:history|information|indication|details)|history|indications?|comparison|reason for "
+    r"(?:exam|study))"
     r"\s*:",
     re.I,
 )

@@ -1,4 +1,5 @@
-"""The `accelerate launch` entry point: `accelerate launch [--config_file ...] scripts/train.py --config X.yaml`."""
+"""The `accelerate launch` entry point:
+`accelerate launch [--config_file ...] scripts/train.py --config X.yaml`."""
 
 from __future__ import annotations
 

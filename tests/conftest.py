@@ -1,8 +1,9 @@
 """Shared test helpers: a tiny Llama decoder directory built once per session and a model config for it; the
-tiny training inputs (cohort, VQA file, feature cache) and configs; a fixed global batch for the distributed tests.
+tiny training inputs (cohort, VQA file, feature cache) and configs; a fixed global batch for the distributed
+tests.
 
-Test files import the plain helpers with ``from conftest import ...`` (``tests/`` is on ``sys.path``, also for the
-files that ``accelerate launch`` runs as scripts).
+Test files import the plain helpers with ``from conftest import ...`` (``tests/`` is on ``sys.path``, also for
+the files that ``accelerate launch`` runs as scripts).
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 import pytest
 
 TINY_TEXTS = [
-    "64 year-old male former smoker lung cancer patient, stage 1, T stage is T2, N stage is N1, M stage is M0.",
-    "71 year-old female never smoker lung cancer patient, stage 3, T stage is T4, N stage is N2, M stage is M1.",
+    "64 year-old male former smoker lung cancer patient, stage 1, T stage is T2, N stage is N1, M "
+    "stage is M0.",
+    "71 year-old female never smoker lung cancer patient, stage 3, T stage is T4, N stage is N2, M "
+    "stage is M1.",
     "What is the location and size of the primary lung tumor?",
     "Which lymph nodes are involved, and what are their size and location?",
     "Is there any pleural involvement or effusion present?",
@@ -32,7 +35,8 @@ TINY_IMAGE_TOKENS = 4
 
 @pytest.fixture(scope="session")
 def tiny_decoder_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 64-hidden Llama + byte-level BPE tokenizer saved with ``save_pretrained`` (plain prompts)."""
+    """A 2-layer, 64-hidden Llama + byte-level BPE tokenizer saved with ``save_pretrained`` (plain
+    prompts)."""
     from vlsurv.model.tiny import build_tiny_decoder
 
     return build_tiny_decoder(
@@ -58,7 +62,7 @@ def tiny_model_config(tiny_decoder_dir):
     )
 
 
-# --- tiny training inputs: a synthetic cohort, its VQA file and feature cache --------------------------------
+# --- tiny training inputs: a synthetic cohort, its VQA file and feature cache -------------------------------
 
 TINY_COHORT_PATIENTS = 24
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,7 +123,8 @@ def build_tiny_inputs(root: Path, n: int = TINY_COHORT_PATIENTS, seed: int = 0) 
 
 
 def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: str):
-    """configs/tiny/<name>.yaml (a ``TrainConfig``) pointed at the test's cohort, decoder and output folder."""
+    """configs/tiny/<name>.yaml (a ``TrainConfig``) pointed at the test's cohort, decoder and output
+    folder."""
     from vlsurv.training.config import load_train_config
 
     return load_train_config(
@@ -136,7 +141,7 @@ def tiny_config(name: str, inputs: dict, decoder: Path, out: Path, *overrides: s
     )
 
 
-# --- a fixed global batch for the one-process vs two-process (and window risk set) comparisons ---------------
+# --- a fixed global batch for the one-process vs two-process (and window risk set) comparisons --------------
 
 GLOBAL_BATCH = 7
 CUTS = [100.0, 400.0, 900.0]
@@ -189,7 +194,8 @@ def build_model(decoder: str, head: str):
 
 def global_batch(processor, indices: list[int], cuts=None) -> dict:
     """The rows ``indices`` of the fixed global batch, right-padded; with DeepHit ``cuts``, each row's labels
-    (``bin_index``, ``binned_event``, ``censored_credit``) as ``SampleDataset.set_deephit_cuts`` gives them."""
+    (``bin_index``, ``binned_event``, ``censored_credit``) as ``SampleDataset.set_deephit_cuts`` gives
+    them."""
     import torch
 
     generator = torch.Generator().manual_seed(1)

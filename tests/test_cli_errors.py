@@ -1,4 +1,5 @@
-"""Bad input through the public CLI: one line ``<prog> <command>: error: <message>``, a non-zero exit, no traceback.
+"""Bad input through the public CLI: one line ``<prog> <command>: error: <message>``, a non-zero exit, no
+traceback.
 
 Each case builds one bad file or option in a temporary folder next to a small valid synthetic cohort, runs
 ``vlsurv.cli.main`` or ``qa_extraction.__main__.main`` in-process, and checks that the message names the

@@ -39,7 +39,10 @@ PE_ROW = {
     "mean_arterial_pressure": 124,
     "pulse": 65,
 }
-LUNG_SENTENCE = "64 year-old male former smoker lung cancer patient, stage 1, T stage is T4, N stage is N1, M stage is M0."
+LUNG_SENTENCE = (
+    "64 year-old male former smoker lung cancer patient, stage 1, T stage is T4, N stage is N1, M stage "
+    "is M0."
+)
 PE_SENTENCE = (
     "A 61-year-old female, acute pulmonary embolism (not limited to subsegmental arteries), temperature "
     "98.6 F, respiratory rate 18.0 breaths per minute, mean arterial pressure 124.0 mmHg, pulse 65.0 bpm."
@@ -66,7 +69,8 @@ def test_missing_lung_values_drop_their_clause(missing):
 def test_missing_pe_values_drop_their_clause():
     row = {**PE_ROW, "temperature": math.nan, "pe_acute": None, "pulse": ""}
     assert clinical_sentence(row, "pe") == (
-        "A 61-year-old female, pulmonary embolism (not limited to subsegmental arteries), respiratory rate 18.0 "
+        "A 61-year-old female, pulmonary embolism (not limited to subsegmental arteries), "
+        "respiratory rate 18.0 "
         "breaths per minute, mean arterial pressure 124.0 mmHg."
     )
     row = {**PE_ROW, "pe_positive": None, "age": None, "gender": None}
@@ -89,7 +93,8 @@ def test_pe_negative_chronic_subsegmental_and_article():
 def test_aliases_numbers_and_prefixes():
     row = {"Age": 70.0, "gender": "F", "smoking_status": "Never", "stage": 3.0, "T": 2, "N": "n0", "M": 1}
     assert clinical_sentence(row) == (
-        "70 year-old female never smoker lung cancer patient, stage 3, T stage is T2, N stage is N0, M stage is M1."
+        "70 year-old female never smoker lung cancer patient, stage 3, T stage is T2, N stage is "
+        "N0, M stage is M1."
     )
 
 

@@ -1,4 +1,5 @@
-"""One validator and one CLI builder for every config dataclass: Literal choices, declared ranges, field docs."""
+"""One validator and one CLI builder for every config dataclass: Literal choices, declared ranges, field
+docs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""VQA + manifest + feature cache -> training samples (the tiny training inputs: ``conftest.build_tiny_inputs``)."""
+"""VQA + manifest + feature cache -> training samples (the tiny training inputs:
+``conftest.build_tiny_inputs``)."""
 
 from __future__ import annotations
 
@@ -152,8 +153,9 @@ def test_tiny_inputs_join_into_training_and_validation_sets(tmp_path):
 
 
 def test_deephit_labels_are_computed_once_per_sample_as_the_step_used_to(tiny_model_config, monkeypatch):
-    """whas500 follow-up in years: the collated labels equal ``cuts.labels`` of the batch's own (float32) time and
-    event, which the training step computed on every step before; items read them without calling the cuts."""
+    """whas500 follow-up in years: the collated labels equal ``cuts.labels`` of the batch's own (float32) time
+    and event, which the training step computed on every step before; items read them without calling the
+    cuts."""
     from sksurv.datasets import load_whas500
 
     from vlsurv.data.datasets import Sample

@@ -1,7 +1,9 @@
-"""An intercept-only DeepHit, fitted with vlsurv's own cuts, labels and NLL, reproduces Kaplan-Meier at the cuts.
+"""An intercept-only DeepHit, fitted with vlsurv's own cuts, labels and NLL, reproduces Kaplan-Meier at the
+cuts.
 
-K + 1 free logits (K = 10) are fitted to convergence (LBFGS, float64) on real censored data sets that ship with
-scikit-survival; its survival at the cuts is compared with sksurv's Kaplan-Meier estimate at the same times.
+K + 1 free logits (K = 10) are fitted to convergence (LBFGS, float64) on real censored data sets that ship
+with scikit-survival; its survival at the cuts is compared with sksurv's Kaplan-Meier estimate at the same
+times.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from sksurv.datasets import load_flchain, load_gbsg2, load_whas500
 from sksurv.nonparametric import kaplan_meier_estimator
 
 from vlsurv import losses
-from vlsurv.model.survival import DeepHitCuts, SurvivalConfig, deephit_survival
+from vlsurv.model.survival import (
+    DeepHitCuts,
+    SurvivalBranch,
+    SurvivalConfig,
+    SurvivalConfigError,
+    deephit_survival,
+)
 
 LOADERS = {"whas500": load_whas500, "gbsg2": load_gbsg2, "flchain": load_flchain}
 NUM_BINS = 10
@@ -85,7 +93,8 @@ def test_the_check_catches_the_biased_conventions(name, placement, censoring):
 
 
 def test_fitted_hazards_are_the_closed_form_of_the_nll_docstring():
-    """h_k = d_k / (n_k - sum over the censored rows of bin k of (1 - w_i)), on gbsg2 with the default scheme."""
+    """h_k = d_k / (n_k - sum over the censored rows of bin k of (1 - w_i)), on gbsg2 with the default
+    scheme."""
     time, event = _time_event("gbsg2")
     cuts = DeepHitCuts.from_times(time, event, NUM_BINS)
     labels = cuts.labels(torch.from_numpy(time), torch.from_numpy(event))
@@ -96,3 +105,32 @@ def test_fitted_hazards_are_the_closed_form_of_the_nll_docstring():
     ]
     survival, _ = _fit_intercept_only(cuts, time, event)
     np.testing.assert_allclose(survival, np.cumprod(1.0 - np.array(hazards)), atol=1e-6)
+
+
+@pytest.mark.parametrize("censoring", ["interpolate", "life_table", "deephit", "pycox"])
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_marginal_log_probabilities_are_the_intercept_only_fit(name, censoring):
+    """The closed form that starts a DeepHit head equals the fitted optimum of the NLL, for every scheme."""
+    time, event = _time_event(name)
+    cuts = DeepHitCuts.from_times(time, event, NUM_BINS, censoring=censoring)
+    fitted, _ = _fit_intercept_only(cuts, time, event)
+    closed = deephit_survival(cuts.marginal_log_probabilities(time, event)[None])[0].double().numpy()
+    np.testing.assert_allclose(closed, fitted, atol=1e-5)
+
+
+def test_a_head_started_at_the_marginal_has_the_kaplan_meier_curve_as_its_bias():
+    time, event = _time_event("whas500")
+    cuts = DeepHitCuts.from_times(time, event, NUM_BINS)
+    branch = SurvivalBranch(16, SurvivalConfig(head="deephit", num_bins=NUM_BINS))
+    weight = branch.head.weight.detach().clone()
+    branch.start_at_marginal(cuts.marginal_log_probabilities(time, event))
+    assert torch.equal(branch.head.weight, weight)  # the ranking part keeps its init
+    survival = deephit_survival(branch.head.bias.detach()[None])[0].double().numpy()
+    assert np.abs(survival - _kaplan_meier_at(time, event, cuts.cuts.numpy())).max() <= TARGET
+
+
+def test_start_at_marginal_refuses_a_deepsurv_head_or_a_wrong_length():
+    with pytest.raises(SurvivalConfigError, match=r"expected a DeepHit head and \(11,\) log-probabilities"):
+        SurvivalBranch(8, SurvivalConfig(head="deephit", num_bins=10)).start_at_marginal(torch.zeros(5))
+    with pytest.raises(SurvivalConfigError, match="got head 'deepsurv'"):
+        SurvivalBranch(8, SurvivalConfig()).start_at_marginal(torch.zeros(1))

@@ -277,7 +277,8 @@ def test_clinical_table_joined_by_impression_or_person(tmp_path, key, suffix):
         "98.6 F, respiratory rate 18.0 breaths per minute, mean arterial pressure 124.0 mmHg, pulse 65.0 bpm."
     )
     assert clinical_sentence(rows[2], "pe") == (
-        "An 81-year-old male, chronic pulmonary embolism (limited to subsegmental arteries), temperature 99.1 F, "
+        "An 81-year-old male, chronic pulmonary embolism (limited to subsegmental arteries), "
+        "temperature 99.1 F, "
         "respiratory rate 22.0 breaths per minute, mean arterial pressure 90.5 mmHg, pulse 110.0 bpm."
     )
     if key == "impression_id":

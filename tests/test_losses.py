@@ -1,4 +1,5 @@
-"""vlsurv.losses against torchsurv, lifelines, pycox's formulas and direct references, on real survival data sets."""
+"""vlsurv.losses against torchsurv, lifelines, pycox's formulas and direct references, on real survival data
+sets."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _numeric(frame) -> np.ndarray:
 
 @functools.cache
 def _survival_set(name: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """(covariates (N, p), time (N,) float64, event (N,) long) of a data set shipped with lifelines / sksurv."""
+    """(covariates (N, p), time (N,) float64, event (N,) long) of a data set shipped with lifelines /
+    sksurv."""
     if name == "rossi":
         frame = load_rossi()
         return (

@@ -1,8 +1,8 @@
 """A full-precision model loads and scores without bitsandbytes and without deprecation warnings.
 
 peft imports bitsandbytes whenever it is installed, which logs "Failed to load CPU gemm_4bit_forward" on some
-CPUs; ``vlsurv.model.vlm_io`` hides it unless k-bit weights are asked for. Checked in a fresh interpreter, since
-another test may already have imported bitsandbytes in this one.
+CPUs; ``vlsurv.model.vlm_io`` hides it unless k-bit weights are asked for. Checked in a fresh interpreter,
+since another test may already have imported bitsandbytes in this one.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ scans = [ScanInput("a", "64 year-old male former smoker.", torch.randn(4, 16))]
 score_shared_prefix(model, scans, ["Are metastases observed?", "Is there an effusion?"],
                     options=DecodeOptions(max_new_tokens=3))
 from peft.import_utils import is_bnb_available
-print(json.dumps({"bitsandbytes_imported": "bitsandbytes" in sys.modules, "peft_sees_it": is_bnb_available()}))
+print(json.dumps({"bitsandbytes_imported": "bitsandbytes" in sys.modules,
+                  "peft_sees_it": is_bnb_available()}))
 """
 
 

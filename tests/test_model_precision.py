@@ -1,5 +1,5 @@
-"""Precision and options: an fp32 survival head under bf16, NaN-safe masked means, answer/sequence length caps,
-and a stage-2 LoRA config that must agree with the stage-1 adapter."""
+"""Precision and options: an fp32 survival head under bf16, NaN-safe masked means, answer/sequence length
+caps, and a stage-2 LoRA config that must agree with the stage-1 adapter."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The composed model on the tiny decoder: forward/backward, pooling, stages, save/load, k-bit, encoder path."""
+"""The composed model on the tiny decoder: forward/backward, pooling, stages, save/load, k-bit, encoder
+path."""
 
 from __future__ import annotations
 

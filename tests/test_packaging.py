@@ -1,4 +1,5 @@
-"""A wheel (``pip install .``, not editable) carries prompts/ and configs/ and works outside the repository."""
+"""A wheel (``pip install .``, not editable) carries prompts/ and configs/ and works outside the
+repository."""
 
 from __future__ import annotations
 

@@ -109,7 +109,7 @@ def test_ensemble_rejects_bad_inputs(tiny_model_config):
         DecodeOptions(temperature=0.0)
 
 
-# --- vlsurv predict -------------------------------------------------------------------------------------------
+# --- vlsurv predict -----------------------------------------------------------------------------------------
 
 
 def _write_cache(root, tokens: dict[str, torch.Tensor]):

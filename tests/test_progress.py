@@ -60,7 +60,8 @@ def test_library_bars_stay_on_for_a_terminal_and_respect_the_users_setting(monke
 
 @pytest.mark.slow
 def test_cli_output_to_a_pipe_has_no_carriage_return(tmp_path):
-    """`vlsurv build-tiny` (transformers' "Writing model shards") then `vlsurv encode` (our bar), stderr piped."""
+    """`vlsurv build-tiny` (transformers' "Writing model shards") then `vlsurv encode` (our bar), stderr
+    piped."""
     (tmp_path / "texts.txt").write_text("A small left pleural effusion.\nNo distant metastases.\n")
     (tmp_path / "preprocess.yaml").write_text("spacing: [12.0, 12.0, 12.0]\nspatial_size: [32, 32, 16]\n")
     script = (

@@ -1,4 +1,5 @@
-"""The extraction CLI with the rules backend: bad input, resume, to-vqa, review round trip, evaluate, vocab."""
+"""The extraction CLI with the rules backend: bad input, resume, to-vqa, review round trip, evaluate,
+vocab."""
 
 from __future__ import annotations
 

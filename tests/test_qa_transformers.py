@@ -1,4 +1,5 @@
-"""The transformers backend end to end on a tiny local Llama (built in the test, saved with save_pretrained)."""
+"""The transformers backend end to end on a tiny local Llama (built in the test, saved with
+save_pretrained)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ VALID = '{"status": "present", "answer": "Small left pleural effusion measuring 
 # A Mistral-like template: no system role, so the backend folds the system text into the first user turn.
 NO_SYSTEM_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
-    "{{ raise_exception('system role not supported') }}{% elif m['role'] == 'user' %}[INST] {{ m['content'] }} "
+    "{{ raise_exception('system role not supported') }}{% elif m['role'] == 'user' %}[INST] {{ "
+    "m['content'] }} "
     "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
 )
 

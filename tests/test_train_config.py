@@ -1,4 +1,5 @@
-"""TrainConfig: every shipped YAML resolves, launch commands are exact, bad values are rejected naming the key."""
+"""TrainConfig: every shipped YAML resolves, launch commands are exact, bad values are rejected naming the
+key."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """2 CPU processes (gloo) on a fixed global batch give the loss and gradients of 1 process on the same batch.
 
-The test launches this file with ``accelerate launch --multi_gpu --num_processes 2`` and ``Accelerator(cpu=True)``:
-two CPU processes over gloo (accelerate's ``--cpu`` flag starts several processes only through mpirun, which a
-plain CPU machine lacks; the test checks that two processes ran). Each process takes its shard of the
-global batch, runs the stage-2 step loss (Cox / DeepHit risk sets and dispersion pairs over the gathered global
-batch) and backpropagates through DDP; rank 0 writes the loss components and the averaged gradients of the survival
-branch and LoRA. The reference is the same code in this process, unlaunched, on the whole global batch.
+The test launches this file with ``accelerate launch --multi_gpu --num_processes 2`` and
+``Accelerator(cpu=True)``: two CPU processes over gloo (accelerate's ``--cpu`` flag starts several processes
+only through mpirun, which a plain CPU machine lacks; the test checks that two processes ran). Each process
+takes its shard of the global batch, runs the stage-2 step loss (Cox / DeepHit risk sets and dispersion pairs
+over the gathered global batch) and backpropagates through DDP; rank 0 writes the loss components and the
+averaged gradients of the survival branch and LoRA. The reference is the same code in this process,
+unlaunched, on the whole global batch.
 """
 
 from __future__ import annotations
@@ -180,8 +181,8 @@ def test_two_process_training_run_matches_a_one_process_run(tiny_decoder_dir, tm
     assert (two / "checkpoints" / "step-000000004" / "trainer_state.json").is_file()
     validation = [json.loads(line) for line in (two / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validation] == [2, 4] and all("val/c_index" in v for v in validation)
-    # The Cox loss does not change when every log-risk shifts by a constant, so the head bias's gradient is float
-    # noise, which Adam scales up to full-size steps: it is the one weight that cannot be compared.
+    # The Cox loss does not change when every log-risk shifts by a constant, so the head bias's gradient is
+    # float noise, which Adam scales up to full-size steps: it is the one weight that cannot be compared.
     for name in ("survival_branch.safetensors", "adapter/adapter_model.safetensors"):
         expected, actual = load_file(str(one / name)), load_file(str(two / "final" / name))
         assert expected.keys() == actual.keys()

@@ -1,5 +1,6 @@
-"""A tiny run killed with SIGKILL after a checkpoint and resumed with ``--resume latest`` ends with the weights of an
-uninterrupted run (CPU, float tolerance); checkpoints are atomic, pruned to the last k plus the best."""
+"""A tiny run killed with SIGKILL after a checkpoint and resumed with ``--resume latest`` ends with the
+weights of an uninterrupted run (CPU, float tolerance); checkpoints are atomic, pruned to the last k plus the
+best."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""``loss.risk_set``: the window risk set gives the gradient of one big batch; the memory joins a FIFO of rows.
+"""``loss.risk_set``: the window risk set gives the gradient of one big batch; the memory joins a FIFO of
+rows.
 
-- memory: the Cox term over (micro-batch + memory) equals vlsurv's and torchsurv's Cox loss on the concatenated
-  rows (on whas500 times and events), gradient flows through the micro-batch only, the FIFO keeps the last k;
-- window (GradCache): with LoRA dropout on, the cached-gradient backward equals the backward of the window's loss
-  with every micro-batch's graph held (same RNG); a training step with ``grad_accum`` 4 x batch 3 and the window
-  risk set has the gradient of one step with batch 12 (1e-5), where the micro-batch risk set does not.
+- memory: the Cox term over (micro-batch + memory) equals vlsurv's and torchsurv's Cox loss on the
+  concatenated rows (on whas500 times and events), gradient flows through the micro-batch only, the FIFO keeps
+  the last k;
+- window (GradCache): with LoRA dropout on, the cached-gradient backward equals the backward of the window's
+  loss with every micro-batch's graph held (same RNG); a training step with ``grad_accum`` 4 x batch 3 and the
+  window risk set has the gradient of one step with batch 12 (1e-5), where the micro-batch risk set does not.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The window risk set on 2 CPU processes (gloo, DDP) gives the loss and gradients of 1 process on one batch.
 
 The fixed global batch of conftest (7 rows) is split into an accumulation window of two micro-batches
-(rows 0-3 and 4-6); each process takes its shard of each, caches the window (forward without grad, the window's
-rows gathered over processes), then backpropagates each micro-batch's cached-gradient share through DDP. Rank 0
-writes the window's loss components and the averaged gradients; the reference is ``step_loss`` on all 7 rows in
-one process and one micro-batch.
+(rows 0-3 and 4-6); each process takes its shard of each, caches the window (forward without grad, the
+window's rows gathered over processes), then backpropagates each micro-batch's cached-gradient share through
+DDP. Rank 0 writes the window's loss components and the averaged gradients; the reference is ``step_loss`` on
+all 7 rows in one process and one micro-batch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""BatchPlan: shards cover every global batch exactly once, patients are balanced, order is a function of (seed, epoch)."""
+"""BatchPlan: shards cover every global batch exactly once, patients are balanced, order is a function of
+(seed, epoch)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tiny stage-1 and stage-2 runs on the synthetic cohort: the loss falls, frozen parameters stay bit-identical."""
+"""Tiny stage-1 and stage-2 runs on the synthetic cohort: the loss falls, frozen parameters stay
+bit-identical."""
 
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def test_stage2_keeps_the_stage1_projector_frozen_and_trains_lora_and_survival(
     assert all(
         torch.equal(model.multi_modal_projector.state_dict()[k], v) for k, v in stage1_projector.items()
     )
+    if head == "deephit":  # the head starts at the training set's marginal (intercept-only) distribution
+        cuts = DeepHitCuts.from_times(trainer.data.train_time, trainer.data.train_event, 4)
+        marginal = cuts.marginal_log_probabilities(trainer.data.train_time, trainer.data.train_event)
+        assert torch.allclose(model.survival_branch.head.bias.double(), marginal, atol=1e-6)
     before = snapshot(trainer.model)
     final = trainer.fit()
     check_frozen_and_trained(before, trainer.model, ("survival_branch", "lora_"))

@@ -1,6 +1,7 @@
 """Warmup that ends: a ``warmup_steps`` not below the planned optimizer steps stops the run naming the keys,
-``warmup_ratio`` scales with the run, the shipped configs finish warmup and decay at INSPECT's and CT-RATE's sizes,
-and the schedule the scheduler plans is the one the loop runs (the cosine reaches 0 at the loop's last step)."""
+``warmup_ratio`` scales with the run, the shipped configs finish warmup and decay at INSPECT's and CT-RATE's
+sizes, and the schedule the scheduler plans is the one the loop runs (the cosine reaches 0 at the loop's last
+step)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan_for(config, units: int) -> BatchPlan:
-    """One process's plan over ``units`` patients (patient_balanced) or VQA pairs (pairs), one pair per patient."""
+    """One process's plan over ``units`` patients (patient_balanced) or VQA pairs (pairs), one pair per
+    patient."""
     return BatchPlan([f"p{i}" for i in range(units)], config.optim.batch_size, config.sampling, 0, 1)
 
 
@@ -55,11 +57,13 @@ def test_warmup_steps_not_below_the_planned_steps_stop_with_the_keys_named():
     [
         (
             ["optim.warmup_ratio=0.1", "optim.warmup_steps=500"],
-            "optim.warmup_steps = 500, optim.warmup_ratio = 0.1: expected exactly one of them set and the other null",
+            "optim.warmup_steps = 500, optim.warmup_ratio = 0.1: expected exactly one of them set "
+            "and the other null",
         ),
         (
             ["optim.warmup_ratio=null", "optim.warmup_steps=null"],
-            "optim.warmup_steps = None, optim.warmup_ratio = None: expected exactly one of them set and the other null",
+            "optim.warmup_steps = None, optim.warmup_ratio = None: expected exactly one of them set "
+            "and the other null",
         ),
         (
             ["optim.warmup_ratio=1.0"],

@@ -52,7 +52,8 @@ def test_non_ras_volume_shape_range_and_orientation(tmp_path):
     body = out[0] > -1.0 + 1e-4  # padding is out_min (air); the body is 0 HU -> 0.5
     lo = torch.stack([torch.nonzero(body)[:, a].min() for a in range(3)]).numpy()
     hi = torch.stack([torch.nonzero(body)[:, a].max() for a in range(3)]).numpy()
-    # Resampled extents: R-L 32 mm / 2 -> 16, A-P 26 mm / 2 -> 13, S-I 30 mm / 3 -> 10 voxels, centred by padding.
+    # Resampled extents: R-L 32 mm / 2 -> 16, A-P 26 mm / 2 -> 13, S-I 30 mm / 3 -> 10 voxels, centred by
+    # padding.
     np.testing.assert_allclose(hi - lo + 1, (16, 14, 11), atol=1)
     marker = torch.nonzero(out[0] > 1.9).float().mean(dim=0).numpy()
     relative = (marker - lo) / (hi - lo)

@@ -264,7 +264,8 @@ def apply_overrides(
             node[keys[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"override {dotted} from the {source}: {raw!r} is not a YAML value ({getattr(err, 'problem', err)})"
+                f"override {dotted} from the {source}: {raw!r} is not a YAML value "
+                f"({getattr(err, 'problem', err)})"
             ) from err
     return data
 

@@ -59,7 +59,8 @@ class DemoConfig:
     seed: int = 0
     """Seed of every step."""
     head: Literal["deepsurv", "deephit"] = "deepsurv"
-    """Survival head of stage 2 (vlsurv.model.survival.SurvivalHead; spelled out so that torch loads later)."""
+    """Survival head of stage 2 (vlsurv.model.survival.SurvivalHead; spelled out so that torch loads
+    later)."""
     volume_shape: tuple[int, int, int] = (128, 128, 64)
     """Voxels of each synthetic CT volume (and the encoder's input size)."""
     encoder_spacing: tuple[float, float, float] = (3.0, 3.0, 6.0)
@@ -275,7 +276,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _print_summary(summary: dict, out: Path) -> None:
     ci = summary["c_index_ci"] or [float("nan"), float("nan")]
     print(
-        f"\nvlsurv demo ({summary['head']}), {summary['n_test']} test patients, {summary['n_test_events']} events"
+        f"\nvlsurv demo ({summary['head']}), {summary['n_test']} test patients, "
+        f"{summary['n_test_events']} events"
     )
     print(f"  C-index (image + clinical + text) {summary['c_index']:.3f}  95% CI [{ci[0]:.3f}, {ci[1]:.3f}]")
     print(f"  C-index clinical-only CoxPH       {summary['c_index_clinical_only']:.3f}")

@@ -13,7 +13,8 @@ class InputError(ValueError):
 
 
 class CheckpointError(InputError):
-    """A checkpoint (encoder weights, or a training state to resume) that is missing, incomplete or does not fit."""
+    """A checkpoint (encoder weights, or a training state to resume) that is missing, incomplete or does not
+    fit."""
 
 
 class ModelLoadError(InputError):

@@ -1,9 +1,10 @@
 """Survival, dispersion and alignment losses: pure functions of tensors (see docs/DESIGN.md, "Losses").
 
-Conventions: ``time`` (N,) real and finite, ``event`` (N,) in {0, 1} (bool, integer or float; 1 = event observed),
-``bin_index`` (N,) integer DeepHit bin of each time. Every loss returns a 0-d tensor in the dtype of its first
-argument that stays attached to the autograd graph, also in its degenerate cases (it is then ``0 * input.sum()``).
-Bad inputs raise ``LossInputError`` (a ``ValueError``) naming the function, the argument and what was expected.
+Conventions: ``time`` (N,) real and finite, ``event`` (N,) in {0, 1} (bool, integer or float; 1 = event
+observed), ``bin_index`` (N,) integer DeepHit bin of each time. Every loss returns a 0-d tensor in the dtype
+of its first argument that stays attached to the autograd graph, also in its degenerate cases (it is then ``0
+* input.sum()``). Bad inputs raise ``LossInputError`` (a ``ValueError``) naming the function, the argument and
+what was expected.
 """
 
 from __future__ import annotations
@@ -80,21 +81,22 @@ def cox_loss(
 ) -> torch.Tensor:
     r"""Negative Cox partial log-likelihood of log-risks ``log_risk`` (N,) float, in O(N log N).
 
-    With :math:`\xi_k` the distinct event times, :math:`H_k` the events at :math:`\xi_k` (:math:`m_k = |H_k|`),
-    :math:`R_k = \{j : t_j \ge \xi_k\}` the risk set, :math:`D_k = \sum_{j \in R_k} e^{\eta_j}` and
-    :math:`T_k = \sum_{i \in H_k} e^{\eta_i}`:
+    With :math:`\xi_k` the distinct event times, :math:`H_k` the events at :math:`\xi_k`
+    (:math:`m_k = |H_k|`), :math:`R_k = \{j : t_j \ge \xi_k\}` the risk set,
+    :math:`D_k = \sum_{j \in R_k} e^{\eta_j}` and :math:`T_k = \sum_{i \in H_k} e^{\eta_i}`:
 
     - Breslow: :math:`\ell = \sum_k [\sum_{i \in H_k} \eta_i - m_k \log D_k]`;
-    - Efron: :math:`\ell = \sum_k [\sum_{i \in H_k} \eta_i - \sum_{r=0}^{m_k-1} \log(D_k - \tfrac{r}{m_k} T_k)]`.
+    - Efron: :math:`\ell = \sum_k [\sum_{i \in H_k} \eta_i -
+      \sum_{r=0}^{m_k-1} \log(D_k - \tfrac{r}{m_k} T_k)]`.
 
-    Returns :math:`-\ell` (``reduction="sum"``) or :math:`-\ell / \sum_i d_i` (``"mean"``, per event; torchsurv's
-    "mean" instead averages over distinct event times when there are ties). Rows are sorted by time once; the
-    risk-set sums come from a reversed ``logcumsumexp`` read at the first row of each tied group, and Efron's
-    terms are computed per event row (its rank ``r`` in its group) as
+    Returns :math:`-\ell` (``reduction="sum"``) or :math:`-\ell / \sum_i d_i` (``"mean"``, per event;
+    torchsurv's "mean" instead averages over distinct event times when there are ties). Rows are sorted by
+    time once; the risk-set sums come from a reversed ``logcumsumexp`` read at the first row of each tied
+    group, and Efron's terms are computed per event row (its rank ``r`` in its group) as
     :math:`\log D_k + \operatorname{log1p}(-\tfrac{r}{m_k} T_k / D_k)` with
-    :math:`T_k / D_k = \sum_{i \in H_k} e^{\eta_i - \log D_k}` (each term at most 1), so all work is vectorised
-    and stays in log space (finite for log-risks of any magnitude). Without events the loss is 0 (graph kept)
-    and a warning is issued.
+    :math:`T_k / D_k = \sum_{i \in H_k} e^{\eta_i - \log D_k}` (each term at most 1), so all work is
+    vectorised and stays in log space (finite for log-risks of any magnitude). Without events the loss is 0
+    (graph kept) and a warning is issued.
     """
     where = "cox_loss"
     _check_floating("log_risk", log_risk, where)
@@ -167,15 +169,15 @@ def deephit_nll(
     .. math:: \ell_i = d_i \log p_k + (1 - d_i) [(1 - w_i) \log S_{k-1} + w_i \log S_k],
               \quad L = -\tfrac{1}{N} \sum_i \ell_i,
 
-    computed with ``logsumexp`` (no ``log(0)``). The censoring term interpolates :math:`\log S` linearly within
-    the bin, i.e. a constant hazard there, so with :math:`w_i = (t_i - c_{k-1}) / (c_k - c_{k-1})` it is
-    :math:`\log S(t_i)` (``DeepHitCuts`` scheme "interpolate", the default). An intercept-only fit then has the
-    bin hazards :math:`h_k = p_k / S_{k-1} = d_k / (n_k - \sum_{i \in C_k} (1 - w_i))` (:math:`d_k` events in
-    bin k, :math:`n_k` rows in bins :math:`\ge k`, :math:`C_k` the censored rows of bin k): a censored row leaves
-    the risk set where it was censored, as in Kaplan-Meier, and with ``DeepHitCuts.from_times``' default cuts the
-    fit is within 0.03 of Kaplan-Meier at the cuts on whas500, gbsg2 and flchain (tests/test_deephit_km.py). The
-    other schemes:
-    :math:`w = 1/2` ("life_table", the actuarial estimator), :math:`w = 1` ("deephit", the original
+    computed with ``logsumexp`` (no ``log(0)``). The censoring term interpolates :math:`\log S` linearly
+    within the bin, i.e. a constant hazard there, so with :math:`w_i = (t_i - c_{k-1}) / (c_k - c_{k-1})` it
+    is :math:`\log S(t_i)` (``DeepHitCuts`` scheme "interpolate", the default). An intercept-only fit then has
+    the bin hazards :math:`h_k = p_k / S_{k-1} = d_k / (n_k - \sum_{i \in C_k} (1 - w_i))` (:math:`d_k` events
+    in bin k, :math:`n_k` rows in bins :math:`\ge k`, :math:`C_k` the censored rows of bin k): a censored row
+    leaves the risk set where it was censored, as in Kaplan-Meier, and with ``DeepHitCuts.from_times``'
+    default cuts the fit is within 0.03 of Kaplan-Meier at the cuts on whas500, gbsg2 and flchain
+    (tests/test_deephit_km.py). The other schemes: :math:`w = 1/2` ("life_table", the actuarial estimator),
+    :math:`w = 1` ("deephit", the original
     convention: survival to the end of the bin, biased up when a bin holds much censoring) and :math:`w = 0`
     ("pycox": only to the cut before, biased down). A row of bin K contributes :math:`\log p_K = \log S_{K-1}`
     (a censored one needs :math:`w = 0`). ``censored_credit=None`` means :math:`w = 1`, which equals pycox's
@@ -258,10 +260,10 @@ def dispersion_loss_continuous(
 
     Over the uncensored rows only:
     :math:`\sum_{i \ne j} w_{ij} \lVert z_i - z_j \rVert^2 / \sum_{i \ne j} w_{ij}` with
-    :math:`w_{ij} = \exp(-(t_i - t_j)^2 / (2\sigma^2))`; ``sigma`` defaults to the (unbiased) standard deviation
-    of the batch's event times (any positive value when they are all equal, as every weight is then 1). The
-    normalised weights are a softmax of the log-weights, so no underflow gives 0/0. 0 with fewer than two
-    uncensored rows.
+    :math:`w_{ij} = \exp(-(t_i - t_j)^2 / (2\sigma^2))`; ``sigma`` defaults to the (unbiased) standard
+    deviation of the batch's event times (any positive value when they are all equal, as every weight is then
+    1). The normalised weights are a softmax of the log-weights, so no underflow gives 0/0. 0 with fewer than
+    two uncensored rows.
     """
     where = "dispersion_loss_continuous"
     n = _check_embeddings(z, where)
@@ -317,7 +319,8 @@ def dispersion_loss_discrete(
 
 
 def alignment_loss(z_surv: torch.Tensor, z_pooled: torch.Tensor) -> torch.Tensor:
-    r"""Mean squared distance :math:`\tfrac{1}{N} \sum_i \lVert z_{surv,i} - z_{pooled,i} \rVert^2` of two (N, d)."""
+    r"""Mean squared distance :math:`\tfrac{1}{N} \sum_i \lVert z_{surv,i} - z_{pooled,i} \rVert^2` of two (N,
+    d)."""
     where = "alignment_loss"
     _check_floating("z_surv", z_surv, where)
     _check_floating("z_pooled", z_pooled, where)

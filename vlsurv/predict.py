@@ -4,8 +4,9 @@ For each scan of the manifest's split: the clinical sentence (``clinical_sentenc
 image tokens from the feature cache, and the questions of ``prompts/questions/<set>.yaml``. Scans are batched
 and scored with the shared-prefix path (``vlsurv.model.ensemble.score_shared_prefix``): the clinical sentence
 and image tokens run once per scan, the decoder's KV cache is repeated over the questions. The scan's risk is
-the mean of its question risks. Unset decoding options (``max_new_tokens``, ``pool``) take what training validated
-the model with (``selection.json`` in a model folder written by training), so that predict scores as validation did.
+the mean of its question risks. Unset decoding options (``max_new_tokens``, ``pool``) take what training
+validated the model with (``selection.json`` in a model folder written by training), so that predict scores as
+validation did.
 
 Outputs in OUT (appended scan by scan; a rerun skips the scan_ids already in predictions.csv):
 - ``predictions.csv``: scan_id, risk, risk_<question_id> per question;
@@ -87,8 +88,8 @@ class PredictConfig:
 
 
 def resolve_decoding(config: PredictConfig, model: VisionLanguageSurvivalModel) -> PredictConfig:
-    """``config`` with ``pool`` and ``max_new_tokens`` filled in: given values, else the settings the model was
-    validated with (its folder's ``selection.json``), else the model's pool and DEFAULT_MAX_NEW_TOKENS."""
+    """``config`` with ``pool`` and ``max_new_tokens`` filled in: given values, else the settings the model
+    was validated with (its folder's ``selection.json``), else the model's pool and DEFAULT_MAX_NEW_TOKENS."""
     selection = read_selection(config.model) if config.model and Path(config.model).is_dir() else None
     scoring = (selection or {}).get("scoring", {})
     return dataclasses.replace(
@@ -147,7 +148,8 @@ def _append_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def _write_batch(out: Path, scans: list[ScanInput], questions, result: EnsembleOutput, cuts, header) -> None:
-    """Answers and curves first, predictions.csv last: a scan counts as done once its prediction row exists."""
+    """Answers and curves first, predictions.csv last: a scan counts as done once its prediction row
+    exists."""
     with (out / ANSWERS).open("a") as handle:
         for scan, risks, answers in zip(scans, result.risks.tolist(), result.answers):
             for question, risk, answer in zip(questions, risks, answers):

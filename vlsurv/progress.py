@@ -64,9 +64,10 @@ def progress_bar(
 
 
 def quiet_library_bars(stream: IO[str] | None = None) -> None:
-    """Turn off transformers' and huggingface_hub's own progress bars when ``stream`` (default stderr) is not a
-    terminal: sets ``HF_HUB_DISABLE_PROGRESS_BARS`` unless the user set it (both libraries read it when imported,
-    so call this before they are), and switches transformers' bars off if it is already imported."""
+    """Turn off transformers' and huggingface_hub's own progress bars when ``stream`` (default stderr) is not
+    a
+    terminal: sets ``HF_HUB_DISABLE_PROGRESS_BARS`` unless the user set it (both libraries read it when
+    imported, so call this before they are), and switches transformers' bars off if it is already imported."""
     if is_terminal(sys.stderr if stream is None else stream) or HF_BARS_ENV in os.environ:
         return
     os.environ[HF_BARS_ENV] = "1"

@@ -8,7 +8,8 @@ A question file is YAML::
       - id: tumor                       # stable id: lowercase letters, digits, "_"
         text: What is the location and size of the primary lung tumor?
         keywords: [tumor, mass, nodule] # optional: words that point to the question's sentences
-        rules: {...}                    # optional: settings of the offline rules backend (qa_extraction.rules)
+        rules: {...}                    # optional: settings of the offline rules backend
+                                        # (qa_extraction.rules)
 
 ``read_template("extraction/answer.txt")`` returns a template file's text. ``PROMPTS_DIR`` is the
 repository's ``prompts/`` folder (shipped in the wheel as ``vlsurv/_resources/prompts``, see ``resource_dir``)
@@ -33,7 +34,8 @@ def resource_dir(name: str) -> Path:
     """The shipped folder ``name`` ("prompts" or "configs").
 
     A wheel carries the repository's top-level folder as package data ``vlsurv/_resources/<name>``
-    (pyproject.toml maps it there); an editable install or a source checkout reads the top-level folder itself.
+    (pyproject.toml maps it there); an editable install or a source checkout reads the top-level folder
+    itself.
     """
     packaged = Path(str(importlib.resources.files("vlsurv") / "_resources" / name))
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / name

@@ -1,15 +1,17 @@
-"""`vlsurv train` and `accelerate launch scripts/train.py`: stage 1 (VQA) or stage 2 (joint survival) training.
+"""`vlsurv train` and `accelerate launch scripts/train.py`: stage 1 (VQA) or stage 2 (joint survival)
+training.
 
     accelerate launch --config_file configs/accelerate/single_gpu.yaml scripts/train.py \
         --config configs/stage1.yaml [key=value ...] [--resume latest|PATH]
     vlsurv train --config configs/tiny/stage1.yaml output_dir=runs/tiny1
 
-Overrides are dotted keys of ``TrainConfig`` (``optim.lr_lora=1e-5``, ``model.decoder_path=/models/radllama``).
-The same code runs in one process (`vlsurv train`) or in several (`accelerate launch`); see the README, "Training".
+Overrides are dotted keys of ``TrainConfig`` (``optim.lr_lora=1e-5``,
+``model.decoder_path=/models/radllama``). The same code runs in one process (`vlsurv train`) or in several
+(`accelerate launch`); see the README, "Training".
 
-This module is only the command line, like ``vlsurv/predict.py`` and ``vlsurv/evaluate.py`` beside it: the training
-itself lives in ``vlsurv.training`` (``config``: ``TrainConfig``; ``setup``: model, data, optimizer; ``loop``: the
-``Trainer``; ``objective`` and ``risk_sets``: the step loss; ``validation``; ``checkpoints``).
+This module is only the command line, like ``vlsurv/predict.py`` and ``vlsurv/evaluate.py`` beside it: the
+training itself lives in ``vlsurv.training`` (``config``: ``TrainConfig``; ``setup``: model, data, optimizer;
+``loop``: the ``Trainer``; ``objective`` and ``risk_sets``: the step loss; ``validation``; ``checkpoints``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from vlsurv.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlsurv train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vlsurv train", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--config", required=True, help="training YAML (configs/stage1.yaml, configs/tiny/...)"
     )

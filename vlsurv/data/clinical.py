@@ -293,7 +293,8 @@ def _needed_fields(spec: ClinicalTemplate, values: dict[str, str | bool]) -> set
 
 
 def missing_field_fractions(rows: Iterable[Mapping], template: str | Path) -> tuple[dict[str, float], int]:
-    """(field -> fraction of the rows needing the field that lack a value in all its columns, number of rows)."""
+    """(field -> fraction of the rows needing the field that lack a value in all its columns, number of
+    rows)."""
     spec = load_template(template)
     needing = dict.fromkeys(spec.fields, 0)
     lacking = dict.fromkeys(spec.fields, 0)
@@ -322,7 +323,8 @@ def warn_missing_fields(
     where: str = "",
     option: str = "max_fraction",
 ) -> dict[str, float]:
-    """Warn once when more than ``max_fraction`` of the rows lack a field of ``template``; return those fields.
+    """Warn once when more than ``max_fraction`` of the rows lack a field of ``template``; return those
+    fields.
 
     The warning names the template, ``where`` (e.g. the manifest), each such field with its columns and
     fraction; it never holds a row value or report text. ``option`` names the threshold in errors.
@@ -355,6 +357,7 @@ def sentence_function(
     where: str = "",
     option: str = "max_missing_fraction",
 ) -> Callable[[Mapping], str]:
-    """Check ``rows`` once (``warn_missing_fields``), then return ``row -> clinical_sentence(row, template)``."""
+    """Check ``rows`` once (``warn_missing_fields``), then return ``row -> clinical_sentence(row,
+    template)``."""
     warn_missing_fields(rows, template, max_fraction=max_missing_fraction, where=where, option=option)
     return functools.partial(clinical_sentence, template=template)

@@ -87,7 +87,8 @@ def scan_id_of(path_or_name: str | Path) -> str:
 
 
 def parse_volume_name(path_or_name: str | Path) -> tuple[str, str, str]:
-    """Return (patient_id, scan_id, split) of a CT-RATE volume name, e.g. ('valid_1', 'valid_1_a_1', 'val')."""
+    """Return (patient_id, scan_id, split) of a CT-RATE volume name, e.g. ('valid_1', 'valid_1_a_1',
+    'val')."""
     scan_id = scan_id_of(path_or_name)
     match = _NAME_PATTERN.match(scan_id)
     if match is None:
@@ -146,7 +147,8 @@ def read_ctrate_metadata(path: str | Path) -> dict[str, CTRateGeometry]:
 
 
 def parse_dicom_age(text: object, where: str = "PatientAge") -> float:
-    """DICOM age string -> years: '036Y' -> 36.0, '006M' -> 0.5; empty -> NaN; CTRateError naming ``where``."""
+    """DICOM age string -> years: '036Y' -> 36.0, '006M' -> 0.5; empty -> NaN; CTRateError naming
+    ``where``."""
     if text is None or (isinstance(text, float) and math.isnan(text)) or not str(text).strip():
         return math.nan
     match = _DICOM_AGE.match(str(text).strip().upper())

@@ -1,19 +1,21 @@
 """Training and validation samples: VQA pairs joined with the manifest (clinical row, time, event, split).
 
-- ``read_vqa(path)``: the VQA JSONL (``{scan_id, question_id, question, answer}`` per line) as a list of dicts.
+- ``read_vqa(path)``: the VQA JSONL (``{scan_id, question_id, question, answer}`` per line) as a list of
+  dicts.
 - ``training_samples``: one ``Sample`` per VQA pair of a split's scans (stage 1 and stage 2 training).
-- ``scan_question_samples``: every scan of a split x every question of the set, with the reference answer when the
-  VQA file has one (else ``answer=None``: prompt only); validation uses them for the mean six-question risk.
+- ``scan_question_samples``: every scan of a split x every question of the set, with the reference answer when
+  the VQA file has one (else ``answer=None``: prompt only); validation uses them for the mean six-question
+  risk.
 - ``SampleDataset(samples, feature_cache, processor)``: item = the processor's encoding (1-D ``input_ids``,
   ``attention_mask``, ``labels``, ``prompt_mask`` of one length L) + ``image_tokens`` (T, C) + ``time`` and
   ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``; after ``set_deephit_cuts(cuts)`` also the
   sample's DeepHit labels (0-d): ``bin_index`` long, ``binned_event`` bool, ``censored_credit`` float64.
-  ``collate`` pads (right) to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event`` (B,)
-  long and the labels (B,).
+  ``collate`` pads (right) to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event``
+  (B,) long and the labels (B,).
 
-This module imports no model or encoder code: ``feature_cache`` is any object with ``get(scan_id) -> (T, C)`` and
-``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a ``VLMProcessor``),
-``cuts`` any object with ``labels(time, event)`` (a ``DeepHitCuts``).
+This module imports no model or encoder code: ``feature_cache`` is any object with ``get(scan_id) -> (T, C)``
+and ``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a
+``VLMProcessor``), ``cuts`` any object with ``labels(time, event)`` (a ``DeepHitCuts``).
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ VQA_KEYS = ("scan_id", "question_id", "question", "answer")
 
 
 class DatasetError(InputError):
-    """A VQA file, manifest or cache that cannot give training samples (the message names file, row and field)."""
+    """A VQA file, manifest or cache that cannot give training samples (the message names file, row and
+    field)."""
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One (scan, question) pair; ``answer`` None = prompt only; ``time``/``event`` NaN/-1 without survival data."""
+    """One (scan, question) pair; ``answer`` None = prompt only; ``time``/``event`` NaN/-1 without survival
+    data."""
 
     scan_id: str
     patient_id: str
@@ -89,7 +93,8 @@ def _sample(
 def split_rows(
     manifest: pd.DataFrame, split: str, feature_cache, where: str, error: type[Exception] = DatasetError
 ) -> pd.DataFrame:
-    """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in ``feature_cache``."""
+    """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in
+    ``feature_cache``."""
     rows = manifest if split == "all" else manifest[manifest["split"].astype(str) == split]
     if rows.empty:
         raise error(f"{where}: no scan has split == {split!r}; expected at least one")
@@ -137,7 +142,8 @@ def scan_question_samples(
     require_survival: bool,
     where: str = "manifest",
 ) -> list[Sample]:
-    """Each scan of ``split`` x each question (objects with ``id`` and ``text``), answered from the VQA file."""
+    """Each scan of ``split`` x each question (objects with ``id`` and ``text``), answered from the VQA
+    file."""
     rows = split_rows(manifest, split, feature_cache, where)
     answers = {(pair["scan_id"], pair["question_id"]): pair["answer"] for pair in vqa}
     samples = []
@@ -187,8 +193,8 @@ class SampleDataset(Dataset):
         return item
 
     def collate(self, items: Sequence[dict]) -> dict:
-        """Right-padded batch: (B, L) sequences, (B, T, C) image tokens, (B,) time, event (and DeepHit labels),
-        id lists."""
+        """Right-padded batch: (B, L) sequences, (B, T, C) image tokens, (B,) time, event (and DeepHit
+        labels), id lists."""
         batch = self.processor.collate(list(items), padding_side="right")
         for key in ("scan_id", "patient_id", "question_id"):
             batch[key] = [item[key] for item in items]

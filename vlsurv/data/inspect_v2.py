@@ -206,7 +206,8 @@ def read_clinical_table(path: str | Path) -> tuple[str, pd.DataFrame]:
 
 
 def join_clinical(frame: pd.DataFrame, path: str | Path, *, has_person_ids: bool) -> pd.DataFrame:
-    """``frame`` (an INSPECT manifest) with the clinical table's columns added, matched by impression or person.
+    """``frame`` (an INSPECT manifest) with the clinical table's columns added, matched by impression or
+    person.
 
     Scans without a clinical row get empty values. ``has_person_ids`` says whether ``patient_id`` holds
     study_mapping's person ids (a person-keyed table needs them).

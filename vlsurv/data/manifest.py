@@ -137,7 +137,8 @@ def load_manifest(
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise ManifestError(
-            f"{path}: missing required column(s) {missing}; expected {list(required)}, found {list(table.columns)}"
+            f"{path}: missing required column(s) {missing}; expected {list(required)}, found "
+            f"{list(table.columns)}"
         )
     if table.empty:
         raise ManifestError(f"{path}: no rows; expected one row per scan below the header")

@@ -74,7 +74,8 @@ class PreprocessConfig:
 
 
 class LoadCTd(MapTransform):
-    """Replace each key's path (or CTVolume) by a channel-first MetaTensor (1, X, Y, Z) in HU with its affine."""
+    """Replace each key's path (or CTVolume) by a channel-first MetaTensor (1, X, Y, Z) in HU with its
+    affine."""
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)

@@ -256,7 +256,8 @@ class CachedTokenDataset(Dataset):
         absent = [s for s in self.scan_ids if s not in cache]
         if absent:
             raise CacheError(
-                f"feature cache {cache.root}: {len(absent)} requested scans are not cached (first: {absent[:3]})"
+                f"feature cache {cache.root}: {len(absent)} requested scans are not cached (first: "
+                f"{absent[:3]})"
             )
 
     def __len__(self) -> int:

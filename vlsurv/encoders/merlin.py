@@ -232,7 +232,8 @@ def _load_failure(err: Exception) -> str:
     refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n|$)", str(err))
     if refused:
         return (
-            f"refused: {refused.group(1).strip()}; only tensors are unpickled, so code in a pickle never runs; "
+            f"refused: {refused.group(1).strip()}; only tensors are unpickled, so code in a pickle "
+            "never runs; "
             "expected a plain state dict of tensors or a .safetensors file"
         )
     return " ".join(str(err).split())
@@ -267,7 +268,8 @@ def _image_encoder_state(state: dict[str, torch.Tensor], source: str) -> dict[st
         return dict(state)
     first = ", ".join(list(state)[:3]) or "nothing"
     raise CheckpointError(
-        f"checkpoint {source}: no image-encoder keys; expected keys under '{OFFICIAL_PREFIX}' (official Merlin "
+        f"checkpoint {source}: no image-encoder keys; expected keys under '{OFFICIAL_PREFIX}' "
+        "(official Merlin "
         f"checkpoint) or bare I3ResNet keys such as 'conv1.weight', found {first}"
     )
 

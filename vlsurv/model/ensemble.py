@@ -1,9 +1,9 @@
 """The prompt ensemble: several questions per scan, each giving a risk (and an answer), batched over scans.
 
-Every prompt of a scan starts with the same prefix, ``[clinical sentence] <image>`` (the question comes after the
-image placeholders), so ``score_shared_prefix`` runs that prefix once per scan, repeats the decoder's KV cache
-over the Q questions, runs only the question suffixes on top, and, when asked, decodes answers token by token
-on the same cache. ``score_naive`` is the reference: one full forward pass (and one ``generate``) per
+Every prompt of a scan starts with the same prefix, ``[clinical sentence] <image>`` (the question comes after
+the image placeholders), so ``score_shared_prefix`` runs that prefix once per scan, repeats the decoder's KV
+cache over the Q questions, runs only the question suffixes on top, and, when asked, decodes answers token by
+token on the same cache. ``score_naive`` is the reference: one full forward pass (and one ``generate``) per
 (scan, question). Both pool the last hidden states exactly as training does: ``pool="prompt"`` over the prompt
 tokens, ``pool="all"`` over prompt + generated answer (EOS included), so their risks agree to float tolerance.
 """
@@ -51,7 +51,8 @@ class DecodeOptions:
 
 @dataclass
 class EnsembleOutput:
-    """risks (S, Q) float32; answers S lists of Q strings ("" without generation); curves (S, Q, K) or None."""
+    """risks (S, Q) float32; answers S lists of Q strings ("" without generation); curves (S, Q, K) or
+    None."""
 
     risks: torch.Tensor
     answers: list[list[str]]
@@ -158,7 +159,8 @@ def _check(model, scans, questions, pool):
     for scan in scans:
         if tuple(scan.image_tokens.shape) != expected:
             raise EnsembleError(
-                f"scan_id {scan.scan_id!r}: image tokens of shape {tuple(scan.image_tokens.shape)}; the model "
+                f"scan_id {scan.scan_id!r}: image tokens of shape {tuple(scan.image_tokens.shape)}; "
+                "the model "
                 f"expects (num_image_tokens, image_token_dim) = {expected}"
             )
 

@@ -12,8 +12,8 @@ the plain template ``prompts/model/plain.txt``. The single ``<image>`` special t
 - ``prompt_mask``: 1 on the prompt (clinical sentence, image placeholders, question), 0 on the answer.
 
 Length caps: an answer keeps at most ``max_answer_tokens`` tokens, and prompt + answer + EOS at most
-``max_seq_len``; a longer answer is cut (its EOS kept) and counted in ``truncated_answers`` (a count only, never
-the text). A prompt that alone leaves no room for the EOS under ``max_seq_len`` is an error.
+``max_seq_len``; a longer answer is cut (its EOS kept) and counted in ``truncated_answers`` (a count only,
+never the text). A prompt that alone leaves no room for the EOS under ``max_seq_len`` is an error.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class VLMProcessor:
         ids = self.tokenizer(self.prompt_text(clinical, question), add_special_tokens=False)["input_ids"]
         if ids.count(self.image_token_id) != 1:
             raise ProcessorError(
-                f"prompt for question {question!r}: expected one {IMAGE_TOKEN} token, got {ids.count(self.image_token_id)}"
+                f"prompt for question {question!r}: expected one {IMAGE_TOKEN} token, got "
+                f"{ids.count(self.image_token_id)}"
             )
         at = ids.index(self.image_token_id)
         return ids[:at] + [self.image_token_id] * self.num_image_tokens + ids[at + 1 :]
@@ -117,14 +118,16 @@ class VLMProcessor:
         return self.from_ids(prompt, answer_part)
 
     def capped_answer(self, answer: list[int], n_prompt: int) -> list[int]:
-        """``answer`` (ending in EOS) cut to the length caps, EOS kept; each cut adds 1 to ``truncated_answers``."""
+        """``answer`` (ending in EOS) cut to the length caps, EOS kept; each cut adds 1 to
+        ``truncated_answers``."""
         room = len(answer) - 1
         if self.max_answer_tokens is not None:
             room = min(room, self.max_answer_tokens)
         if self.max_seq_len is not None:
             if n_prompt + 1 > self.max_seq_len:
                 raise ProcessorError(
-                    f"max_seq_len={self.max_seq_len}: the prompt (clinical sentence, image tokens, question) has "
+                    f"max_seq_len={self.max_seq_len}: the prompt (clinical sentence, image tokens, "
+                    "question) has "
                     f"{n_prompt} tokens; expected at most max_seq_len - 1, so that the answer's EOS fits"
                 )
             room = min(room, self.max_seq_len - n_prompt - 1)

@@ -79,7 +79,8 @@ class TokenStandardizer(nn.Module):
 def build_projector(
     kind: str, in_dim: int, out_dim: int, input_norm: str = "none", num_tokens: int = 1
 ) -> nn.Module:
-    """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim`` (``num_tokens`` for standardize)."""
+    """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim`` (``num_tokens`` for
+    standardize)."""
     if kind == "linear":
         projector: nn.Module = nn.Linear(in_dim, out_dim)
     elif kind == "mlp2x_gelu":

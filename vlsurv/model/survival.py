@@ -5,8 +5,8 @@
 - ``SurvivalBranch``: adapter then head. DeepSurv: Linear(d, 1) -> log-risk (B,). DeepHit: Linear(d, K+1) ->
   logits (B, K+1), softmax over K time bins plus one tail bin "beyond the last cut".
 - ``DeepHitCuts``: K cut times at quantiles of the training event times, and the censoring scheme of the
-  training labels (``labels(time, event)``; see ``vlsurv.losses.deephit_nll``); bin k holds (cut_{k-1}, cut_k],
-  bin K the times after the last cut. Both are saved with the model in ``deephit_cuts.json``.
+  training labels (``labels(time, event)``; see ``vlsurv.losses.deephit_nll``); bin k holds (cut_{k-1},
+  cut_k], bin K the times after the last cut. Both are saved with the model in ``deephit_cuts.json``.
 """
 
 from __future__ import annotations
@@ -26,14 +26,17 @@ SurvivalHead = Literal["deepsurv", "deephit"]
 DeepHitRisk = Literal["expected_time", "cif_at_horizon"]
 HEADS: tuple[str, ...] = get_args(SurvivalHead)
 DEEPHIT_RISKS: tuple[str, ...] = get_args(DeepHitRisk)
-# How much of its bin a censored row is credited with surviving (the NLL's censoring term; losses.deephit_nll):
-# "interpolate" the fraction of the bin it was followed, "life_table" half, "deephit" all (the original DeepHit
-# convention), "pycox" none (pycox's label transform).
+# How much of its bin a censored row is credited with surviving (the NLL's censoring term;
+# losses.deephit_nll): "interpolate" the fraction of the bin it was followed, "life_table" half, "deephit" all
+# (the original DeepHit convention), "pycox" none (pycox's label transform).
 DeepHitCensoring = Literal["interpolate", "life_table", "deephit", "pycox"]
 # Where the K cuts go: "event_quantiles_with_tail" at the k/(K+1) quantiles of the event times (the tail bin
-# after the last cut holds as many events as a bin), "event_quantiles" at the k/K quantiles (the last cut is the
-# largest event time, the original scheme).
+# after the last cut holds as many events as a bin), "event_quantiles" at the k/K quantiles (the last cut is
+# the largest event time, the original scheme).
 DeepHitCutPlacement = Literal["event_quantiles_with_tail", "event_quantiles"]
+# The DeepHit head's bias at the start of stage 2: "marginal" the intercept-only fit (the head starts at the
+# training set's distribution, as MOTOR's task biases start at base rates), "random" nn.Linear's default init.
+DeepHitInit = Literal["marginal", "random"]
 DEEPHIT_CENSORING: tuple[str, ...] = get_args(DeepHitCensoring)
 DEEPHIT_CUT_PLACEMENTS: tuple[str, ...] = get_args(DeepHitCutPlacement)
 
@@ -62,6 +65,9 @@ class SurvivalConfig:
     """How much of its bin a censored row is credited with surviving (see DeepHitCensoring)."""
     deephit_cut_placement: DeepHitCutPlacement = "event_quantiles_with_tail"
     """Where the K cuts go among the training event times (see DeepHitCutPlacement)."""
+    deephit_init: DeepHitInit = "marginal"
+    """DeepHit head bias at the start of stage 2: the training set's marginal (the intercept-only fit) or
+    nn.Linear's random init."""
 
     def __post_init__(self) -> None:
         check_fields(self, "survival", SurvivalConfigError)
@@ -73,7 +79,8 @@ class SurvivalConfig:
 
 @dataclass
 class SurvivalOutput:
-    """z_surv (B, d); ``log_risk`` (B,) for DeepSurv or ``logits`` (B, K+1) for DeepHit (the other is None)."""
+    """z_surv (B, d); ``log_risk`` (B,) for DeepSurv or ``logits`` (B, K+1) for DeepHit (the other is
+    None)."""
 
     z_surv: torch.Tensor
     log_risk: torch.Tensor | None = None
@@ -110,14 +117,27 @@ class SurvivalBranch(nn.Module):
             return SurvivalOutput(z_surv=z_surv, log_risk=out.squeeze(-1))
         return SurvivalOutput(z_surv=z_surv, logits=out)
 
+    @torch.no_grad()
+    def start_at_marginal(self, log_probabilities: torch.Tensor) -> None:
+        """DeepHit: head bias = ``log_probabilities`` (K+1,), the intercept-only fit, so the head starts at
+        the training set's marginal distribution plus each patient's ``W z`` (the weight keeps its init, so
+        patients are ranked from the first step) and training learns the deviations, not the base rates."""
+        if self.config.head != "deephit" or log_probabilities.shape != self.head.bias.shape:
+            raise SurvivalConfigError(
+                f"start_at_marginal: expected a DeepHit head and {tuple(self.head.bias.shape)} "
+                "log-probabilities, "
+                f"got head {self.config.head!r} and {tuple(log_probabilities.shape)}"
+            )
+        self.head.bias.copy_(log_probabilities.to(self.head.bias))
+
 
 @dataclass
 class DeepHitLabels:
     """Training labels of N rows on K cuts (see ``vlsurv.losses.deephit_nll``).
 
-    ``bin_index`` (N,) long in [0, K] (K = after the last cut); ``event`` (N,) bool, an event after the last cut
-    counts as censored at it; ``censored_credit`` (N,) float64 in [0, 1], the fraction of its bin a censored row
-    is credited with surviving (0 in bin K).
+    ``bin_index`` (N,) long in [0, K] (K = after the last cut); ``event`` (N,) bool, an event after the last
+    cut counts as censored at it; ``censored_credit`` (N,) float64 in [0, 1], the fraction of its bin a
+    censored row is credited with surviving (0 in bin K).
     """
 
     bin_index: torch.Tensor
@@ -126,9 +146,9 @@ class DeepHitLabels:
 
 
 class DeepHitCuts:
-    """K increasing cut times (float64) and the censoring scheme of the labels; bin k covers (cut_{k-1}, cut_k]
-    (cut_{-1} = 0), bin K the times after the last cut. ``placement`` records how the cuts were chosen (None when
-    they were given or the file predates it)."""
+    """K increasing cut times (float64) and the censoring scheme of the labels; bin k covers (cut_{k-1},
+    cut_k] (cut_{-1} = 0), bin K the times after the last cut. ``placement`` records how the cuts were chosen
+    (None when they were given or the file predates it)."""
 
     FILE_NAME = "deephit_cuts.json"
 
@@ -209,6 +229,26 @@ class DeepHitCuts:
         event = torch.as_tensor(event).flatten().bool() & ~after_last
         return DeepHitLabels(bin_index=bins, event=event, censored_credit=credit.masked_fill(after_last, 0.0))
 
+    def marginal_log_probabilities(self, time, event, floor: float = 1e-6) -> torch.Tensor:
+        """(K+1,) log p of the intercept-only fit of ``vlsurv.losses.deephit_nll`` under this scheme, in
+        closed form: bin hazards h_k = d_k / (n_k - sum_{i in C_k} (1 - w_i)) (see its docstring),
+        p_k = S_{k-1} h_k, p_K = S_{K-1}; probabilities are floored at ``floor`` so every log is finite."""
+        labels = self.labels(time, event)
+        k = self.num_bins
+        bins = labels.bin_index
+        censored = ~labels.event
+        events = torch.bincount(bins[labels.event], minlength=k + 1)[:k].double()
+        at_risk = torch.bincount(bins, minlength=k + 1).flip(0).cumsum(0).flip(0)[:k].double()
+        left_early = torch.zeros(k + 1, dtype=torch.float64).index_add_(
+            0, bins[censored], (1.0 - labels.censored_credit[censored]).double()
+        )[:k]
+        denominator = at_risk - left_early
+        hazard = torch.where(denominator > 0, events / denominator.clamp(min=1e-12), 0.0).clamp(0.0, 1.0)
+        survival = torch.cumprod(1.0 - hazard, 0)
+        before = torch.cat([survival.new_ones(1), survival[:-1]])
+        probabilities = torch.cat([before * hazard, survival[-1:]]).clamp(min=floor)
+        return torch.log(probabilities / probabilities.sum())
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / self.FILE_NAME
         record = {"cuts": self.cuts.tolist(), "censoring": self.censoring, "placement": self.placement}
@@ -217,8 +257,8 @@ class DeepHitCuts:
 
     @classmethod
     def load(cls, directory: str | Path) -> DeepHitCuts:
-        """Read ``deephit_cuts.json``; a file without ``censoring`` predates the schemes: its model was trained
-        with the original DeepHit credit."""
+        """Read ``deephit_cuts.json``; a file without ``censoring`` predates the schemes: its model was
+        trained with the original DeepHit credit."""
         path = Path(directory) / cls.FILE_NAME
         try:
             record = json.loads(path.read_text())
@@ -249,8 +289,9 @@ def deephit_risk(
 ) -> torch.Tensor:
     """(B,) ranking score, higher = earlier event.
 
-    ``expected_time``: minus the mean survival time restricted to the last cut, sum_k p_k cut_k + p_K cut_{K-1}
-    (an event in bin k is placed at its upper cut). ``cif_at_horizon``: CIF(h) = sum_{k: cut_k <= h} p_k.
+    ``expected_time``: minus the mean survival time restricted to the last cut, sum_k p_k cut_k + p_K
+    cut_{K-1} (an event in bin k is placed at its upper cut). ``cif_at_horizon``: CIF(h) = sum_{k: cut_k <= h}
+    p_k.
     """
     if logits.shape[-1] != cuts.num_bins + 1:
         raise SurvivalConfigError(

@@ -126,8 +126,8 @@ class VLMOutput:
 
 
 def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, d), (B, L) -> (B, d) float32 sum over positions where mask is 1; ``torch.where``, so a NaN or inf at
-    a masked position stays out (a product with 0 would keep it)."""
+    """(B, L, d), (B, L) -> (B, d) float32 sum over positions where mask is 1; ``torch.where``, so a NaN or
+    inf at a masked position stays out (a product with 0 would keep it)."""
     keep = mask.bool().unsqueeze(-1)
     return torch.where(keep, hidden.float(), torch.zeros((), device=hidden.device)).sum(1)
 
@@ -144,11 +144,12 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class VisionLanguageSurvivalModel(nn.Module):
-    """Projector + LoRA decoder + survival branch (+ optional frozen vision tower); see the module docstring."""
+    """Projector + LoRA decoder + survival branch (+ optional frozen vision tower); see the module
+    docstring."""
 
     def __init__(self, config: ModelConfig, vision_tower: nn.Module | None = None, *, tokenizer=None) -> None:
-        """A new model built from ``config``: the base decoder of ``config.decoder_path`` with a fresh LoRA, a fresh
-        projector and survival branch; ``tokenizer`` defaults to the decoder's. A saved model loads with
+        """A new model built from ``config``: the base decoder of ``config.decoder_path`` with a fresh LoRA, a
+        fresh projector and survival branch; ``tokenizer`` defaults to the decoder's. A saved model loads with
         ``from_pretrained``, stage-1 parts with ``load_adapter`` and ``load_projector``."""
         super().__init__()
         # transformers loads with a model, not when `vlsurv predict --help` imports this module
@@ -210,7 +211,8 @@ class VisionLanguageSurvivalModel(nn.Module):
             )
         if cuts.num_bins != self.config.survival.num_bins:
             raise SurvivalConfigError(
-                f"DeepHit cuts: got {cuts.num_bins} cuts, expected survival.num_bins = {self.config.survival.num_bins}"
+                f"DeepHit cuts: got {cuts.num_bins} cuts, expected survival.num_bins = "
+                f"{self.config.survival.num_bins}"
             )
         self.deephit_cuts = cuts
 
@@ -226,13 +228,14 @@ class VisionLanguageSurvivalModel(nn.Module):
     def get_image_features(
         self, image_tokens: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """(B, T, d) projected image features: ``multi_modal_projector`` on the image tokens (B, T, C), given as
-        ``image_tokens`` (the feature cache) or computed by the frozen ``vision_tower`` on ``pixel_values``
+        """(B, T, d) projected image features: ``multi_modal_projector`` on the image tokens (B, T, C), given
+        as ``image_tokens`` (the feature cache) or computed by the frozen ``vision_tower`` on ``pixel_values``
         (B, 1, H, W, D)."""
         if image_tokens is None:
             if pixel_values is None or self.vision_tower is None:
                 raise ModelConfigError(
-                    "forward: image_tokens not given; expected image_tokens (B, T, C), or pixel_values with a "
+                    "forward: image_tokens not given; expected image_tokens (B, T, C), or "
+                    "pixel_values with a "
                     "vision_tower attached to the model"
                 )
             with torch.no_grad():
@@ -241,21 +244,23 @@ class VisionLanguageSurvivalModel(nn.Module):
         return self.multi_modal_projector(image_tokens.to(device=weight.device, dtype=weight.dtype))
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """(B, L, 1) bool mask of the ``<image>`` placeholders in ``input_ids`` (B, L); ImageTokenCountError unless
-        every row has as many as ``image_features`` (B, T, d) has tokens."""
+        """(B, L, 1) bool mask of the ``<image>`` placeholders in ``input_ids`` (B, L); ImageTokenCountError
+        unless every row has as many as ``image_features`` (B, T, d) has tokens."""
         placeholder = input_ids == self.processor.image_token_id
         per_row = placeholder.sum(-1)
         n_images, n_tokens = image_features.shape[0], image_features.shape[1]
         if image_features.dim() != 3 or n_images != input_ids.shape[0] or bool((per_row != n_tokens).any()):
             raise ImageTokenCountError(
-                f"image placeholders in input_ids: {int(placeholder.sum())} (per row {per_row.tolist()}); image "
-                f"features given: {n_images * n_tokens} (shape {tuple(image_features.shape)}); expected equal counts"
+                f"image placeholders in input_ids: {int(placeholder.sum())} (per row "
+                f"{per_row.tolist()}); image "
+                f"features given: {n_images * n_tokens} (shape {tuple(image_features.shape)}); "
+                "expected equal counts"
             )
         return placeholder.unsqueeze(-1)
 
     def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids + (B, T, d) projected image features (``get_image_features``) -> (B, L, d) token embeddings
-        with the features scattered over the ``<image>`` placeholders."""
+        """(B, L) ids + (B, T, d) projected image features (``get_image_features``) -> (B, L, d) token
+        embeddings with the features scattered over the ``<image>`` placeholders."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
         mask = self.get_placeholder_mask(input_ids, image_features)
         return embeds.masked_scatter(mask, image_features.to(embeds.dtype))
@@ -290,8 +295,8 @@ class VisionLanguageSurvivalModel(nn.Module):
         )
 
     def survive(self, z_pooled: torch.Tensor) -> SurvivalOutput:
-        """The survival branch on (B, d) ``z_pooled`` in float32: autocast off, and weights stored in bf16/fp16
-        cast up for the call (differentiably; the stored parameters are unchanged)."""
+        """The survival branch on (B, d) ``z_pooled`` in float32: autocast off, and weights stored in
+        bf16/fp16 cast up for the call (differentiably; the stored parameters are unchanged)."""
         branch = self.survival_branch
         z = z_pooled.to(device=self.device, dtype=torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -301,7 +306,8 @@ class VisionLanguageSurvivalModel(nn.Module):
             return torch.func.functional_call(branch, weights, (z,))
 
     def risk(self, survival: SurvivalOutput) -> torch.Tensor:
-        """(B,) ranking score (higher = earlier event): DeepSurv log-risk, DeepHit per ``survival.deephit_risk``."""
+        """(B,) ranking score (higher = earlier event): DeepSurv log-risk, DeepHit per
+        ``survival.deephit_risk``."""
         if self.config.survival.head == "deepsurv":
             return survival.log_risk
         cfg = self.config.survival
@@ -348,7 +354,8 @@ class VisionLanguageSurvivalModel(nn.Module):
         return [p for n, p in self.language_model.named_parameters() if "lora_" in n]
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: train projector + LoRA. Stage 2: train LoRA + adapter + head. Encoder and base always frozen."""
+        """Stage 1: train projector + LoRA. Stage 2: train LoRA + adapter + head. Encoder and base always
+        frozen."""
         if stage not in (1, 2):
             raise ModelConfigError(f"set_stage: expected 1 or 2, got {stage!r}")
         self.requires_grad_(False)
@@ -377,8 +384,9 @@ class VisionLanguageSurvivalModel(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, vision_tower: nn.Module | None = None, **config_overrides
     ) -> VisionLanguageSurvivalModel:
-        """Load a saved model (in eval mode): its config, with ``config_overrides`` replacing top-level fields,
-        tokenizer, LoRA adapter (when saved), projector, survival branch and DeepHit cuts (when saved)."""
+        """Load a saved model (in eval mode): its config, with ``config_overrides`` replacing top-level
+        fields, tokenizer, LoRA adapter (when saved), projector, survival branch and DeepHit cuts (when
+        saved)."""
         # transformers loads with a model, not when `vlsurv predict --help` imports this module
         from transformers import AutoTokenizer
 

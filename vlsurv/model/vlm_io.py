@@ -6,8 +6,10 @@ A saved model directory holds:
 - ``adapter/``: the PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
 - the tokenizer files (with ``<image>`` and a pad token);
 - ``deephit_cuts.json`` for a DeepHit model that has cuts;
-- ``decoder/`` only when saved with ``merge_decoder=True`` (full merged weights; the config then points there).
-The base decoder is otherwise referenced by ``decoder_path``; a relative path is resolved against the model dir.
+- ``decoder/`` only when saved with ``merge_decoder=True`` (full merged weights; the config then points
+  there).
+The base decoder is otherwise referenced by ``decoder_path``; a relative path is resolved against the model
+dir.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ def kbit_config(quantization: str, dtype: torch.dtype):
     """BitsAndBytesConfig for ``"4bit"`` (nf4, double quant) or ``"8bit"``; raises where CUDA is missing."""
     if not torch.cuda.is_available():
         raise KbitUnavailableError(
-            f"model.quantization={quantization!r} needs a CUDA GPU for bitsandbytes k-bit weights, and none is "
+            f"model.quantization={quantization!r} needs a CUDA GPU for bitsandbytes k-bit weights, "
+            "and none is "
             f"available on this machine; set model.quantization=none to load full-precision weights"
         )
     # transformers loads with a model, not when `vlsurv predict --help` imports this module
@@ -91,13 +94,13 @@ def _resize_embeddings(model, vocab_size: int) -> None:
 def _peft_scope(kbit: bool) -> Iterator[None]:
     """Around peft's import and its wrapping of the decoder.
 
-    - peft imports bitsandbytes whenever it is installed (at ``import peft`` and in LoRA's layer dispatch); that
-      import compiles kernels and logs "Failed to load CPU gemm_4bit_forward" on some CPUs. Unless k-bit weights
-      are asked for, a ``None`` entry in ``sys.modules`` hides it (``import`` fails, ``find_spec`` gives None).
-      On exit the entry goes and peft's cached availability checks are cleared, so a later k-bit model in the
-      same process gets bitsandbytes.
-    - ``PeftModel.__init__`` reads transformers' deprecated ``is_gradient_checkpointing``: that one FutureWarning
-      is ignored here.
+    - peft imports bitsandbytes whenever it is installed (at ``import peft`` and in LoRA's layer dispatch);
+      that import compiles kernels and logs "Failed to load CPU gemm_4bit_forward" on some CPUs. Unless k-bit
+      weights are asked for, a ``None`` entry in ``sys.modules`` hides it (``import`` fails, ``find_spec``
+      gives None). On exit the entry goes and peft's cached availability checks are cleared, so a later k-bit
+      model in the same process gets bitsandbytes.
+    - ``PeftModel.__init__`` reads transformers' deprecated ``is_gradient_checkpointing``: that one
+      FutureWarning is ignored here.
     """
     hide = not kbit and "bitsandbytes" not in sys.modules
     if hide:
@@ -169,8 +172,8 @@ def _load_language_model(config, tokenizer):
 
 
 def load_adapter(language_model, adapter_dir: Path, kbit: bool) -> None:
-    """Load the weights of a saved LoRA adapter folder into ``language_model``'s (a peft model's) own LoRA, kept
-    trainable; ModelLoadError naming the folder when they do not fit it."""
+    """Load the weights of a saved LoRA adapter folder into ``language_model``'s (a peft model's) own LoRA,
+    kept trainable; ModelLoadError naming the folder when they do not fit it."""
     require_dir(adapter_dir, "LoRA adapter")
     try:
         with _peft_scope(kbit):
@@ -182,7 +185,8 @@ def load_adapter(language_model, adapter_dir: Path, kbit: bool) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise ModelLoadError(
             f"LoRA adapter {adapter_dir}: its weights do not fit the model's LoRA (missing "
-            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); expected the same model.lora"
+            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); expected the same "
+            "model.lora"
         )
 
 
@@ -239,7 +243,8 @@ def save_model(
         merged.save_pretrained(directory / MERGED_DECODER_DIR)
         config = dataclasses.replace(config, decoder_path=MERGED_DECODER_DIR)
     else:
-        # Resized embedding rows are rebuilt deterministically on load, so the adapter never stores embeddings.
+        # Resized embedding rows are rebuilt deterministically on load, so the adapter never stores
+        # embeddings.
         gathered = {} if state_dict is None else {"state_dict": part_of(state_dict, "language_model.")}
         model.language_model.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False, **gathered)
     (directory / CONFIG_NAME).write_text(json.dumps(to_dict(config), indent=2))

@@ -1,14 +1,15 @@
 """Atomic ``accelerate save_state`` checkpoints: the last k, plus the best by the validation metric.
 
-Layout under ``<output_dir>/checkpoints/``: ``step-000000120/`` holds what ``accelerator.save_state`` writes (model
-weights, optimizer, scheduler, RNG states, the accumulation step) and ``trainer_state.json`` (optimizer step, epoch
-and position of the next global batch, the validation metric of that step when it was evaluated). Every process
-writes into ``.tmp-step-000000120/``; when all are done the main process adds ``trainer_state.json`` and renames the
-folder, so a run killed mid-save leaves only a temporary folder, which the next start removes.
+Layout under ``<output_dir>/checkpoints/``: ``step-000000120/`` holds what ``accelerator.save_state`` writes
+(model weights, optimizer, scheduler, RNG states, the accumulation step) and ``trainer_state.json`` (optimizer
+step, epoch and position of the next global batch, the validation metric of that step when it was evaluated).
+Every process writes into ``.tmp-step-000000120/``; when all are done the main process adds
+``trainer_state.json`` and renames the folder, so a run killed mid-save leaves only a temporary folder, which
+the next start removes.
 
-Single-process and DDP checkpoints hold only the weights that change: the trainable parameters plus the projector
-and survival branch (the frozen base decoder is rebuilt from ``model.decoder_path``), loaded back with
-``strict=False``. FSDP and DeepSpeed save through their own writers.
+Single-process and DDP checkpoints hold only the weights that change: the trainable parameters plus the
+projector and survival branch (the frozen base decoder is rebuilt from ``model.decoder_path``), loaded back
+with ``strict=False``. FSDP and DeepSpeed save through their own writers.
 
 The final model (``save_final``) is gathered on every process and written by the main one; ``selection.json``
 beside it records which step it holds and its validation metric.
@@ -36,10 +37,11 @@ def step_dir_name(step: int, prefix: str = PREFIX) -> str:
 
 
 def keep_changing_weights(model: nn.Module):
-    """A ``register_save_state_pre_hook`` hook that drops the frozen base-decoder weights from the saved state.
+    """A ``register_save_state_pre_hook`` hook that drops the frozen base-decoder weights from the saved
+    state.
 
-    ``model`` is the prepared model; a DDP wrapper's ``module.`` prefix is removed, since the saved state holds the
-    unwrapped model's keys (with the prefix kept, a DDP checkpoint lost every LoRA weight).
+    ``model`` is the prepared model; a DDP wrapper's ``module.`` prefix is removed, since the saved state
+    holds the unwrapped model's keys (with the prefix kept, a DDP checkpoint lost every LoRA weight).
     """
     keep = {name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad}
 
@@ -148,9 +150,9 @@ def read_state(path: str | Path) -> dict:
 def save_final(accelerator, model, directory: str | Path) -> Path:
     """``save_pretrained`` of the prepared ``model`` into ``directory``; call on every process.
 
-    The full state dict is gathered on every process first (``accelerator.get_state_dict``: under FSDP or ZeRO-3
-    an all-gather that each rank must join), then only the main process writes it, so no rank waits in a
-    collective that another never enters and no shard is written as if it were the whole model.
+    The full state dict is gathered on every process first (``accelerator.get_state_dict``: under FSDP or
+    ZeRO-3 an all-gather that each rank must join), then only the main process writes it, so no rank waits in
+    a collective that another never enters and no shard is written as if it were the whole model.
     """
     directory = Path(directory)
     state = accelerator.get_state_dict(model)

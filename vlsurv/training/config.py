@@ -1,15 +1,16 @@
-"""``TrainConfig``: the typed config tree of both training stages, loaded from YAML plus ``key=value`` overrides.
+"""``TrainConfig``: the typed config tree of both training stages, loaded from YAML plus ``key=value``
+overrides.
 
 Paper defaults (docs/DESIGN.md, "Training"): AdamW (0.9, 0.999), cosine schedule with 500 warmup steps,
-lr 1e-6 for every part of a model with a decoder, local batch 12, gradient accumulation 8, bf16 where the device
-has it; loss weights alpha = 0.5, lambda_d = lambda_a = 1.
+lr 1e-6 for every part of a model with a decoder, local batch 12, gradient accumulation 8, bf16 where the
+device has it; loss weights alpha = 0.5, lambda_d = lambda_a = 1.
 
 Sampling (``sampling``): ``"patient_balanced"`` is the default. Stage-2 samples are (scan, question) pairs and
-every patient has about six of them; plain shuffling ("pairs") puts several copies of one patient into a batch,
-which fills the Cox risk set with tied duplicates (same time, same event, nearly the same z) and gives the
-dispersion loss pairs of a patient with itself. A patient-balanced batch holds distinct patients with one random
-question each; one epoch is one pass over the patients. Stage 1 has no survival loss, so its configs choose
-"pairs" (every VQA pair once per epoch).
+every patient has about six of them; plain shuffling ("pairs") puts several copies of one patient into a
+batch, which fills the Cox risk set with tied duplicates (same time, same event, nearly the same z) and gives
+the dispersion loss pairs of a patient with itself. A patient-balanced batch holds distinct patients with one
+random question each; one epoch is one pass over the patients. Stage 1 has no survival loss, so its configs
+choose "pairs" (every VQA pair once per epoch).
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ class DataConfig:
 class OptimConfig:
     """AdamW with one learning rate per parameter group, cosine schedule with warmup, accumulation, clipping.
 
-    ``batch_size`` is per process; one optimizer step sees ``batch_size * num_processes * grad_accum`` samples.
-    ``max_steps`` > 0 caps the run in optimizer steps; otherwise ``epochs`` passes over the training data.
-    Warmup: exactly one of ``warmup_steps`` (optimizer steps) and ``warmup_ratio`` (a fraction in [0, 1) of the
-    run's planned optimizer steps, rounded down) is set, the other null; a ``warmup_steps`` at least the planned
-    steps stops the run (vlsurv.training.setup.warmup_steps), as the learning rate would never leave warmup.
+    ``batch_size`` is per process; one optimizer step sees ``batch_size * num_processes * grad_accum``
+    samples. ``max_steps`` > 0 caps the run in optimizer steps; otherwise ``epochs`` passes over the training
+    data.
+    Warmup: exactly one of ``warmup_steps`` (optimizer steps) and ``warmup_ratio`` (a fraction in [0, 1) of
+    the run's planned optimizer steps, rounded down) is set, the other null; a ``warmup_steps`` at least the
+    planned steps stops the run (vlsurv.training.setup.warmup_steps), as the learning rate would never leave
+    warmup.
     """
 
     lr_projector: float = bounded(1e-6, ge=0.0, what="a learning rate")
@@ -109,11 +112,11 @@ class OptimConfig:
 class LossConfig:
     """Stage-2 objective: L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (see vlsurv.losses).
 
-    ``risk_set`` (stage 2) sets the rows that the coupled terms (Cox risk set, DeepHit ranking pairs, dispersion
-    pairs) span: "micro_batch" = one micro-batch across processes (``batch_size x processes``); "window" = the
-    optimizer step's whole accumulation window (``x grad_accum``), exact, at the cost of one extra forward pass
-    without grad per micro-batch; "memory" = the micro-batch plus the detached rows of the ``memory_batches``
-    micro-batches before it, as constants (vlsurv.training.risk_sets).
+    ``risk_set`` (stage 2) sets the rows that the coupled terms (Cox risk set, DeepHit ranking pairs,
+    dispersion pairs) span: "micro_batch" = one micro-batch across processes (``batch_size x processes``);
+    "window" = the optimizer step's whole accumulation window (``x grad_accum``), exact, at the cost of one
+    extra forward pass without grad per micro-batch; "memory" = the micro-batch plus the detached rows of the
+    ``memory_batches`` micro-batches before it, as constants (vlsurv.training.risk_sets).
     """
 
     alpha: float = bounded(0.5, ge=0.0)
@@ -160,10 +163,11 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    """``accelerate save_state`` every N optimizer steps (0: never); keep the last k, plus the best when asked.
+    """``accelerate save_state`` every N optimizer steps (0: never); keep the last k, plus the best when
+    asked.
 
-    "Best" is the highest validation C-index in stage 2 and the lowest validation LM loss in stage 1 (a stage-1
-    survival head is untrained, so its C-index says nothing).
+    "Best" is the highest validation C-index in stage 2 and the lowest validation LM loss in stage 1 (a
+    stage-1 survival head is untrained, so its C-index says nothing).
     """
 
     every_n_steps: int = bounded(500, ge=0)
@@ -214,7 +218,8 @@ class TrainConfig:
         check_fields(self)
         if self.stage == 2 and not self.data.stage1_dir:
             raise ConfigError(
-                "data.stage1_dir: stage 2 needs the stage-1 model directory (the `final` folder of a stage-1 run, "
+                "data.stage1_dir: stage 2 needs the stage-1 model directory (the `final` folder of "
+                "a stage-1 run, "
                 "holding projector.safetensors); got none"
             )
         if self.deephit_cuts is not None:

@@ -1,15 +1,16 @@
-"""Global-batch tensors for losses that couple samples (Cox risk sets, dispersion pairs) under data parallelism.
+"""Global-batch tensors for losses that couple samples (Cox risk sets, dispersion pairs) under data
+parallelism.
 
-``gather_with_grad(x)``: (n_local, ...) on each process -> (n_global, ...) in rank order, equal on every process;
-the process's own slice is its local tensor (autograd flows through it), the other slices are detached copies.
-Local sizes may differ between processes (the plan's last batch), so tensors are padded to the largest size for
-``all_gather`` and trimmed afterwards.
+``gather_with_grad(x)``: (n_local, ...) on each process -> (n_global, ...) in rank order, equal on every
+process; the process's own slice is its local tensor (autograd flows through it), the other slices are
+detached copies. Local sizes may differ between processes (the plan's last batch), so tensors are padded to
+the largest size for ``all_gather`` and trimmed afterwards.
 
-Why the loss is scaled by the world size: each process computes the *global* loss L but only its own samples carry
-gradient, so process p gets dL/dtheta restricted to its samples, and these parts sum to dL/dtheta. DDP (and FSDP /
-ZeRO) *average* gradients over the P processes, so each process backpropagates P * L to end with exactly dL/dtheta.
-A per-token mean such as L_LM is written as sum_p (local token loss sum / global token count), which falls under the
-same rule.
+Why the loss is scaled by the world size: each process computes the *global* loss L but only its own samples
+carry gradient, so process p gets dL/dtheta restricted to its samples, and these parts sum to dL/dtheta. DDP
+(and FSDP / ZeRO) *average* gradients over the P processes, so each process backpropagates P * L to end with
+exactly dL/dtheta. A per-token mean such as L_LM is written as sum_p (local token loss sum / global token
+count), which falls under the same rule.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 """The training loop of both stages, run by ``accelerate launch scripts/train.py`` and ``vlsurv train``.
 
-One micro-batch = this process's slice of one global batch of the ``BatchPlan``; ``optim.grad_accum`` micro-batches
-make an optimizer step (``accelerator.accumulate``; an accumulation may span an epoch boundary). After each step:
-log the loss components and learning rates; validate every ``eval.every_n_steps`` steps, at the end of each epoch
-and at the end of the run; save a checkpoint every ``checkpoint.every_n_steps`` steps and whenever validation finds
-a new best. The run ends after ``total_steps`` steps with ``save_pretrained`` into ``<output_dir>/final`` (what
-predict loads): the best checkpoint's weights when ``checkpoint.keep_best`` and one has a metric, else the last
-step's; ``final/selection.json`` says which step and metric (and the scoring settings predict takes as defaults).
+One micro-batch = this process's slice of one global batch of the ``BatchPlan``; ``optim.grad_accum``
+micro-batches make an optimizer step (``accelerator.accumulate``; an accumulation may span an epoch boundary).
+After each step: log the loss components and learning rates; validate every ``eval.every_n_steps`` steps, at
+the end of each epoch and at the end of the run; save a checkpoint every ``checkpoint.every_n_steps`` steps
+and whenever validation finds a new best. The run ends after ``total_steps`` steps with ``save_pretrained``
+into ``<output_dir>/final`` (what predict loads): the best checkpoint's weights when ``checkpoint.keep_best``
+and one has a metric, else the last step's; ``final/selection.json`` says which step and metric (and the
+scoring settings predict takes as defaults).
 
-Run directory: ``config.yaml`` (resolved), ``checkpoints/``, ``train_log.jsonl`` (one line per optimizer step),
-``validation.jsonl`` (one line per validation, with the running count of answers cut to the model's length caps),
-``samples.jsonl`` (generated validation answers with scan and
-question ids), tracker logs (``tensorboard/``), ``final/``.
+Run directory: ``config.yaml`` (resolved), ``checkpoints/``, ``train_log.jsonl`` (one line per optimizer
+step), ``validation.jsonl`` (one line per validation, with the running count of answers cut to the model's
+length caps), ``samples.jsonl`` (generated validation answers with scan and question ids), tracker logs
+(``tensorboard/``), ``final/``.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ TRACKER_PROJECT = "tensorboard"
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator with the run's accumulation, precision and tracker; launcher settings fill in the rest.
 
-    A multi-process launch on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N``) runs N
-    CPU processes over gloo.
+    A multi-process launch on a machine without CUDA (``accelerate launch --multi_gpu --num_processes N``)
+    runs N CPU processes over gloo.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     return Accelerator(
@@ -90,6 +91,9 @@ class Trainer:
             cuts = deephit_cuts(config, self.data)
             model.set_deephit_cuts(cuts)
             self.data.train.set_deephit_cuts(cuts)
+            if config.model.survival.deephit_init == "marginal":
+                marginal = cuts.marginal_log_probabilities(self.data.train_time, self.data.train_event)
+                model.survival_branch.start_at_marginal(marginal)
         world = self.accelerator.num_processes
         self.plan = BatchPlan(
             self.data.train.patients(), config.optim.batch_size * world, config.sampling, config.seed, world
@@ -97,7 +101,8 @@ class Trainer:
         self.total_steps = total_steps(config, self.plan)
         self.warmup_steps = warmup_steps(config, self.total_steps, self.plan.batches_per_epoch())
         self.accelerator.print(
-            f"planned optimizer steps: {self.total_steps} ({self.plan.batches_per_epoch()} batches per epoch, "
+            f"planned optimizer steps: {self.total_steps} ({self.plan.batches_per_epoch()} batches "
+            "per epoch, "
             f"optim.grad_accum {config.optim.grad_accum}); warmup steps: {self.warmup_steps}; "
             f"schedule: {config.optim.scheduler}"
         )
@@ -185,7 +190,8 @@ class Trainer:
         self.accelerator.print(f"saved checkpoint {path}", flush=True)
 
     def log_step(self, sums: dict[str, float], count: int) -> None:
-        """Mean loss components of the step's micro-batches and the learning rates: trackers + train_log.jsonl."""
+        """Mean loss components of the step's micro-batches and the learning rates: trackers +
+        train_log.jsonl."""
         values = {f"train/{name}": value / count for name, value in sums.items()}
         for group in self.optimizer.param_groups:
             values[f"lr/{group['name']}"] = group["lr"]
@@ -219,8 +225,9 @@ class Trainer:
         return found
 
     def window_loss(self, indices: list[int]):
-        """``loss.risk_set=window``: at a window's first micro-batch, cache the window (vlsurv.training.risk_sets);
-        then forward this micro-batch from its recorded RNG state and return its share."""
+        """``loss.risk_set=window``: at a window's first micro-batch, cache the window
+        (vlsurv.training.risk_sets); then forward this micro-batch from its recorded RNG state and return its
+        share."""
         if self.window is None or self.window_index == len(self.window.batches):
             following = self.following_batches(self.config.optim.grad_accum - 1)
             batches = [self.collate(i) for i in [indices, *following]]
@@ -233,7 +240,8 @@ class Trainer:
         return window_step_loss(self.forward(batch), batch, self.window, index)
 
     def micro_step(self, indices: list[int]) -> dict[str, float]:
-        """Forward + backward of one micro-batch (and the optimizer step when the accumulation is complete)."""
+        """Forward + backward of one micro-batch (and the optimizer step when the accumulation is
+        complete)."""
         acc = self.accelerator
         with acc.accumulate(self.model):
             if self.window_risk_set:
@@ -256,8 +264,8 @@ class Trainer:
         return loss.parts
 
     def validate_and_checkpoint(self, synced: bool, epoch_end: bool) -> None:
-        """After a micro-batch: validate at an epoch end, every ``eval.every_n_steps`` steps and after the last step;
-        after an optimizer step, save a checkpoint when due or when validation found a new best."""
+        """After a micro-batch: validate at an epoch end, every ``eval.every_n_steps`` steps and after the
+        last step; after an optimizer step, save a checkpoint when due or when validation found a new best."""
         cfg = self.config
         every = cfg.eval.every_n_steps
         last = synced and self.step >= self.total_steps
@@ -307,8 +315,9 @@ class Trainer:
         return self.finish()
 
     def select_final(self) -> dict:
-        """Load the best checkpoint into the model when ``checkpoint.keep_best`` found one (every process), and
-        return the record of what ``final/`` will hold: {selected, step, metric, value, last_step, scoring}."""
+        """Load the best checkpoint into the model when ``checkpoint.keep_best`` found one (every process),
+        and return the record of what ``final/`` will hold: {selected, step, metric, value, last_step,
+        scoring}."""
         name = "val/c_index" if self.config.stage == 2 else "val/lm_loss"
         best = self.checkpoints.best() if self.config.checkpoint.keep_best else None
         if best is not None:
@@ -333,8 +342,8 @@ class Trainer:
         }
 
     def finish(self) -> Path:
-        """The selected weights (``select_final``) saved into ``<output_dir>/final`` (``save_final``: gathered on
-        every process, written by the main one) with ``selection.json``; close the trackers."""
+        """The selected weights (``select_final``) saved into ``<output_dir>/final`` (``save_final``: gathered
+        on every process, written by the main one) with ``selection.json``; close the trackers."""
         acc = self.accelerator
         acc.wait_for_everyone()
         selection = self.select_final()
@@ -352,5 +361,6 @@ class Trainer:
 
 
 def train(config: TrainConfig, resume: str | None = None, accelerator: Accelerator | None = None) -> Path:
-    """Train ``config`` (resuming from ``resume``: "latest" or a checkpoint folder); return the final model folder."""
+    """Train ``config`` (resuming from ``resume``: "latest" or a checkpoint folder); return the final model
+    folder."""
     return Trainer(config, accelerator).fit(resume)

@@ -1,4 +1,5 @@
-"""The per-step training loss of both stages, computed over the global batch (see vlsurv.training.distributed).
+"""The per-step training loss of both stages, computed over the global batch (see
+vlsurv.training.distributed).
 
 Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch.
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
@@ -6,12 +7,14 @@ Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.lo
 - DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'
   censoring scheme (``DeepHitCuts.labels``, computed once per sample by ``SampleDataset.set_deephit_cuts`` and
   carried by the batch), L_disp = discrete dispersion over the bins;
-and L_align between z_surv and z_pooled. Time, event, the head's output, z_surv and z_pooled are gathered from all
-processes, so the risk set and the dispersion pairs span the global batch of one micro-batch (``loss.risk_set``
-"micro_batch"); vlsurv.training.risk_sets widens them to the accumulation window or joins a memory of earlier rows.
+and L_align between z_surv and z_pooled. Time, event, the head's output, z_surv and z_pooled are gathered from
+all processes, so the risk set and the dispersion pairs span the global batch of one micro-batch
+(``loss.risk_set`` "micro_batch"); vlsurv.training.risk_sets widens them to the accumulation window or joins a
+memory of earlier rows.
 
 ``StepLoss.to_backpropagate`` is what the process backpropagates (world size x its share of L);
-``StepLoss.parts`` holds the global values of L and its components (floats, equal on every process) for logging.
+``StepLoss.parts`` holds the global values of L and its components (floats, equal on every process) for
+logging.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SurvivalRows:
-    """The survival tensors of N rows: ``time`` (N,) float32, ``event`` (N,), ``head`` (N,) DeepSurv log-risk or
-    (N, K+1) DeepHit logits, ``z_surv`` and ``z_pooled`` (N, d) float32; for a DeepHit head also the labels of the
-    batch (``DeepHitCuts.labels``): ``bin_index`` (N,) long, ``binned_event`` (N,) bool, ``censored_credit`` (N,)."""
+    """The survival tensors of N rows: ``time`` (N,) float32, ``event`` (N,), ``head`` (N,) DeepSurv log-risk
+    or (N, K+1) DeepHit logits, ``z_surv`` and ``z_pooled`` (N, d) float32; for a DeepHit head also the labels
+    of the
+    batch (``DeepHitCuts.labels``): ``bin_index`` (N,) long, ``binned_event`` (N,) bool, ``censored_credit``
+    (N,)."""
 
     time: torch.Tensor
     event: torch.Tensor
@@ -108,7 +113,8 @@ def local_rows(output, batch: dict) -> SurvivalRows:
         missing = [key for key in DEEPHIT_LABELS if key not in batch]
         if missing:
             raise SurvivalConfigError(
-                f"DeepHit step: the batch has no {missing}; expected the labels of the cuts, given by a dataset "
+                f"DeepHit step: the batch has no {missing}; expected the labels of the cuts, given "
+                "by a dataset "
                 "labelled with SampleDataset.set_deephit_cuts(cuts)"
             )
         labels = {key: batch[key].to(device) for key in DEEPHIT_LABELS}
@@ -134,8 +140,8 @@ def survival_terms(
     """L_surv, L_disp, L_align over ``rows`` (N rows, usually the gathered global batch).
 
     ``memory`` (M rows, detached) joins the coupled terms as constants: the Cox risk set, the DeepHit ranking
-    pairs and the dispersion pairs span N + M rows; the DeepHit NLL and L_align, which are sums over single rows,
-    stay over the N rows.
+    pairs and the dispersion pairs span N + M rows; the DeepHit NLL and L_align, which are sums over single
+    rows, stay over the N rows.
     """
     n = rows.time.shape[0]
     joined = rows if memory is None else SurvivalRows.cat([rows, memory])

@@ -1,24 +1,26 @@
 """Risk sets wider than one micro-batch: the whole accumulation window (exact) or a memory of recent rows.
 
-With ``optim.grad_accum`` = A micro-batches per optimizer step, ``loss.risk_set`` chooses the rows that the coupled
-terms of stage 2 (Cox risk set, DeepHit ranking pairs, dispersion pairs) span:
+With ``optim.grad_accum`` = A micro-batches per optimizer step, ``loss.risk_set`` chooses the rows that the
+coupled terms of stage 2 (Cox risk set, DeepHit ranking pairs, dispersion pairs) span:
 
 - ``"micro_batch"``: one micro-batch across processes (vlsurv.training.objective.step_loss).
-- ``"window"``: the A micro-batches of the step, exactly as one step with a batch A times larger would see them,
-  without holding A graphs in memory (the GradCache trick, Gao et al. 2021). ``cache_window`` runs the window's
-  micro-batches forward without grad, recording the RNG state before each (so dropout draws the same masks
-  again), and computes the window's survival part S = alpha L_surv + lambda_d L_disp + lambda_a L_align over the
-  window's rows gathered from every process, and its gradient g = dS/d(head, z_surv, z_pooled) at this process's
-  rows. Then each micro-batch runs forward with grad from its recorded RNG state, and ``window_step_loss``
-  backpropagates P * (NLL_m / T + sum(g_m * out_m)), where T is the window's labelled-token count over every
+- ``"window"``: the A micro-batches of the step, exactly as one step with a batch A times larger would see
+  them, without holding A graphs in memory (the GradCache trick, Gao et al. 2021). ``cache_window`` runs the
+  window's micro-batches forward without grad, recording the RNG state before each (so dropout draws the same
+  masks again), and computes the window's survival part S = alpha L_surv + lambda_d L_disp + lambda_a L_align
+  over the window's rows gathered from every process, and its gradient g = dS/d(head, z_surv, z_pooled) at
+  this process's rows. Then each micro-batch runs forward with grad from its recorded RNG state, and
+  ``window_step_loss`` backpropagates P * (NLL_m / T + sum(g_m * out_m)), where T is the window's
+  labelled-token count over every
   process: summed over the window, d/dtheta of this is P times this process's share of
   dL/dtheta for L = L_LM (window token mean) + S, and DDP's average over the P processes gives dL/dtheta.
   The model's weights do not change inside a window, so the second forward reproduces the cached outputs.
-  Cost: one extra forward pass without grad per micro-batch; memory: the window's inputs and (rows x d) outputs.
+  Cost: one extra forward pass without grad per micro-batch; memory: the window's inputs and (rows x d)
+  outputs.
 - ``"memory"``: the micro-batch plus the detached rows (head output, z_surv, time, event) of the
-  ``memory_batches`` micro-batches before it, joined to the coupled terms as constants (``RiskMemory``). This is
-  torchsurv's ``Momentum`` memory bank without its EMA target network: the remembered rows come from the online
-  model, a few optimizer steps old at most. The memory starts empty and is not saved in checkpoints.
+  ``memory_batches`` micro-batches before it, joined to the coupled terms as constants (``RiskMemory``). This
+  is torchsurv's ``Momentum`` memory bank without its EMA target network: the remembered rows come from the
+  online model, a few optimizer steps old at most. The memory starts empty and is not saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
 
 @dataclass
 class WindowCache:
-    """One accumulation window: its micro-batches, the RNG state before each one's forward, the survival part's
-    gradient w.r.t. this process's (head, z_surv, z_pooled) of each, the global token count T, logged values."""
+    """One accumulation window: its micro-batches, the RNG state before each one's forward, the survival
+    part's gradient w.r.t. this process's (head, z_surv, z_pooled) of each, the global token count T, logged
+    values."""
 
     batches: list[dict]
     rng_states: list[tuple[torch.Tensor, list[torch.Tensor]]]

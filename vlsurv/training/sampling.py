@@ -1,17 +1,18 @@
 """Global batches that are a pure function of (seed, epoch), sharded over processes, resumable by position.
 
 A ``BatchPlan`` lists an epoch's *global* batches (dataset indices); process ``rank`` of ``world`` takes the
-``rank``-th of ``world`` near-equal contiguous slices of each. So a run on P processes with local batch B sees the
-same global batches as one process with batch P x B, every sample of the epoch lands on exactly one process, and a
-resumed run regenerates the epoch and starts at the saved position (no sampler state besides (epoch, position)).
+``rank``-th of ``world`` near-equal contiguous slices of each. So a run on P processes with local batch B sees
+the same global batches as one process with batch P x B, every sample of the epoch lands on exactly one
+process, and a resumed run regenerates the epoch and starts at the saved position (no sampler state besides
+(epoch, position)).
 
 - ``"pairs"``: every (scan, question) sample once per epoch, shuffled, cut into global batches.
 - ``"patient_balanced"``: one epoch = one pass over the patients; each patient contributes one of its samples,
   drawn at random (a patient with several scans may give any of their pairs); a global batch holds distinct
   patients.
 
-The last global batch of an epoch may be short. When it has fewer samples than processes (some process would get
-none, and DDP needs every process in every step) it is merged into the batch before it.
+The last global batch of an epoch may be short. When it has fewer samples than processes (some process would
+get none, and DDP needs every process in every step) it is merged into the batch before it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _generator(seed: int, epoch: int) -> np.random.Generator:
 
 
 def shard(batch: Sequence[int], rank: int, world: int) -> list[int]:
-    """The ``rank``-th of ``world`` contiguous near-equal slices of ``batch`` (sizes differ by at most one)."""
+    """The ``rank``-th of ``world`` contiguous near-equal slices of ``batch`` (sizes differ by at most
+    one)."""
     base, extra = divmod(len(batch), world)
     start = rank * base + min(rank, extra)
     return list(batch[start : start + base + (1 if rank < extra else 0)])
@@ -60,7 +62,8 @@ class BatchPlan:
         if units < world:
             what = "patients" if mode == "patient_balanced" else "samples"
             raise SamplingError(
-                f"sampling={mode!r}: {units} training {what} for {world} processes; expected at least one per process"
+                f"sampling={mode!r}: {units} training {what} for {world} processes; expected at "
+                "least one per process"
             )
 
     def epoch(self, epoch: int) -> list[list[int]]:

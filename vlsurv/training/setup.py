@@ -1,11 +1,12 @@
-"""Building a run from a ``TrainConfig``: the model for the stage, the datasets, DeepHit cuts, optimizer, schedule.
+"""Building a run from a ``TrainConfig``: the model for the stage, the datasets, DeepHit cuts, optimizer,
+schedule.
 
-Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``); a ``standardize`` projector input norm is
-fitted on the training scans' tokens first.
-Stage 2: the projector from ``data.stage1_dir`` (frozen) and its LoRA adapter when the folder has one (else a fresh
-LoRA); trained: LoRA + residual adapter + head (``set_stage(2)``). A DeepHit head gets its cuts from
-``deephit_cuts`` when given, else from the event times of the training split's scans; the trainer gives them to
-the model (saved with it) and to the training dataset, which labels each sample once (``set_deephit_cuts``).
+Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``); a ``standardize`` projector input norm
+is fitted on the training scans' tokens first. Stage 2: the projector from ``data.stage1_dir`` (frozen) and
+its LoRA adapter when the folder has one (else a fresh LoRA); trained: LoRA + residual adapter + head
+(``set_stage(2)``). A DeepHit head gets its cuts from ``deephit_cuts`` when given, else from the event times
+of the training split's scans; the trainer gives them to the model (saved with it) and to the training
+dataset, which labels each sample once (``set_deephit_cuts``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
 
 
 def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
-    """ConfigError naming each ``model.lora`` field (r, alpha, target_modules) that the stage-1 adapter disagrees with;
-    stage 2 loads that adapter, so a different ``model.lora`` would otherwise be silently ignored."""
+    """ConfigError naming each ``model.lora`` field (r, alpha, target_modules) that the stage-1 adapter
+    disagrees with; stage 2 loads that adapter, so a different ``model.lora`` would otherwise be silently
+    ignored."""
     path = adapter / "adapter_config.json"
     if not path.is_file():
         raise ConfigError(
@@ -78,7 +80,8 @@ def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
     ]
     if differ:
         raise ConfigError(
-            f"data.stage1_dir: the stage-1 LoRA adapter {path} disagrees with the stage-2 config: {'; '.join(differ)}; "
+            f"data.stage1_dir: the stage-1 LoRA adapter {path} disagrees with the stage-2 config: "
+            f"{'; '.join(differ)}; "
             "expected model.lora to match the adapter that stage 2 continues to train"
         )
 
@@ -98,7 +101,8 @@ def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
 
 
 def load_data(config: TrainConfig, processor) -> RunData:
-    """Manifest + VQA + feature cache -> training pairs of ``data.train_split`` and validation scan x questions."""
+    """Manifest + VQA + feature cache -> training pairs of ``data.train_split`` and validation scan x
+    questions."""
     survival = config.stage == 2
     manifest = load_manifest(config.data.manifest, require_survival=survival, check_files=False)
     vqa = read_vqa(config.data.vqa)
@@ -127,7 +131,8 @@ def load_data(config: TrainConfig, processor) -> RunData:
 
 
 def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) -> None:
-    """Stage 1 with ``projector_input_norm: standardize``: token statistics of the training scans (each once)."""
+    """Stage 1 with ``projector_input_norm: standardize``: token statistics of the training scans (each
+    once)."""
     standardizer = standardizer_of(model.multi_modal_projector)
     if standardizer is None:
         return
@@ -137,7 +142,8 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
     """The configured cuts, or quantile cuts of the training scans' event times placed per
-    ``model.survival.deephit_cut_placement``, with ``deephit_censoring``'s labels (ConfigError when impossible)."""
+    ``model.survival.deephit_cut_placement``, with ``deephit_censoring``'s labels (ConfigError when
+    impossible)."""
     survival = config.model.survival
     if config.deephit_cuts is not None:
         return DeepHitCuts(config.deephit_cuts, censoring=survival.deephit_censoring)
@@ -151,7 +157,8 @@ def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
         )
     except SurvivalConfigError as err:
         raise ConfigError(
-            f"model.survival.head=deephit: cannot compute the DeepHit cuts from the {config.data.train_split!r} "
+            "model.survival.head=deephit: cannot compute the DeepHit cuts from the "
+            f"{config.data.train_split!r} "
             f"split of data.manifest {config.data.manifest}: {err}; or give deephit_cuts explicitly"
         ) from err
 
@@ -172,15 +179,17 @@ def build_optimizer(model: VisionLanguageSurvivalModel, config: TrainConfig) -> 
 
 
 def total_steps(config: TrainConfig, plan: BatchPlan) -> int:
-    """Optimizer steps of the run: ``max_steps``, else ``epochs`` passes (a trailing partial accumulation dropped)."""
+    """Optimizer steps of the run: ``max_steps``, else ``epochs`` passes (a trailing partial accumulation
+    dropped)."""
     if config.optim.max_steps > 0:
         return config.optim.max_steps
     return max(1, math.floor(config.optim.epochs * plan.batches_per_epoch() / config.optim.grad_accum))
 
 
 def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int:
-    """The run's warmup in optimizer steps: ``optim.warmup_steps``, or ``optim.warmup_ratio`` x ``steps`` rounded
-    down; ConfigError when a ``warmup_steps`` is not below the ``steps`` planned (the schedule would never decay)."""
+    """The run's warmup in optimizer steps: ``optim.warmup_steps``, or ``optim.warmup_ratio`` x ``steps``
+    rounded down; ConfigError when a ``warmup_steps`` is not below the ``steps`` planned (the schedule would
+    never decay)."""
     optim = config.optim
     if optim.warmup_ratio is not None:
         return math.floor(optim.warmup_ratio * steps)
@@ -188,11 +197,13 @@ def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int
         plan = (
             f"optim.max_steps = {optim.max_steps}"
             if optim.max_steps > 0
-            else f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / optim.grad_accum = "
+            else f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / "
+            "optim.grad_accum = "
             f"{optim.grad_accum}"
         )
         raise ConfigError(
-            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {steps} planned optimizer steps "
+            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {steps} planned "
+            "optimizer steps "
             f"({plan}): the learning rate would never leave warmup; lower optim.warmup_steps or set "
             "optim.warmup_steps=null optim.warmup_ratio=<fraction in [0, 1)>"
         )
@@ -200,8 +211,8 @@ def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int
 
 
 def build_scheduler(optimizer, config: TrainConfig, steps: int, warmup: int):
-    """transformers' cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer step;
-    the cosine reaches 0 after ``steps`` steps."""
+    """transformers' cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer
+    step; the cosine reaches 0 after ``steps`` steps."""
     # transformers.optimization imports peft, and peft imports bitsandbytes. Imported here, after the model is
     # built, peft is already loaded (inside vlm_io's _peft_scope), so bitsandbytes stays unloaded unless k-bit
     # weights are asked for.

@@ -1,19 +1,20 @@
 """Validation during training: LM loss, the C-index of what predict deploys, a few generated answers.
 
-- ``lm_loss``: the token-mean NLL of the reference answers, teacher-forced over every val scan x every question of
-  the set (``scan_question_samples``; prompt only where the VQA file has no answer);
-- ``c_index`` (stage 2, and only when survival data is loaded): Harrell's C of each scan's risk as ``vlsurv predict``
-  computes it: ``vlsurv.model.ensemble.score_shared_prefix`` over the scan's questions with predict's defaults
-  (greedy answers of at most ``eval.max_new_tokens`` tokens, the model's ``pool``), scan risk = mean question risk.
-  Reference answers play no part in it. None with a ``c_index_note`` when it is undefined (no event, constant
-  risk) or under FSDP, whose sharded parameters the scoring path cannot use (score ``final/`` with predict);
-- ``samples``: ``eval.sample_answers`` greedy answers of the first val prompts, as {scan_id, question_id, answer}
-  (generated text only; reference answers and reports are never logged): in stage 2 the scoring pass's own
-  answers. Skipped under FSDP.
+- ``lm_loss``: the token-mean NLL of the reference answers, teacher-forced over every val scan x every
+  question of the set (``scan_question_samples``; prompt only where the VQA file has no answer);
+- ``c_index`` (stage 2, and only when survival data is loaded): Harrell's C of each scan's risk as ``vlsurv
+  predict`` computes it: ``vlsurv.model.ensemble.score_shared_prefix`` over the scan's questions with
+  predict's defaults (greedy answers of at most ``eval.max_new_tokens`` tokens, the model's ``pool``), scan
+  risk = mean question risk. Reference answers play no part in it. None with a ``c_index_note`` when it is
+  undefined (no event, constant risk) or under FSDP, whose sharded parameters the scoring path cannot use
+  (score ``final/`` with predict);
+- ``samples``: ``eval.sample_answers`` greedy answers of the first val prompts, as {scan_id, question_id,
+  answer} (generated text only; reference answers and reports are never logged): in stage 2 the scoring pass's
+  own answers. Skipped under FSDP.
 
-The LM-loss passes are sharded over processes, each running the same number of forward passes (a process out of
-scans repeats its last batch and drops the result) so that FSDP / ZeRO collectives stay matched. The scoring pass
-runs on the unwrapped model (no collectives), each process on its share of the scans.
+The LM-loss passes are sharded over processes, each running the same number of forward passes (a process out
+of scans repeats its last batch and drops the result) so that FSDP / ZeRO collectives stay matched. The
+scoring pass runs on the unwrapped model (no collectives), each process on its share of the scans.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ class ValidationResult:
 
 
 def _scan_batches(dataset, rank: int, world: int, batch_size: int) -> tuple[list[list[int]], int]:
-    """This process's batches (all questions of a scan stay together) and the largest batch count of any process."""
+    """This process's batches (all questions of a scan stay together) and the largest batch count of any
+    process."""
     by_scan: dict[str, list[int]] = defaultdict(list)
     for index, sample in enumerate(dataset.samples):
         by_scan[sample.scan_id].append(index)
@@ -81,7 +83,8 @@ def _lm_totals(model, unwrapped, dataset, accelerator, batch_size: int) -> tuple
 
 
 def _scans_and_questions(dataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """[(scan_id, clinical sentence)] in sample order and the question set [(question_id, text)] in its order."""
+    """[(scan_id, clinical sentence)] in sample order and the question set [(question_id, text)] in its
+    order."""
     scans: dict[str, str] = {}
     questions: dict[str, str] = {}
     for sample in dataset.samples:
@@ -92,8 +95,8 @@ def _scans_and_questions(dataset) -> tuple[list[tuple[str, str]], list[tuple[str
 
 @torch.no_grad()
 def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_per_batch: int) -> list[dict]:
-    """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers}] (risk = mean of
-    the question risks; answers = one per question, in the question set's order)."""
+    """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers}] (risk = mean
+    of the question risks; answers = one per question, in the question set's order)."""
     scans, questions = _scans_and_questions(dataset)
     mine = scans[accelerator.process_index :: accelerator.num_processes]
     texts = [text for _, text in questions]
@@ -180,7 +183,10 @@ def validate(
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     c_index, note, samples = None, "", []
     if with_risk and fsdp:
-        note = "not scored under FSDP: the prediction path needs unsharded parameters; run vlsurv predict on final/"
+        note = (
+            "not scored under FSDP: the prediction path needs unsharded parameters; run vlsurv predict "
+            "on final/"
+        )
     elif with_risk:
         options = DecodeOptions(
             **{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"}

@@ -26,8 +26,8 @@ from vlsurv.metrics import MetricError, concordance_index
 QUESTION_IDS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
 CLINICAL_COLUMNS = ("age", "sex", "smoking", "stage", "t_stage", "n_stage", "m_stage")
 #: Log-hazard coefficients of the survival model; features are defined in ``risk_features``. Most image risk
-#: sits on findings large enough to see on the demo's 3 x 3 x 6 mm grid (effusion depth, vessel invasion, tumor
-#: size); a 1 cm bone lesion is a few voxels there, so it carries less.
+#: sits on findings large enough to see on the demo's 3 x 3 x 6 mm grid (effusion depth, vessel invasion,
+#: tumor size); a 1 cm bone lesion is a few voxels there, so it carries less.
 CLINICAL_COEFFICIENTS = {
     "age_per_decade": 0.3,
     "male": 0.2,
@@ -244,7 +244,8 @@ def _assign_splits(n: int, seed: int) -> list[str]:
 def build_cohort_table(
     n: int, seed: int, model: SurvivalModel = SurvivalModel()
 ) -> tuple[list[Findings], pd.DataFrame]:
-    """Findings, clinical fields, report, survival and split of n patients (no images) -> (findings, table)."""
+    """Findings, clinical fields, report, survival and split of n patients (no images) -> (findings,
+    table)."""
     if n < 1:
         raise SyntheticCohortError(f"synthetic cohort: n must be at least 1, got {n}")
     all_findings, rows = [], []
@@ -342,7 +343,8 @@ def oracle_summary(table: pd.DataFrame, seed: int, model: SurvivalModel) -> dict
         "oracle_c_index": _c_index(table["time"], table["event"], table["linear_predictor"]),
         "oracle_c_index_test": _c_index(test["time"], test["event"], test["linear_predictor"]),
         "clinical_only_oracle_c_index": clinical_cox_c_index(table),
-        "clinical_only_method": "lifelines CoxPHFitter (penalizer 0.05) on the train split's age, sex, smoking, "
+        "clinical_only_method": "lifelines CoxPHFitter (penalizer 0.05) on the train split's age, "
+        "sex, smoking, "
         "stage, T, N, M; Harrell's C on the test split",
         "clinical_terms_c_index_test": _c_index(test["time"], test["event"], test["clinical_predictor"]),
         "n": len(table),

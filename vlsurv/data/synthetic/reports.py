@@ -26,7 +26,8 @@ _TUMOR = (
     "There is a {size} spiculated mass in the {lobe}.",
     "A lobulated soft-tissue mass measuring {size} is present in the {lobe}.",
     "{Lobe} mass measuring {size}, consistent with the known primary lung carcinoma.",
-    "In the {lobe} there is a solid lesion of {size} with irregular margins, highly suspicious for malignancy.",
+    "In the {lobe} there is a solid lesion of {size} with irregular margins, highly suspicious for "
+    "malignancy.",
     "A {size} solid mass with spiculated margins is seen in the {lobe}, compatible with primary neoplasm.",
 )
 _TUMOR_ABSENT = (
@@ -38,7 +39,8 @@ _TUMOR_ABSENT = (
 _VESSEL = (
     "The mass encases the {vessel}.",
     "The tumor abuts and narrows the {vessel}.",
-    "The lesion extends to the mediastinum and is inseparable from the {vessel}, consistent with vascular invasion.",
+    "The lesion extends to the mediastinum and is inseparable from the {vessel}, consistent with "
+    "vascular invasion.",
     "There is encasement of the {vessel} by the central tumor.",
 )
 _VESSEL_ABSENT_WITH_TUMOR = (
@@ -57,7 +59,8 @@ _NODE_ONE = (
     "Pathologically enlarged {station} lymph node ({size} short axis){hedge}.",
 )
 _NODE_MANY = (
-    "Enlarged lymph nodes in the {stations} stations, the largest ({largest}) measuring {size} in short axis{hedge}.",
+    "Enlarged lymph nodes in the {stations} stations, the largest ({largest}) measuring {size} in "
+    "short axis{hedge}.",
     "Lymphadenopathy involving the {stations} stations, up to {size} in short axis.",
     "Pathologically enlarged {stations} lymph nodes are present; the largest {largest} node measures {size}.",
 )
@@ -88,7 +91,8 @@ _LUNG_METS_ONE = (
     "Solitary {size} nodule in the contralateral {side} lung, likely a pulmonary metastasis.",
 )
 _LUNG_METS_MANY = (
-    "{Count} solid nodules in the contralateral {side} lung, the largest {size}, consistent with pulmonary metastases.",
+    "{Count} solid nodules in the contralateral {side} lung, the largest {size}, consistent with "
+    "pulmonary metastases.",
     "Multiple ({count}) nodules in the {side} lung up to {size}, suspicious for metastatic disease.",
 )
 _ADRENAL_METS = (

@@ -48,7 +48,8 @@ def resolve_grid(shape=DEFAULT_SHAPE, spacing=None) -> Grid:
     for axis, n, s, need in zip("xyz", shape, spacing, MIN_FOV_MM):
         if n * s < need:
             raise SyntheticCohortError(
-                f"synthetic cohort: field of view along {axis} is {n} x {s:g} mm = {n * s:g} mm, smaller than the "
+                f"synthetic cohort: field of view along {axis} is {n} x {s:g} mm = {n * s:g} mm, "
+                "smaller than the "
                 f"{need:g} mm the anatomy needs; raise the shape or the spacing"
             )
     return Grid(shape=shape, spacing=spacing)  # type: ignore[arg-type]
