@@ -23,6 +23,7 @@ from vlsurv.model.survival import (
     SurvivalConfig,
     SurvivalConfigError,
     deephit_survival,
+    survival_between_cuts,
 )
 
 LOADERS = {"whas500": load_whas500, "gbsg2": load_gbsg2, "flchain": load_flchain}
@@ -134,3 +135,29 @@ def test_start_at_marginal_refuses_a_deepsurv_head_or_a_wrong_length():
         SurvivalBranch(8, SurvivalConfig(head="deephit", num_bins=10)).start_at_marginal(torch.zeros(5))
     with pytest.raises(SurvivalConfigError, match="got head 'deepsurv'"):
         SurvivalBranch(8, SurvivalConfig()).start_at_marginal(torch.zeros(1))
+
+
+def test_curve_between_cuts_follows_the_schemes_within_bin_assumption():
+    """Under "interpolate" (constant hazard in a bin) S between cuts is log-linear; the curve written on the
+    dense grid matches Kaplan-Meier between the cuts too, where reading the cut before would not."""
+    time, event = _time_event("whas500")
+    cuts = DeepHitCuts.from_times(time, event, 4)
+    survival = deephit_survival(cuts.marginal_log_probabilities(time, event)[None]).double()
+    grid = cuts.curve_times()
+    assert grid[-1] == cuts.cuts[-1] and len(grid) > cuts.num_bins
+    assert set(cuts.cuts.tolist()) <= set(grid.tolist())
+    second_bin = grid[(grid > cuts.cuts[0]) & (grid <= cuts.cuts[1])]
+    torch.testing.assert_close(second_bin.diff(), ((cuts.cuts[1] - cuts.cuts[0]) / 8).expand(7))
+    dense = survival_between_cuts(survival, cuts, grid)[0].numpy()
+    at_cuts = dense[np.isin(grid.numpy(), cuts.cuts.numpy())]
+    np.testing.assert_allclose(at_cuts, survival[0].numpy(), atol=1e-12)
+    middle = (cuts.cuts[0] + cuts.cuts[1]) / 2
+    value = survival_between_cuts(survival, cuts, torch.tensor([middle]))[0, 0]
+    assert value == pytest.approx(float(torch.sqrt(survival[0, 0] * survival[0, 1])))
+    km = _kaplan_meier_at(time, event, grid.numpy())
+    assert np.abs(dense - km).max() <= TARGET
+    step = DeepHitCuts(cuts.cuts, censoring="deephit")
+    assert torch.equal(step.curve_times(), step.cuts)
+    assert survival_between_cuts(survival, step, torch.tensor([middle]))[0, 0] == survival[0, 0]
+    with pytest.raises(SurvivalConfigError, match="after the last cut"):
+        survival_between_cuts(survival, cuts, cuts.cuts[-1:] + 1)

@@ -206,7 +206,9 @@ def test_predict_writes_the_three_outputs(tiny_model_config, cohort, capsys):
     assert [a["question_id"] for a in answers[: len(questions)]] == [q.id for q in questions]
     assert answers[1]["risk"] == pytest.approx(per_question[0, 1], rel=1e-6)
     curves = pd.read_csv(out / "survival_curves.csv")
-    assert list(curves.columns) == ["scan_id", "S@100", "S@200", "S@400", "S@800"]
+    times = DeepHitCuts.load(model_dir).curve_times()  # 8 per bin: S follows the bins' constant hazard
+    assert list(curves.columns) == ["scan_id"] + [f"S@{t:.10g}" for t in times.tolist()]
+    assert {"S@100", "S@200", "S@400", "S@800"} <= set(curves.columns) and len(times) == 32
     values = curves.drop(columns="scan_id").to_numpy()
     assert (values[:, 1:] <= values[:, :-1] + 1e-7).all() and ((values >= 0) & (values <= 1)).all()
     assert (out / "predict_config.yaml").is_file()

@@ -11,7 +11,8 @@ validation did.
 Outputs in OUT (appended scan by scan; a rerun skips the scan_ids already in predictions.csv):
 - ``predictions.csv``: scan_id, risk, risk_<question_id> per question;
 - ``answers.jsonl``: one line per (scan, question): scan_id, question_id, question, answer, risk;
-- ``survival_curves.csv`` (DeepHit): scan_id, ``S@<cut time>`` per cut, mean over the questions;
+- ``survival_curves.csv`` (DeepHit): scan_id, ``S@<time>`` at ``DeepHitCuts.curve_times()`` (within each bin
+  as the cuts' censoring scheme assumes, ``survival_between_cuts``), mean over the questions;
 - ``predict_config.yaml``: the resolved options.
 """
 
@@ -35,6 +36,7 @@ from vlsurv.errors import InputError
 from vlsurv.files import cut_torn_last_line
 from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
 from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
+from vlsurv.model.survival import survival_between_cuts
 from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
 from vlsurv.progress import progress_bar
 from vlsurv.prompts import load_questions
@@ -162,8 +164,9 @@ def _write_batch(out: Path, scans: list[ScanInput], questions, result: EnsembleO
                 }
                 handle.write(to_line(record))
     if result.survival_curves is not None:
-        curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in cuts.cuts.tolist()]
-        curves = result.survival_curves.mean(1).tolist()
+        times = cuts.curve_times()
+        curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in times.tolist()]
+        curves = survival_between_cuts(result.survival_curves.double(), cuts, times).mean(1).tolist()
         _append_csv(out / CURVES, curve_header, [[s.scan_id, *c] for s, c in zip(scans, curves)])
     scan_risks = result.risks.mean(1).tolist()
     rows = [[s.scan_id, r, *q] for s, r, q in zip(scans, scan_risks, result.risks.tolist())]

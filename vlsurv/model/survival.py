@@ -249,6 +249,16 @@ class DeepHitCuts:
         probabilities = torch.cat([before * hazard, survival[-1:]]).clamp(min=floor)
         return torch.log(probabilities / probabilities.sum())
 
+    def curve_times(self, points_per_bin: int = 8) -> torch.Tensor:
+        """(T,) float64 times a survival curve is written at: the cuts for the step schemes ("deephit",
+        "pycox"), else ``points_per_bin`` evenly spaced times in each bin, ending at its cut."""
+        if self.censoring in ("deephit", "pycox"):
+            return self.cuts.clone()
+        lower = torch.cat([self.cuts[:1].clamp(max=0.0), self.cuts[:-1]])  # bin 0 starts at 0
+        fractions = torch.arange(1, points_per_bin + 1, dtype=torch.float64) / points_per_bin
+        times = (lower[:, None] + (self.cuts - lower)[:, None] * fractions[None]).flatten()
+        return torch.unique(times)
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / self.FILE_NAME
         record = {"cuts": self.cuts.tolist(), "censoring": self.censoring, "placement": self.placement}
@@ -282,6 +292,32 @@ def deephit_survival(logits: torch.Tensor) -> torch.Tensor:
     """(B, K) survival S(cut_k) = 1 - sum_{j <= k} p_j."""
     probs = deephit_probabilities(logits)
     return 1.0 - torch.cumsum(probs[:, :-1], dim=-1)
+
+
+def survival_between_cuts(survival: torch.Tensor, cuts: DeepHitCuts, times: torch.Tensor) -> torch.Tensor:
+    """S at ``times`` (T,) from S at the cuts ``survival`` (..., K), under the within-bin assumption of the
+    cuts' censoring scheme, with S(0) = 1: "interpolate" a constant hazard in each bin (log S linear, the
+    assumption its NLL credits censored rows with), "life_table" S linear (the actuarial estimator), and
+    "deephit" / "pycox" a step at each cut (S of the last cut at or before t). Out: (..., T)."""
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if bool((times > cuts.cuts[-1]).any()):
+        raise SurvivalConfigError(
+            f"survival_between_cuts: a time {float(times.max()):g} is after the last cut "
+            f"{float(cuts.cuts[-1]):g}; S is not estimated there"
+        )
+    knots = torch.cat([cuts.cuts.new_zeros(1), cuts.cuts]).to(survival.device)
+    values = torch.cat([survival.new_ones(*survival.shape[:-1], 1), survival], dim=-1)
+    times = times.to(survival.device)
+    upper = torch.searchsorted(knots, times).clamp(min=1)  # knots[upper - 1] < t <= knots[upper]
+    fraction = ((times - knots[upper - 1]) / (knots[upper] - knots[upper - 1])).clamp(0.0, 1.0)
+    fraction = fraction.to(survival.dtype)
+    below, above = values[..., upper - 1], values[..., upper]
+    if cuts.censoring == "interpolate":
+        ratio = torch.where(below > 0, above / below.clamp(min=1e-30), torch.zeros_like(below))
+        return below * ratio.clamp(min=0.0) ** fraction
+    if cuts.censoring == "life_table":
+        return below + fraction * (above - below)
+    return torch.where(fraction >= 1.0, above, below)
 
 
 def deephit_risk(
