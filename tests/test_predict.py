@@ -150,7 +150,7 @@ def cohort(tmp_path):
                 "smoking": "former",
                 "stage": str(1 + i % 3),
                 "t_stage": "T2",
-                "n_stage": None,
+                "n_stage": "N1",
                 "m_stage": "M0",
             }
         )
