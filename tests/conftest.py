@@ -8,6 +8,9 @@ the files that ``accelerate launch`` runs as scripts).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,8 +101,6 @@ def _answer(question_id: str, f: dict) -> str:
 def build_tiny_inputs(root: Path, n: int = TINY_COHORT_PATIENTS, seed: int = 0) -> dict[str, Path]:
     """{manifest, vqa, cache} for a tiny cohort under ``root``: ``make_cohort``, a VQA file written from its
     findings, and a feature cache from the tiny Merlin-architecture encoder (4 tokens x 256 per scan)."""
-    import json
-
     import pandas as pd
 
     from vlsurv.data.synthetic import make_cohort
@@ -234,3 +235,42 @@ def run_step(forward, batch: dict):
 def gradients(model) -> dict:
     """{name: a copy of the gradient} of every trainable parameter."""
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def launch_on_two_cpu_processes(script, *arguments: str, timeout: int = 300) -> None:
+    """`accelerate launch` ``script`` with ``arguments`` on 2 CPU processes (gloo); fails with stderr's
+    tail."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    command += ["--main_process_port", "0", str(script), *arguments]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def compare_launched_step_with_one_process(decoder: Path, out: Path) -> dict[str, dict]:
+    """The loss parts (``out/parts.json``) and gradients (``out/grads_<head>.safetensors``) that a 2-process
+    launch wrote for the fixed global batch equal one process's on the same batch (1e-6); returns the
+    one-process gradients per head."""
+    import torch
+    from safetensors.torch import load_file
+
+    launched = json.loads((out / "parts.json").read_text())
+    assert launched["world"] == 2
+    references = {}
+    for head in ("deepsurv", "deephit"):
+        model = build_model(str(decoder), head)
+        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)), model.deephit_cuts)
+        parts, backward = run_step(model, batch)
+        backward.backward()
+        assert parts.keys() == launched[head].keys()
+        for name, value in parts.items():
+            assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
+        reference = gradients(model)
+        distributed = {
+            k.removeprefix("module."): v for k, v in load_file(str(out / f"grads_{head}.safetensors")).items()
+        }
+        assert distributed.keys() == reference.keys()
+        for name, grad in reference.items():
+            torch.testing.assert_close(distributed[name], grad, atol=1e-6, rtol=1e-5, msg=f"{head} {name}")
+        references[head] = reference
+    return references

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,10 @@ from conftest import (
     GLOBAL_BATCH,
     build_model,
     build_tiny_inputs,
+    compare_launched_step_with_one_process,
     global_batch,
     gradients,
+    launch_on_two_cpu_processes,
     run_step,
     tiny_config,
 )
@@ -57,49 +57,17 @@ def launched_main(decoder: str, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_decoder_dir, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        __file__,
-        "--decoder",
-        str(tiny_decoder_dir),
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    launched = json.loads((tmp_path / "parts.json").read_text())
-    assert launched["world"] == 2
-    for head in ("deepsurv", "deephit"):
-        model = build_model(str(tiny_decoder_dir), head)
-        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)), model.deephit_cuts)
-        parts, backward = run_step(model, batch)
-        backward.backward()
-        assert parts.keys() == launched[head].keys() == {"loss", "lm", "surv", "disp", "align"}
-        for name, value in parts.items():
-            assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
-        reference = gradients(model)
-        distributed = {
-            k.removeprefix("module."): v
-            for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()
-        }
-        assert distributed.keys() == reference.keys()
+    launch_on_two_cpu_processes(__file__, "--decoder", str(tiny_decoder_dir), "--out", str(tmp_path))
+    assert json.loads((tmp_path / "parts.json").read_text())["deepsurv"].keys() == {
+        "loss",
+        "lm",
+        "surv",
+        "disp",
+        "align",
+    }
+    for reference in compare_launched_step_with_one_process(tiny_decoder_dir, tmp_path).values():
         survival = [k for k in reference if k.startswith("survival_branch.")]
         assert len(survival) == 6 and all(reference[k].abs().sum() > 0 for k in survival)
-        for name, grad in reference.items():
-            torch.testing.assert_close(distributed[name], grad, atol=1e-6, rtol=1e-5, msg=f"{head} {name}")
 
 
 @pytest.mark.distributed
@@ -134,30 +102,14 @@ def test_two_process_training_run_matches_a_one_process_run(tiny_decoder_dir, tm
     ]
     script = Path(__file__).resolve().parents[1] / "scripts" / "train.py"
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "stage2_deepsurv.yaml"
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        str(script),
+    launch_on_two_cpu_processes(
+        script,
         "--config",
         str(config),
         *common,
         "optim.batch_size=4",
         f"output_dir={tmp_path / 'two'}",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     one = train(
         tiny_config(
             "stage2_deepsurv",

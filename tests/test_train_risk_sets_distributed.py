@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import GLOBAL_BATCH, build_model, global_batch, gradients, run_step
-from safetensors.torch import load_file, save_file
+from conftest import (
+    build_model,
+    compare_launched_step_with_one_process,
+    global_batch,
+    gradients,
+    launch_on_two_cpu_processes,
+)
+from safetensors.torch import save_file
 
 from vlsurv.training.config import LossConfig
 from vlsurv.training.risk_sets import cache_window, set_rng_state, window_step_loss
@@ -62,46 +65,8 @@ def launched_main(decoder: str, out: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_process_window_matches_one_batch_in_one_process(tiny_decoder_dir, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        "0",
-        __file__,
-        "--decoder",
-        str(tiny_decoder_dir),
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    launched = json.loads((tmp_path / "parts.json").read_text())
-    assert launched["world"] == 2
-    for head in ("deepsurv", "deephit"):
-        model = build_model(str(tiny_decoder_dir), head)
-        batch = global_batch(model.processor, list(range(GLOBAL_BATCH)), model.deephit_cuts)
-        parts, backward = run_step(model, batch)
-        backward.backward()
-        for name, value in parts.items():
-            assert launched[head][name] == pytest.approx(value, abs=1e-6, rel=1e-6), (head, name)
-        reference = gradients(model)
-        distributed = {
-            k.removeprefix("module."): v
-            for k, v in load_file(str(tmp_path / f"grads_{head}.safetensors")).items()
-        }
-        assert distributed.keys() == reference.keys()
-        for name, grad in reference.items():
-            torch.testing.assert_close(distributed[name], grad, atol=1e-6, rtol=1e-5, msg=f"{head} {name}")
+    launch_on_two_cpu_processes(__file__, "--decoder", str(tiny_decoder_dir), "--out", str(tmp_path))
+    compare_launched_step_with_one_process(tiny_decoder_dir, tmp_path)
 
 
 if __name__ == "__main__":
