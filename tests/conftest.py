@@ -167,7 +167,7 @@ TEXTS = [
 ]
 
 
-def build_model(decoder: str, head: str):
+def build_model(decoder: str, head: str, lora_dropout: float = 0.0):
     """A seeded tiny stage-2 model (LoRA + survival branch trainable); DeepHit gets fixed cuts."""
     import torch
 
@@ -179,7 +179,7 @@ def build_model(decoder: str, head: str):
         decoder_path=decoder,
         image_token_dim=16,
         num_image_tokens=4,
-        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        lora=LoRAConfig(r=4, alpha=8, dropout=lora_dropout, target_modules=["q_proj", "v_proj"]),
         survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
     )
     model = VisionLanguageSurvivalModel(config)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CUTS, build_tiny_inputs, global_batch
+from conftest import CUTS, build_model, build_tiny_inputs, global_batch
 from sksurv.datasets import load_whas500
 
 from vlsurv import losses
-from vlsurv.model import LoRAConfig, ModelConfig, SurvivalConfig, VisionLanguageSurvivalModel
+from vlsurv.model import VisionLanguageSurvivalModel
 from vlsurv.model.survival import DeepHitCuts
 from vlsurv.training.config import LossConfig, load_train_config
 from vlsurv.training.loop import Trainer
@@ -100,27 +100,6 @@ def test_a_deephit_batch_without_its_labels_is_named():
     assert local_rows(output, batch).bin_index.tolist() == [0, 2]
 
 
-def dropout_model(decoder: str, head: str) -> VisionLanguageSurvivalModel:
-    """A seeded tiny stage-2 model in train mode with LoRA dropout 0.3 (and LoRA B moved off zero)."""
-    torch.manual_seed(0)
-    config = ModelConfig(
-        decoder_path=decoder,
-        image_token_dim=16,
-        num_image_tokens=4,
-        lora=LoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj"]),
-        survival=SurvivalConfig(head=head, num_bins=len(CUTS)),
-    )
-    model = VisionLanguageSurvivalModel(config)
-    if head == "deephit":
-        model.set_deephit_cuts(DeepHitCuts(CUTS))
-    model.set_stage(2)
-    with torch.no_grad():
-        for name, p in model.language_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    return model.train()
-
-
 def forward_of(model):
     def forward(batch: dict):
         return model(
@@ -136,7 +115,7 @@ def forward_of(model):
 @pytest.mark.parametrize("head", ["deepsurv", "deephit"])
 def test_window_backward_equals_holding_every_graph_with_dropout(tiny_decoder_dir, head):
     config = LossConfig(deephit_ranking_weight=0.5)
-    model = dropout_model(str(tiny_decoder_dir), head)
+    model = build_model(str(tiny_decoder_dir), head, lora_dropout=0.3).train()
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     batches = [
         global_batch(model.processor, rows, model.deephit_cuts) for rows in ([0, 1, 2], [3, 4], [5, 6])
