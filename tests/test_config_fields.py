@@ -20,9 +20,12 @@ from vlsurv.config import (
     from_dict,
     load_config,
 )
+from vlsurv.data.transforms import PreprocessConfig
 from vlsurv.demo import DemoConfig
+from vlsurv.encoders.merlin import EncoderConfig
 from vlsurv.evaluate import EvaluationConfig
 from vlsurv.losses import TIES, Ties
+from vlsurv.model.ensemble import DecodeOptions
 from vlsurv.model.survival import SurvivalConfig, SurvivalHead
 from vlsurv.model.vlm import Dtype, LoRAConfig, ModelConfig
 from vlsurv.model.vlm_io import DTYPES
@@ -49,6 +52,9 @@ CONFIGS = [
     PredictConfig,
     EvaluationConfig,
     DemoConfig,
+    PreprocessConfig,
+    EncoderConfig,
+    DecodeOptions,
 ]
 
 

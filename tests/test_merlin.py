@@ -219,3 +219,7 @@ def test_bad_input_shape_and_bad_config_are_rejected(tiny):
         from_dict(EncoderConfig, {"token_mode": "cls"}, source="enc.yaml")
     with pytest.raises(ConfigError, match=r"layers: expected four block counts >= 1"):
         from_dict(EncoderConfig, {"layers": [1, 0, 1, 1]})
+    with pytest.raises(ConfigError, match=r"^layers: expected four block counts >= 1, got \[1, 1, 1\]$"):
+        EncoderConfig(layers=(1, 1, 1))
+    with pytest.raises(ConfigError, match=r"^contrastive_dim: expected an integer >= 1, got 0$"):
+        EncoderConfig(contrastive_dim=0)

@@ -103,9 +103,9 @@ def test_ensemble_rejects_bad_inputs(tiny_model_config):
         score_shared_prefix(model, wrong, QUESTIONS)
     with pytest.raises(EnsembleError, match="pool: expected one of"):
         score_shared_prefix(model, _scans(), QUESTIONS, pool="answer")
-    with pytest.raises(EnsembleError, match="max_new_tokens: expected >= 1"):
+    with pytest.raises(EnsembleError, match=r"^max_new_tokens: expected a value >= 1, got 0$"):
         DecodeOptions(max_new_tokens=0)
-    with pytest.raises(EnsembleError, match="temperature: expected > 0"):
+    with pytest.raises(EnsembleError, match=r"^temperature: expected a value > 0, got 0\.0$"):
         DecodeOptions(temperature=0.0)
 
 

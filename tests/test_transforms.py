@@ -85,9 +85,12 @@ def test_config_hash_is_stable_and_sensitive():
     ("kwargs", "message"),
     [
         ({"orientation": "RAR"}, r"orientation: expected 3 axis codes such as 'RAS', got 'RAR'"),
-        ({"spacing": (1.0, 0.0, 1.0)}, r"spacing: expected 3 positive mm values"),
-        ({"spatial_size": (8, 8)}, r"spatial_size: expected 3 positive sizes"),
-        ({"hu_min": 100.0, "hu_max": -100.0}, r"expected hu_min < hu_max"),
+        (
+            {"spacing": (1.0, 0.0, 1.0)},
+            r"^PreprocessConfig\.spacing: expected 3 mm values > 0, got \[1\.0, 0\.0, 1\.0\]$",
+        ),
+        ({"spatial_size": (8, 8)}, r"^PreprocessConfig\.spatial_size: expected 3 sizes >= 1, got \[8, 8\]$"),
+        ({"hu_min": 100.0, "hu_max": -100.0}, r"^PreprocessConfig\.hu_max: expected hu_min < hu_max"),
     ],
 )
 def test_bad_config(kwargs, message):

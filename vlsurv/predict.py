@@ -23,7 +23,7 @@ import csv
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pandas as pd
 import torch
@@ -41,6 +41,9 @@ from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
 from vlsurv.progress import progress_bar
 from vlsurv.prompts import load_questions
 from vlsurv.training.checkpoints import read_selection
+
+if TYPE_CHECKING:
+    from vlsurv.encoders.cache import FeatureCache
 
 PREDICTIONS, ANSWERS, CURVES = "predictions.csv", "answers.jsonl", "survival_curves.csv"
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -105,7 +108,7 @@ def _device(name: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
-def _select_scans(config: PredictConfig, cache) -> pd.DataFrame:
+def _select_scans(config: PredictConfig, cache: FeatureCache) -> pd.DataFrame:
     manifest = load_manifest(config.manifest, require_survival=False, check_files=False)
     where = f"{config.manifest} with feature cache {config.cache}"
     return split_rows(manifest, config.split, cache, where, PredictError)

@@ -13,17 +13,19 @@
   ``collate`` pads (right) to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event``
   (B,) long and the labels (B,).
 
-This module imports no model or encoder code: ``feature_cache`` is any object with ``get(scan_id) -> (T, C)``
-and ``__contains__`` (a ``FeatureCache``), ``processor`` any object with ``encode`` and ``collate`` (a
-``VLMProcessor``), ``cuts`` any object with ``labels(time, event)`` (a ``DeepHitCuts``).
+This module imports no model or encoder code: ``feature_cache`` is a ``TokenSource`` (``get(scan_id) ->
+(T, C)`` and ``__contains__``; a ``FeatureCache``; only ``in`` where typed ``Container[str]``), ``processor``
+a ``PromptProcessor`` (``encode``, ``collate``, ``truncated_answers``; a ``VLMProcessor``), ``cuts`` any
+object with ``labels(time, event)`` (a ``DeepHitCuts``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import torch
@@ -38,6 +40,26 @@ VQA_KEYS = ("scan_id", "question_id", "question", "answer")
 class DatasetError(InputError):
     """A VQA file, manifest or cache that cannot give training samples (the message names file, row and
     field)."""
+
+
+class TokenSource(Protocol):
+    """Image tokens by scan id (a ``vlsurv.encoders.cache.FeatureCache``)."""
+
+    def __contains__(self, scan_id: object) -> bool: ...
+
+    def get(self, scan_id: str) -> torch.Tensor: ...
+
+
+class PromptProcessor(Protocol):
+    """Prompt encoding and padding (a ``vlsurv.model.processor.VLMProcessor``)."""
+
+    truncated_answers: int
+
+    def encode(self, clinical: str, question: str, answer: str | None = None) -> dict[str, torch.Tensor]: ...
+
+    def collate(
+        self, encoded: Sequence[dict[str, torch.Tensor]], padding_side: str = "right"
+    ) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)
@@ -91,7 +113,11 @@ def _sample(
 
 
 def split_rows(
-    manifest: pd.DataFrame, split: str, feature_cache, where: str, error: type[Exception] = DatasetError
+    manifest: pd.DataFrame,
+    split: str,
+    feature_cache: Container[str],
+    where: str,
+    error: type[Exception] = DatasetError,
 ) -> pd.DataFrame:
     """The manifest rows of ``split`` ("all" for every row), each of whose scans must be in
     ``feature_cache``."""
@@ -111,7 +137,7 @@ def training_samples(
     manifest: pd.DataFrame,
     vqa: Sequence[Mapping[str, str]],
     split: str,
-    feature_cache,
+    feature_cache: Container[str],
     clinical: Callable[[Mapping], str],
     require_survival: bool,
     where: str = "manifest",
@@ -137,7 +163,7 @@ def scan_question_samples(
     vqa: Sequence[Mapping[str, str]],
     questions: Sequence,
     split: str,
-    feature_cache,
+    feature_cache: Container[str],
     clinical: Callable[[Mapping], str],
     require_survival: bool,
     where: str = "manifest",
@@ -158,7 +184,9 @@ def scan_question_samples(
 class SampleDataset(Dataset):
     """Encoded samples with their image tokens; see the module docstring for the item layout."""
 
-    def __init__(self, samples: Sequence[Sample], feature_cache, processor) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], feature_cache: TokenSource, processor: PromptProcessor
+    ) -> None:
         self.samples = list(samples)
         self.feature_cache = feature_cache
         self.processor = processor

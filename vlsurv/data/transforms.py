@@ -30,47 +30,55 @@ from monai.transforms import (
     Spacingd,
 )
 
-from vlsurv.config import ConfigError, to_dict
+from vlsurv.config import bounded, check_fields, invalid, to_dict
 from vlsurv.data.ct import CTVolume, check_volume, load_ct
+
+SECTION = "PreprocessConfig"  # how errors name a field: PreprocessConfig.spacing
 
 
 @dataclass
 class PreprocessConfig:
     """Preprocessing numbers; the defaults are Merlin's (RAS, 1.5 x 1.5 x 3 mm, [-1000, 1000] HU -> [0, 1],
-    224 x 224 x 160 voxels)."""
+    224 x 224 x 160 voxels). ``config_hash`` of it names the feature caches: values are normalised (upper-case
+    axis codes, float mm and HU, int sizes) before they are hashed."""
 
     orientation: str = "RAS"
-    spacing: tuple[float, float, float] = (1.5, 1.5, 3.0)
+    """Target axis codes, one of L/R, P/A, I/S per axis (such as 'RAS'); case-insensitive."""
+    spacing: tuple[float, float, float] = bounded((1.5, 1.5, 3.0), gt=0.0, what="3 mm values")
+    """Target voxel spacing in mm along the three axes."""
     hu_min: float = -1000.0
+    """Lowest Hounsfield unit kept; lower values are clipped to it (maps to ``out_min``)."""
     hu_max: float = 1000.0
+    """Highest Hounsfield unit kept; higher values are clipped to it (maps to ``out_max``)."""
     out_min: float = 0.0
+    """Intensity of ``hu_min`` after scaling (and of the padding, i.e. air)."""
     out_max: float = 1.0
-    spatial_size: tuple[int, int, int] = (224, 224, 160)
+    """Intensity of ``hu_max`` after scaling."""
+    spatial_size: tuple[int, int, int] = bounded((224, 224, 160), ge=1, what="3 sizes")
+    """Output volume (H, W, D) in voxels, centred crop or pad."""
 
     def __post_init__(self) -> None:
         self.orientation = str(self.orientation).upper()
+        self.spacing = tuple(float(v) for v in self.spacing)
+        self.spatial_size = tuple(int(v) for v in self.spatial_size)
+        self.hu_min, self.hu_max = float(self.hu_min), float(self.hu_max)
+        self.out_min, self.out_max = float(self.out_min), float(self.out_max)
+        check_fields(self, SECTION)
         axes = [
             next((i for i, pair in enumerate(("LR", "PA", "IS")) if c in pair), None)
             for c in self.orientation
         ]
         if len(self.orientation) != 3 or sorted(axes, key=str) != [0, 1, 2]:
-            raise ConfigError(
-                f"PreprocessConfig.orientation: expected 3 axis codes such as 'RAS', got {self.orientation!r}"
+            expected = (
+                f"expected 3 axis codes such as 'RAS', got {self.orientation!r} (one of L/R, P/A, I/S each)"
             )
-        self.spacing = tuple(float(v) for v in self.spacing)
-        self.spatial_size = tuple(int(v) for v in self.spatial_size)
-        self.hu_min, self.hu_max = float(self.hu_min), float(self.hu_max)
-        self.out_min, self.out_max = float(self.out_min), float(self.out_max)
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ConfigError(f"PreprocessConfig.spacing: expected 3 positive mm values, got {self.spacing}")
-        if len(self.spatial_size) != 3 or min(self.spatial_size) <= 0:
-            raise ConfigError(
-                f"PreprocessConfig.spatial_size: expected 3 positive sizes, got {self.spatial_size}"
-            )
+            raise invalid(SECTION, "orientation", expected)
+        if len(self.spacing) != 3:
+            raise invalid(SECTION, "spacing", f"expected 3 mm values > 0, got {list(self.spacing)}")
+        if len(self.spatial_size) != 3:
+            raise invalid(SECTION, "spatial_size", f"expected 3 sizes >= 1, got {list(self.spatial_size)}")
         if self.hu_min >= self.hu_max:
-            raise ConfigError(
-                f"PreprocessConfig: expected hu_min < hu_max, got {self.hu_min} >= {self.hu_max}"
-            )
+            raise invalid(SECTION, "hu_max", f"expected hu_min < hu_max, got {self.hu_min} >= {self.hu_max}")
 
 
 class LoadCTd(MapTransform):

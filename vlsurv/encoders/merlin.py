@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vlsurv.config import bounded, check_fields, invalid
 from vlsurv.errors import CheckpointError
 
 OFFICIAL_PREFIX = "encode_image.i3_resnet."
@@ -37,22 +38,24 @@ MERLIN_LAYERS = (3, 8, 36, 3)
 class EncoderConfig:
     """Architecture of the I3D ResNet; the defaults are Merlin's (ResNet-152, 2048-d tokens)."""
 
-    layers: tuple[int, int, int, int] = MERLIN_LAYERS
-    base_width: int = 64
+    layers: tuple[int, int, int, int] = bounded(MERLIN_LAYERS, ge=1, what="four block counts")
+    """Bottleneck blocks in each of the four ResNet stages (Merlin: ResNet-152's 3, 8, 36, 3)."""
+    base_width: int = bounded(64, ge=1, what="an integer")
+    """Width of the first stage; tokens have 32 * base_width channels."""
     token_mode: Literal["mean_depth", "all", "global"] = "mean_depth"
-    num_classes: int = 1692
-    contrastive_dim: int = 512
+    """Tokens from the last feature map: averaged over depth (H' * W'), every cell, or one global average."""
+    num_classes: int = bounded(1692, ge=1, what="an integer")
+    """Outputs of Merlin's phenotype classifier head (kept so the checkpoint loads strictly)."""
+    contrastive_dim: int = bounded(512, ge=1, what="an integer")
+    """Outputs of Merlin's contrastive projection head (kept so the checkpoint loads strictly)."""
     seed: int = 0
+    """Seed of the random initialisation (before a checkpoint is loaded)."""
 
     def __post_init__(self) -> None:
         self.layers = tuple(self.layers)
-        if len(self.layers) != 4 or any(n < 1 for n in self.layers):
-            raise ValueError(f"layers: expected four block counts >= 1, got {self.layers}")
-        for name in ("base_width", "num_classes", "contrastive_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.token_mode not in ("mean_depth", "all", "global"):
-            raise ValueError(f"token_mode: expected mean_depth, all or global, got {self.token_mode!r}")
+        check_fields(self)
+        if len(self.layers) != 4:
+            raise invalid("", "layers", f"expected four block counts >= 1, got {list(self.layers)}")
 
     @property
     def out_dim(self) -> int:

@@ -13,15 +13,20 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from vlsurv.errors import InputError
+from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel, masked_sum, positions_from_mask
 
+if TYPE_CHECKING:
+    from transformers import DynamicCache
 
-class EnsembleError(InputError):
-    """Inputs that the prompt ensemble cannot score."""
+
+class EnsembleError(ConfigError):
+    """Inputs or decoding options that the prompt ensemble cannot score (a ConfigError, so that
+    ``check_fields`` can raise it naming the field)."""
 
 
 @dataclass
@@ -38,15 +43,16 @@ class DecodeOptions:
     """Answer generation: greedy by default; temperature sampling with ``do_sample``; stops at EOS."""
 
     generate: bool = True
-    max_new_tokens: int = 64
+    """Generate an answer per question (and pool its hidden states); off scores the prompt alone."""
+    max_new_tokens: int = bounded(64, ge=1)
+    """Most answer tokens generated per question."""
     do_sample: bool = False
-    temperature: float = 1.0
+    """Sample answer tokens at ``temperature`` instead of taking the most likely one."""
+    temperature: float = bounded(1.0, gt=0.0)
+    """Sampling temperature (with ``do_sample``)."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise EnsembleError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise EnsembleError(f"temperature: expected > 0, got {self.temperature}")
+        check_fields(self, "", EnsembleError)
 
 
 @dataclass
@@ -87,7 +93,7 @@ def _next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_answers(model, rows: list[list[int]]) -> list[str]:
+def _decode_answers(model: VisionLanguageSurvivalModel, rows: list[list[int]]) -> list[str]:
     """Answer texts: each row cut at its first EOS, special tokens dropped."""
     eos = model.processor.eos_token_id
     answers = []
@@ -104,7 +110,15 @@ def _cache_argument(lm) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator):
+def _generate_on_cache(
+    model: VisionLanguageSurvivalModel,
+    cache: DynamicCache,
+    mask: torch.Tensor,
+    next_pos: torch.Tensor,
+    logits: torch.Tensor,
+    options: DecodeOptions,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Decode up to max_new_tokens per row on ``cache``; -> (tokens (N, n), hidden sum (N, d), count (N,))."""
     lm, pad, eos = model.language_model, model.processor.pad_token_id, model.processor.eos_token_id
     n = logits.shape[0]
@@ -139,7 +153,9 @@ def _generate_on_cache(model, cache, mask, next_pos, logits, options, generator)
     return torch.stack(tokens, dim=1), hidden_sum, count
 
 
-def _survival(model, z: torch.Tensor, shape: tuple[int, int]):
+def _survival(
+    model: VisionLanguageSurvivalModel, z: torch.Tensor, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     survival = model.survive(z)
     risks = model.risk(survival).float().reshape(shape)
     curves = None
@@ -148,7 +164,9 @@ def _survival(model, z: torch.Tensor, shape: tuple[int, int]):
     return risks, curves
 
 
-def _check(model, scans, questions, pool):
+def _check(
+    model: VisionLanguageSurvivalModel, scans: Sequence[ScanInput], questions: Sequence[str], pool: str
+) -> None:
     if pool not in POOLS:
         raise EnsembleError(f"pool: expected one of {POOLS}, got {pool!r}")
     if not scans or not questions:

@@ -20,7 +20,13 @@ import torch
 
 from vlsurv.config import ConfigError
 from vlsurv.data.clinical import sentence_function
-from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples, training_samples
+from vlsurv.data.datasets import (
+    PromptProcessor,
+    SampleDataset,
+    read_vqa,
+    scan_question_samples,
+    training_samples,
+)
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
 from vlsurv.model.projector import standardizer_of
@@ -100,7 +106,7 @@ def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
     return model
 
 
-def load_data(config: TrainConfig, processor) -> RunData:
+def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
     """Manifest + VQA + feature cache -> training pairs of ``data.train_split`` and validation scan x
     questions."""
     survival = config.stage == 2

@@ -23,10 +23,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, send_to_device
+from torch import nn
 
+from vlsurv.data.datasets import SampleDataset
 from vlsurv.metrics import MetricError, concordance_index
 from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
+from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.training.objective import token_nll
 
 
@@ -43,7 +47,9 @@ class ValidationResult:
         return {key: value for key, value in values.items() if value is not None}
 
 
-def _scan_batches(dataset, rank: int, world: int, batch_size: int) -> tuple[list[list[int]], int]:
+def _scan_batches(
+    dataset: SampleDataset, rank: int, world: int, batch_size: int
+) -> tuple[list[list[int]], int]:
     """This process's batches (all questions of a scan stay together) and the largest batch count of any
     process."""
     by_scan: dict[str, list[int]] = defaultdict(list)
@@ -59,7 +65,13 @@ def _scan_batches(dataset, rank: int, world: int, batch_size: int) -> tuple[list
 
 
 @torch.no_grad()
-def _lm_totals(model, unwrapped, dataset, accelerator, batch_size: int) -> tuple[float, int]:
+def _lm_totals(
+    model: nn.Module,
+    unwrapped: VisionLanguageSurvivalModel,
+    dataset: SampleDataset,
+    accelerator: Accelerator,
+    batch_size: int,
+) -> tuple[float, int]:
     """This process's (NLL sum, token count) of the teacher-forced reference answers."""
     batches, rounds = _scan_batches(dataset, accelerator.process_index, accelerator.num_processes, batch_size)
     nll_total, tokens = 0.0, 0
@@ -82,7 +94,7 @@ def _lm_totals(model, unwrapped, dataset, accelerator, batch_size: int) -> tuple
     return nll_total, tokens
 
 
-def _scans_and_questions(dataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _scans_and_questions(dataset: SampleDataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """[(scan_id, clinical sentence)] in sample order and the question set [(question_id, text)] in its
     order."""
     scans: dict[str, str] = {}
@@ -94,7 +106,13 @@ def _scans_and_questions(dataset) -> tuple[list[tuple[str, str]], list[tuple[str
 
 
 @torch.no_grad()
-def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_per_batch: int) -> list[dict]:
+def score_scans(
+    unwrapped: VisionLanguageSurvivalModel,
+    dataset: SampleDataset,
+    accelerator: Accelerator,
+    options: DecodeOptions,
+    scans_per_batch: int,
+) -> list[dict]:
     """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers}] (risk = mean
     of the question risks; answers = one per question, in the question set's order)."""
     scans, questions = _scans_and_questions(dataset)
@@ -113,7 +131,7 @@ def score_scans(unwrapped, dataset, accelerator, options: DecodeOptions, scans_p
     return records
 
 
-def _c_index(dataset, records: list[dict]) -> tuple[float | None, str]:
+def _c_index(dataset: SampleDataset, records: list[dict]) -> tuple[float | None, str]:
     outcome = {s.scan_id: (s.time, s.event) for s in dataset.samples}
     try:
         value = concordance_index(
@@ -126,7 +144,7 @@ def _c_index(dataset, records: list[dict]) -> tuple[float | None, str]:
     return value, ""
 
 
-def _first_answers(dataset, records: list[dict], count: int) -> list[dict]:
+def _first_answers(dataset: SampleDataset, records: list[dict], count: int) -> list[dict]:
     """The scoring pass's answers to the first ``count`` val prompts, in sample order."""
     _, questions = _scans_and_questions(dataset)
     by_scan = {r["scan_id"]: r["answers"] for r in records}
@@ -142,7 +160,13 @@ def _first_answers(dataset, records: list[dict], count: int) -> list[dict]:
 
 
 @torch.no_grad()
-def sample_answers(unwrapped, dataset, count: int, max_new_tokens: int, device) -> list[dict]:
+def sample_answers(
+    unwrapped: VisionLanguageSurvivalModel,
+    dataset: SampleDataset,
+    count: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[dict]:
     """Greedy answers to the first ``count`` validation prompts: [{scan_id, question_id, answer}]."""
     samples = dataset.samples[:count]
     if not samples:
@@ -164,14 +188,21 @@ def sample_answers(unwrapped, dataset, count: int, max_new_tokens: int, device) 
     ]
 
 
-def scoring_options(model, max_new_tokens: int) -> dict:
+def scoring_options(model: VisionLanguageSurvivalModel, max_new_tokens: int) -> dict:
     """The settings the C-index is scored with (recorded with the selected model, read back by predict)."""
     return {"pool": model.config.pool, "generate": True, "max_new_tokens": max_new_tokens, "do_sample": False}
 
 
 def validate(
-    model, dataset, accelerator, *, batch_size: int, with_risk: bool, answers: int, max_new_tokens: int
-):
+    model: nn.Module,
+    dataset: SampleDataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    with_risk: bool,
+    answers: int,
+    max_new_tokens: int,
+) -> ValidationResult:
     """Run validation on every process; the returned ``ValidationResult`` is the same on each."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = model.training
