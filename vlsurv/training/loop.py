@@ -101,9 +101,8 @@ class Trainer:
         self.total_steps = total_steps(config, self.plan)
         self.warmup_steps = warmup_steps(config, self.total_steps, self.plan.batches_per_epoch())
         self.accelerator.print(
-            f"planned optimizer steps: {self.total_steps} ({self.plan.batches_per_epoch()} batches "
-            "per epoch, "
-            f"optim.grad_accum {config.optim.grad_accum}); warmup steps: {self.warmup_steps}; "
+            f"planned optimizer steps: {self.total_steps} ({self.plan.batches_per_epoch()} batches per "
+            f"epoch, optim.grad_accum {config.optim.grad_accum}); warmup steps: {self.warmup_steps}; "
             f"schedule: {config.optim.scheduler}"
         )
         optimizer = build_optimizer(model, config)

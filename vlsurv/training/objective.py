@@ -162,9 +162,25 @@ def survival_terms(
     return {"surv": surv, "disp": disp, "align": losses.alignment_loss(rows.z_surv, rows.z_pooled)}
 
 
+def weighted_total(
+    lm: torch.Tensor | None, terms: dict[str, torch.Tensor], config: LossConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``losses.objective`` with the configured weights: L_LM (when given) + alpha L_surv + lambda_d L_disp +
+    lambda_a L_align, and its parts as floats."""
+    return losses.objective(
+        lm,
+        terms["surv"],
+        terms["disp"],
+        terms["align"],
+        alpha=config.alpha,
+        lambda_d=config.lambda_d,
+        lambda_a=config.lambda_a,
+    )
+
+
 def survival_part(terms: dict[str, torch.Tensor], config: LossConfig) -> torch.Tensor:
-    """alpha L_surv + lambda_d L_disp + lambda_a L_align."""
-    return config.alpha * terms["surv"] + config.lambda_d * terms["disp"] + config.lambda_a * terms["align"]
+    """alpha L_surv + lambda_d L_disp + lambda_a L_align (the objective without L_LM)."""
+    return weighted_total(None, terms, config)[0]
 
 
 def step_loss(
@@ -182,14 +198,6 @@ def step_loss(
         return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})
     rows = gathered_rows(local_rows(output, batch))
     terms = survival_terms(rows, config, memory)
-    total, parts = losses.objective(
-        lm,
-        terms["surv"],
-        terms["disp"],
-        terms["align"],
-        alpha=config.alpha,
-        lambda_d=config.lambda_d,
-        lambda_a=config.lambda_a,
-    )
+    total, parts = weighted_total(lm, terms, config)
     parts = {"loss": parts.pop("total"), **parts}
     return StepLoss(to_backpropagate=size * total, parts=parts, rows=rows.detached())
