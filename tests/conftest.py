@@ -247,6 +247,18 @@ def launch_on_two_cpu_processes(script, *arguments: str, timeout: int = 300) -> 
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def write_launched_step(accelerator, out: Path, results: dict[str, dict], models: dict) -> None:
+    """What ``compare_launched_step_with_one_process`` reads: the loss parts per head (``out/parts.json``)
+    and each head's gradients (``out/grads_<head>.safetensors``), written by the main process."""
+    from safetensors.torch import save_file
+
+    if accelerator.is_main_process:
+        for head, model in models.items():
+            save_file(gradients(model), str(out / f"grads_{head}.safetensors"))
+        (out / "parts.json").write_text(json.dumps({"world": accelerator.num_processes, **results}))
+    accelerator.wait_for_everyone()
+
+
 def compare_launched_step_with_one_process(decoder: Path, out: Path) -> dict[str, dict]:
     """The loss parts (``out/parts.json``) and gradients (``out/grads_<head>.safetensors``) that a 2-process
     launch wrote for the fixed global batch equal one process's on the same batch (1e-6); returns the

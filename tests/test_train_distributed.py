@@ -23,12 +23,12 @@ from conftest import (
     build_tiny_inputs,
     compare_launched_step_with_one_process,
     global_batch,
-    gradients,
     launch_on_two_cpu_processes,
     run_step,
     tiny_config,
+    write_launched_step,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from vlsurv.training.sampling import shard
 
@@ -38,7 +38,7 @@ def launched_main(decoder: str, out: Path) -> None:
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
-    results = {}
+    results, models = {}, {}
     for head in ("deepsurv", "deephit"):
         model = build_model(decoder, head)
         wrapped = accelerator.prepare(model)
@@ -48,11 +48,8 @@ def launched_main(decoder: str, out: Path) -> None:
         parts, backward = run_step(wrapped, batch)
         accelerator.backward(backward)
         results[head] = parts
-        if accelerator.is_main_process:
-            save_file(gradients(model), str(out / f"grads_{head}.safetensors"))
-    if accelerator.is_main_process:
-        (out / "parts.json").write_text(json.dumps({"world": world, **results}))
-    accelerator.wait_for_everyone()
+        models[head] = model
+    write_launched_step(accelerator, out, results, models)
 
 
 @pytest.mark.distributed

@@ -10,7 +10,6 @@ all 7 rows in one process and one micro-batch.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ from conftest import (
     build_model,
     compare_launched_step_with_one_process,
     global_batch,
-    gradients,
     launch_on_two_cpu_processes,
+    write_launched_step,
 )
-from safetensors.torch import save_file
 
 from vlsurv.training.config import LossConfig
 from vlsurv.training.risk_sets import cache_window, set_rng_state, window_step_loss
@@ -35,7 +33,7 @@ def launched_main(decoder: str, out: Path) -> None:
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
-    results = {}
+    results, models = {}, {}
     for head in ("deepsurv", "deephit"):
         model = build_model(decoder, head)
         wrapped = accelerator.prepare(model)
@@ -56,11 +54,8 @@ def launched_main(decoder: str, out: Path) -> None:
             set_rng_state(cache.rng_states[index])
             accelerator.backward(window_step_loss(forward(batch), batch, cache, index).to_backpropagate)
         results[head] = cache.parts
-        if accelerator.is_main_process:
-            save_file(gradients(model), str(out / f"grads_{head}.safetensors"))
-    if accelerator.is_main_process:
-        (out / "parts.json").write_text(json.dumps({"world": world, **results}))
-    accelerator.wait_for_everyone()
+        models[head] = model
+    write_launched_step(accelerator, out, results, models)
 
 
 @pytest.mark.distributed
