@@ -2,7 +2,8 @@
 
 Runs the demo in a child process (so its peak RSS is the child's alone), then prints each step's seconds from
 ``DIR/metrics.json``, the wall time and the peak RSS, each as a ratio of its target (< 1 meets it), and the
-headline results.
+headline results: the C-indices, BERTScore and the clinical macro F1 (answers read back to present / absent,
+against the cohort's findings.csv) with each question's F1.
 
     python benchmarks/demo.py [--n-patients 300] [--seed 0] [--out DIR]
 """
@@ -60,6 +61,17 @@ def main() -> None:
         f"c_index {metrics['c_index']:.3f}  clinical-only {metrics['c_index_clinical_only']:.3f}  "
         f"oracle {metrics['oracle_c_index']:.3f}  bertscore_f1 {metrics['bertscore_f1']:.3f}"
     )
+    truth = (metrics.get("clinical_accuracy") or {}).get("against_ground_truth")
+    if truth:
+        low, high = truth["macro_f1_ci"]
+        per_question = "  ".join(
+            f"{q} {'n/a' if s['f1'] is None else format(s['f1'], '.2f')}"
+            for q, s in truth["per_question"].items()
+        )
+        print(
+            f"clinical macro F1 {truth['macro_f1']:.2f} [{low:.2f}, {high:.2f}] beside wall {wall:.0f} s and "
+            f"peak RSS {peak:.0f} MiB; per question: {per_question}"
+        )
 
 
 if __name__ == "__main__":

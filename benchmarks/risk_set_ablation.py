@@ -29,7 +29,7 @@ from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples
 from vlsurv.data.manifest import load_manifest
 from vlsurv.data.synthetic import SurvivalModel, make_cohort
 from vlsurv.data.transforms import PreprocessConfig
-from vlsurv.demo import _decoder_texts, _extract_vqa
+from vlsurv.demo import decoder_texts, extract_vqa
 from vlsurv.encoders.cache import FeatureCache, encode_manifest
 from vlsurv.encoders.merlin import MerlinImageEncoder
 from vlsurv.metrics import concordance_index
@@ -53,10 +53,10 @@ def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: fl
     """Cohort, VQA, decoder, cache and stage 1; the shared ``key=value`` overrides of every stage-2 run."""
     model = SurvivalModel(censor_mean_days=censor_mean_days, followup_days=followup_days)
     manifest = make_cohort(patients, 0, out / "cohort", shape=(48, 48, 32), model=model)
-    vqa = _extract_vqa(manifest, out / "qa")
+    vqa = extract_vqa(manifest, out / "qa")
     decoder = build_tiny_decoder(
         out / "decoder",
-        _decoder_texts(pd.read_csv(manifest), vqa),
+        decoder_texts(pd.read_csv(manifest), vqa),
         num_layers=2,
         hidden_size=128,
         seed=0,
@@ -78,6 +78,7 @@ def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: fl
         f"model.image_token_dim={dim}",
         f"model.num_image_tokens={tokens}",
         "tracker=none",
+        "overwrite_output_dir=true",
         "progress=false",
         "eval.sample_answers=0",
     ]

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from vlsurv.errors import InputError
+from vlsurv.files import read_yaml
 from vlsurv.prompts import PROMPTS_DIR
 
 LEXICON_FILE = Path("extraction") / "negex.yaml"
@@ -165,7 +164,7 @@ class Lexicon:
         path = Path(path) if path is not None else PROMPTS_DIR / LEXICON_FILE
         if not path.is_file():
             raise LexiconError(f"cue lexicon {path} not found; expected a YAML file with keys {LEXICON_KEYS}")
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = read_yaml(path, LexiconError) or {}
         missing = [key for key in LEXICON_KEYS if key not in data]
         if missing:
             raise LexiconError(f"{path}: missing keys {missing}; expected {LEXICON_KEYS}")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from vlsurv.config import load_config, save_config
 from vlsurv.data.transforms import PreprocessConfig, config_hash, preprocess_ct
 from vlsurv.encoders import cache as cache_module
+from vlsurv.encoders import scans as scans_module
 from vlsurv.encoders.cache import CachedTokenDataset, CacheError, FeatureCache, encode_manifest, main
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
 
@@ -87,7 +88,7 @@ def _shards(out: Path) -> list[str]:
 
 def test_encode_writes_shards_index_and_configs(cohort, tmp_path, tiny):
     out = tmp_path / "cache"
-    assert _encode(cohort, out, tiny) == {"encoded": N_SCANS, "skipped": 0}
+    assert _encode(cohort, out, tiny) == {"encoded": N_SCANS, "skipped": 0, "failed": 0}
     assert _shards(out) == ["shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     entry = _index(out)["s3"]
     assert entry == {
@@ -113,7 +114,7 @@ def test_encode_writes_shards_index_and_configs(cohort, tmp_path, tiny):
 def test_rerun_skips_cached_scans(cohort, tmp_path, tiny, base_cache):
     out = _copy(base_cache, tmp_path)
     stamps = {name: (out / name).stat().st_mtime_ns for name in _shards(out)}
-    assert _encode(cohort, out, tiny) == {"encoded": 0, "skipped": N_SCANS}
+    assert _encode(cohort, out, tiny) == {"encoded": 0, "skipped": N_SCANS, "failed": 0}
     assert {name: (out / name).stat().st_mtime_ns for name in _shards(out)} == stamps
 
 
@@ -129,7 +130,7 @@ def test_changed_key_re_encodes_and_drops_stale_shards(cohort, tmp_path, tiny, c
         kw["dtype"] = "float16"
     else:
         encoder = MerlinImageEncoder.tiny(token_mode="global")
-    assert _encode(cohort, out, encoder, **kw) == {"encoded": N_SCANS, "skipped": 0}
+    assert _encode(cohort, out, encoder, **kw) == {"encoded": N_SCANS, "skipped": 0, "failed": 0}
     assert _shards(out) == ["shard-00003.safetensors", "shard-00004.safetensors", "shard-00005.safetensors"]
     assert {entry["shard"] for entry in _index(out).values()} == set(_shards(out))
 
@@ -144,14 +145,14 @@ def test_interrupted_run_resumes_without_half_written_shards(cohort, tmp_path, t
             raise RuntimeError("simulated crash while encoding the third scan")
         return preprocess_ct(path, cfg)
 
-    monkeypatch.setattr(cache_module, "preprocess_ct", failing_preprocess)
+    monkeypatch.setattr(scans_module, "preprocess_ct", failing_preprocess)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _encode(cohort, out, tiny)
     assert sorted(_index(out)) == ["s0", "s1"]
     assert _shards(out) == ["shard-00000.safetensors"]
     assert not list(out.glob(".*.tmp"))
     monkeypatch.undo()
-    assert _encode(cohort, out, tiny) == {"encoded": 3, "skipped": 2}
+    assert _encode(cohort, out, tiny) == {"encoded": 3, "skipped": 2, "failed": 0}
     cache = FeatureCache(out)
     assert len(cache) == N_SCANS and cache.get("s4").shape == (4, 256)
 
@@ -171,7 +172,7 @@ def test_crash_between_shard_and_index_leaves_a_clean_cache(cohort, tmp_path, ti
         _encode(cohort, out, tiny)
     assert sorted(_index(out)) == ["s0", "s1"]
     monkeypatch.undo()
-    assert _encode(cohort, out, tiny) == {"encoded": 3, "skipped": 2}
+    assert _encode(cohort, out, tiny) == {"encoded": 3, "skipped": 2, "failed": 0}
     assert _shards(out) == ["shard-00000.safetensors", "shard-00002.safetensors", "shard-00003.safetensors"]
     assert not list(out.glob(".*.tmp"))
     assert FeatureCache(out).get("s2").shape == (4, 256)

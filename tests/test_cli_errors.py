@@ -353,6 +353,26 @@ CASES: dict[str, Case] = {
     "evaluate_horizon_after_follow_up": Case(
         lambda t, c: _evaluate(_predictions(t, c), c, t, "--horizons", "1e9"), ("1e+09",)
     ),
+    "horizon_without_negatives": Case(
+        lambda t, c: ["horizon", "--manifest", str(c), "--out", str(t / "h"), "--horizons", "1e9"],
+        ("manifest.csv", "train split", "horizon 1e+09 has no negatives"),
+    ),
+    "horizon_compare_column_missing": Case(
+        lambda t, c: [
+            "horizon",
+            "--manifest",
+            str(c),
+            "--out",
+            str(t / "h"),
+            "--horizons",
+            "1",
+            "--eval-split",
+            "all",
+            "--compare",
+            f"vlm:risk_tumor={_text_file(t, 'p.csv', 'scan_id,risk' + chr(10))}",
+        ],
+        ("p.csv", "risk_tumor"),
+    ),
     "synth_too_few_patients": Case(lambda t, c: ["synth", "--n", "0", "--out", str(t / "s")], ("n",)),
     "synth_out_is_a_file": Case(
         lambda t, c: ["synth", "--n", "3", "--out", str(_text_file(t, "s", "x")), "--shape", "8", "8", "4"],

@@ -417,3 +417,12 @@ def test_run_thresholds_are_checked_where_they_are_configured():
         ConfigError, match=r"^clinical_missing_warn: expected a fraction in \[0, 1\], got -0\.1"
     ):
         PredictConfig(clinical_missing_warn=-0.1)
+
+
+def test_a_template_that_is_not_valid_yaml_names_its_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("fields:\n  age: {columns: [age], format: number\nclauses: []\n")
+    with pytest.raises(
+        ClinicalTemplateError, match=r"broken\.yaml line 3: not valid YAML \(expected ',' or '}'"
+    ):
+        clinical_sentence(LUNG_ROW, template=path)

@@ -10,6 +10,8 @@ from typing import Literal, get_args, get_type_hints
 
 import pytest
 
+from vlsurv.baselines.run import BaselinesConfig
+from vlsurv.baselines.table import TableConfig
 from vlsurv.config import (
     ConfigError,
     add_config_arguments,
@@ -23,7 +25,9 @@ from vlsurv.config import (
 from vlsurv.data.transforms import PreprocessConfig
 from vlsurv.demo import DemoConfig
 from vlsurv.encoders.merlin import EncoderConfig
+from vlsurv.encoders.pretrain import EncoderPretrainConfig
 from vlsurv.evaluate import EvaluationConfig
+from vlsurv.horizon.config import HorizonConfig
 from vlsurv.losses import TIES, Ties
 from vlsurv.model.ensemble import DecodeOptions
 from vlsurv.model.survival import SurvivalConfig, SurvivalHead
@@ -38,6 +42,7 @@ from vlsurv.training.config import (
     OptimConfig,
     TrainConfig,
 )
+from vlsurv.tte.config import TTEDataConfig, TTEModelConfig, TTEOptimConfig, TTEPretrainConfig, TTETaskConfig
 
 CONFIGS = [
     TrainConfig,
@@ -54,7 +59,16 @@ CONFIGS = [
     DemoConfig,
     PreprocessConfig,
     EncoderConfig,
+    EncoderPretrainConfig,
     DecodeOptions,
+    TTEPretrainConfig,
+    TTEDataConfig,
+    TTETaskConfig,
+    TTEModelConfig,
+    TTEOptimConfig,
+    HorizonConfig,
+    BaselinesConfig,
+    TableConfig,
 ]
 
 

@@ -7,8 +7,7 @@ import gzip
 import nibabel as nib
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from conftest import write_dicom_series
 
 from vlsurv.data.ct import CTError, load_ct
 
@@ -16,50 +15,6 @@ from vlsurv.data.ct import CTError, load_ct
 def write_nifti(path, array, affine=None):
     nib.save(nib.Nifti1Image(array, np.diag([0.8, 0.9, 2.0, 1.0]) if affine is None else affine), str(path))
     return path
-
-
-def write_dicom_series(
-    folder,
-    stored,
-    *,
-    series_uid=None,
-    slope=2.0,
-    intercept=-1024.0,
-    pixel_spacing=(0.7, 0.6),
-    z_positions=None,
-):
-    """Write ``stored`` (Rows, Columns, n_slices) uint16 as an axial series, files in shuffled order."""
-    folder.mkdir(parents=True, exist_ok=True)
-    series_uid = series_uid or generate_uid()
-    n_slices = stored.shape[2]
-    z_positions = z_positions if z_positions is not None else [10.0 + 2.5 * k for k in range(n_slices)]
-    for file_index, k in enumerate(np.random.default_rng(0).permutation(n_slices)):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.SeriesInstanceUID = series_uid
-        ds.Modality = "CT"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-50.0, -40.0, float(z_positions[k])]
-        ds.PixelSpacing = list(pixel_spacing)
-        ds.SliceThickness = 2.5
-        ds.RescaleSlope = slope
-        ds.RescaleIntercept = intercept
-        ds.Rows, ds.Columns = stored.shape[:2]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.ascontiguousarray(stored[:, :, k].astype(np.uint16)).tobytes()
-        ds.save_as(str(folder / f"IM{file_index:04d}.dcm"), enforce_file_format=True)
-    return folder
 
 
 def test_nifti_roundtrip_applies_header_scaling(tmp_path):

@@ -6,14 +6,17 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
+import torch
 
 from vlsurv.data.clinical import MissingClinicalFieldsWarning, clinical_sentence
-from vlsurv.data.ct import load_ct
+from vlsurv.data.ct import CTError, ScanOverrides, load_ct
 from vlsurv.data.ctrate import (
     CTRateError,
     CTRateGeometry,
     convert_ctrate,
+    ctrate_inplace_manifest,
     ctrate_manifest,
     find_ctrate_volumes,
     iter_ctrate,
@@ -25,7 +28,8 @@ from vlsurv.data.ctrate import (
     read_ctrate_metadata,
     read_ctrate_reports,
 )
-from vlsurv.data.manifest import MANIFEST_COLUMNS, load_manifest
+from vlsurv.data.manifest import MANIFEST_COLUMNS, ManifestError, load_manifest, scan_overrides
+from vlsurv.data.transforms import PreprocessConfig, preprocess_ct
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ctrate"
 METADATA = FIXTURES / "validation_metadata.csv"
@@ -268,3 +272,125 @@ def test_cli_writes_age_sex_and_names_the_template(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--max-missing-fraction", "2"])
     assert "--max-missing-fraction: expected a fraction between 0 and 1, got 2.0" in capsys.readouterr().err
+
+
+# --- raw volumes read in place: the manifest's override columns ---------------------------------------------
+
+SMALL = PreprocessConfig(spacing=(0.5, 0.5, 1.0), spatial_size=(8, 8, 8))
+
+
+def test_inplace_manifest_reads_the_hu_and_spacing_of_rewritten_volumes(tmp_path):
+    nested_layout(tmp_path / "ct_rate")
+    inplace = load_manifest(
+        ctrate_inplace_manifest(tmp_path / "ct_rate", METADATA, REPORTS, tmp_path / "inplace"),
+        require_survival=False,
+    )
+    rewritten = load_manifest(
+        convert_ctrate(tmp_path / "ct_rate", METADATA, REPORTS, tmp_path / "rewritten"),
+        require_survival=False,
+    )
+    assert not (tmp_path / "inplace" / "images").exists()  # nothing copied
+    assert inplace["scan_id"].tolist() == rewritten["scan_id"].tolist() == list(NAMES)
+    assert all("ct_rate" in image for image in inplace["image"])
+    assert inplace.loc[
+        0, ["spacing_x", "spacing_y", "spacing_z", "rescale_slope", "rescale_intercept"]
+    ].tolist() == [
+        0.341796875,
+        0.341796875,
+        1.5,
+        1.0,
+        -1024.0,
+    ]
+    for raw_row, copy_row in zip(inplace.to_dict("records"), rewritten.to_dict("records")):
+        raw = load_ct(raw_row["image"], ScanOverrides(**scan_overrides(raw_row)))
+        copy = load_ct(copy_row["image"])
+        np.testing.assert_array_equal(raw.array, copy.array)
+        np.testing.assert_allclose(raw.affine, copy.affine, atol=1e-5)  # NIfTI stores the affine in float32
+        np.testing.assert_allclose(
+            preprocess_ct(raw, SMALL).numpy(), preprocess_ct(copy, SMALL).numpy(), rtol=1e-5, atol=1e-5
+        )
+    assert not np.array_equal(load_ct(inplace["image"][0]).array, load_ct(rewritten["image"][0]).array)
+
+
+def test_cli_reads_in_place_by_default_and_rewrites_on_request(tmp_path, capsys):
+    from vlsurv.cli import main
+
+    nested_layout(tmp_path / "ct_rate")
+    args = [
+        "ctrate",
+        "--volumes",
+        str(tmp_path / "ct_rate"),
+        "--metadata",
+        str(METADATA),
+        "--reports",
+        str(REPORTS),
+    ]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / "images").exists()
+    assert "rescale_slope" in load_manifest(tmp_path / "a" / "manifest.csv", require_survival=False).columns
+    assert main([*args, "--out", str(tmp_path / "b"), "--rewrite"]) == 0
+    assert len(list((tmp_path / "b" / "images").glob("*.nii.gz"))) == len(NAMES)
+
+
+def test_overrides_that_cannot_apply_are_refused(tmp_path):
+    with pytest.raises(
+        CTError, match=r"ScanOverrides: expected slope and intercept both set or both None, got 1"
+    ):
+        ScanOverrides(slope=1.0)
+    with pytest.raises(
+        CTError, match=r"ScanOverrides\.spacing: expected 3 mm values > 0, got \(0\.7, 0\.0, 1\.0\)"
+    ):
+        ScanOverrides(spacing=(0.7, 0.0, 1.0))
+    (tmp_path / "series").mkdir()
+    with pytest.raises(
+        CTError, match=r"series: a rescale override applies to NIfTI files; DICOM slices carry"
+    ):
+        load_ct(tmp_path / "series", ScanOverrides(slope=1.0, intercept=-1024.0))
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "expected"),
+    [
+        (
+            "spacing_y",
+            "",
+            r"field 'spacing_y': is empty; expected \['spacing_x', 'spacing_y', 'spacing_z'\] all set",
+        ),
+        ("spacing_z", "-1", r"field 'spacing_z': got -1(\.0)?; expected a number > 0"),
+        (
+            "rescale_intercept",
+            "",
+            r"field 'rescale_intercept': is empty; expected \['rescale_slope', 'rescale_i",
+        ),
+        ("rescale_slope", "abc", r"field 'rescale_slope': got 'abc'; expected a number > 0"),
+        ("rescale_intercept", "inf", r"field 'rescale_intercept': got inf; expected a finite number"),
+    ],
+)
+def test_bad_override_columns_name_row_and_field(tmp_path, column, value, expected):
+    nested_layout(tmp_path / "ct_rate")
+    manifest = ctrate_inplace_manifest(tmp_path / "ct_rate", METADATA, REPORTS, tmp_path / "o")
+    table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+    table.loc[1, column] = value
+    table.to_csv(manifest, index=False)
+    with pytest.raises(ManifestError, match=r"manifest\.csv: row 2 \(scan_id='valid_1_a_2'\): " + expected):
+        load_manifest(manifest, require_survival=False)
+
+
+def test_encoding_raw_volumes_in_place_gives_the_tokens_of_rewritten_ones(tmp_path):
+    from vlsurv.encoders.cache import FeatureCache, encode_manifest
+    from vlsurv.encoders.merlin import MerlinImageEncoder
+
+    nested_layout(tmp_path / "ct_rate")
+    encoder, preprocess = (
+        MerlinImageEncoder.tiny(),
+        PreprocessConfig(spacing=(0.5, 0.5, 1.0), spatial_size=(32, 32, 16)),
+    )
+    caches = {}
+    for name, write in (("inplace", ctrate_inplace_manifest), ("rewritten", convert_ctrate)):
+        manifest = write(tmp_path / "ct_rate", METADATA, REPORTS, tmp_path / name)
+        encode_manifest(manifest, tmp_path / name / "cache", encoder, preprocess, progress=False)
+        caches[name] = FeatureCache(tmp_path / name / "cache")
+    for scan_id in NAMES:
+        torch.testing.assert_close(
+            caches["inplace"].get(scan_id), caches["rewritten"].get(scan_id), rtol=1e-5, atol=1e-5
+        )

@@ -20,6 +20,7 @@ REQUIRED = (
     "td_auc",
     "logrank_p",
     "bertscore_f1",
+    "clinical_accuracy",
     "wall_seconds",
 )
 
@@ -71,6 +72,30 @@ def test_demo_model_learned_the_risk_and_the_answers(small_demo):
     for question_id, words in topic.items():
         said = answers[answers["question_id"] == question_id]["answer"].str.lower()
         assert said.str.contains("|".join(words)).mean() > 0.8, question_id
+
+
+def test_demo_scores_what_the_answers_say(small_demo):
+    """Clinical accuracy (answers read back to present / absent) beside BERTScore, in metrics.json, the report
+    and the per-question risk gaps."""
+    out, summary = small_demo
+    questions = {"tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone"}
+    truth = summary["clinical_accuracy"]["against_ground_truth"]
+    assert set(truth["per_question"]) == questions
+    low, high = truth["macro_f1_ci"]
+    assert low <= truth["macro_f1"] <= high
+    report = summary["clinical_accuracy"]["against_report"]
+    assert set(report["per_question"]) == questions and report["not_in_reference"] == 0
+    # tumor: prevalence 0.9 and the decoder mostly describes a mass (F1 0.91 at seed 0 with 300 patients; 0.62
+    # in this small demo); the other five questions are not yet above chance (issue 11)
+    assert truth["per_question"]["tumor"]["f1"] > 0.5
+    assert truth["per_question"]["pleura"]["prevalence"] == pytest.approx(
+        pd.read_csv(out / "cohort" / "findings.csv")
+        .merge(pd.read_csv(out / "cohort" / "manifest.csv")[["scan_id", "split"]], on="scan_id")
+        .query("split == 'test'")["pleura"]
+        .mean()
+    )
+    assert "Clinical accuracy" in (out / "report.html").read_text()
+    assert set(summary["question_risk_gaps"]["per_question"]) <= questions
 
 
 def test_bad_demo_options_are_named(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlsurv.cli import main as cli_main
-from vlsurv.model.tiny import TinyDecoderError, build_tiny_decoder
+from vlsurv.model.tiny import TinyDecoderError, build_tiny_decoder, cohort_texts
 
 
 def test_fixture_directory_loads_with_auto_classes(tiny_decoder_dir):
@@ -67,4 +68,75 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     assert cli_main(["build-tiny", "--out", str(tmp_path), "--texts", str(tmp_path / "missing.txt")]) == 2
     assert re.search(
         r"vlsurv build-tiny: error: --texts .*missing.txt: file does not exist", capsys.readouterr().err
+    )
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    """(manifest, vqa) of a 12-patient synthetic cohort with one VQA row per (scan, question)."""
+    import pandas as pd
+
+    from vlsurv.data.synthetic import make_cohort
+
+    out = tmp_path_factory.mktemp("cohort")
+    manifest = make_cohort(12, 0, out, shape=(16, 16, 8))
+    scans = pd.read_csv(manifest, dtype={"scan_id": str})["scan_id"]
+    vqa = out / "vqa.jsonl"
+    vqa.write_text(
+        "".join(
+            json.dumps({"scan_id": s, "question_id": q, "question": f"{q}?", "answer": f"{q} of {s}"}) + "\n"
+            for s in scans
+            for q in ("tumor", "pleura")
+        )
+    )
+    return manifest, vqa
+
+
+def test_cohort_texts_hold_only_the_train_splits_answers_and_reports(small_cohort):
+    import pandas as pd
+
+    from vlsurv.data.clinical import clinical_sentence
+
+    manifest, vqa = small_cohort
+    table = pd.read_csv(manifest, dtype={"scan_id": str})
+    train = table[table["split"] == "train"]
+    assert 0 < len(train) < len(table)
+    texts = cohort_texts(manifest, vqa)
+    answers = [f"{q}? {q} of {s}" for s in train["scan_id"] for q in ("tumor", "pleura")]
+    sentences = [clinical_sentence(row) for row in table.to_dict("records")]
+    assert texts == answers + sentences + train["report"].tolist()
+    held_out = table[table["split"] != "train"]
+    assert not any(f"of {s}" in text for s in held_out["scan_id"] for text in texts)
+    assert cohort_texts(manifest) == sentences + train["report"].tolist()
+
+
+def test_cli_builds_from_a_manifest_and_a_vqa_file(small_cohort, tmp_path, capsys):
+    manifest, vqa = small_cohort
+    argv = ["build-tiny", "--out", str(tmp_path / "tiny"), "--manifest", str(manifest), "--vqa", str(vqa)]
+    assert cli_main([*argv, "--layers", "1", "--hidden", "32"]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny")
+    assert "tiny decoder written to" in capsys.readouterr().out
+    # BPE learnt the reports' words: a common phrase is a few tokens, not one per byte
+    assert len(tokenizer.tokenize("pleural effusion")) <= 4
+
+
+def test_cli_names_a_missing_text_source_and_a_manifest_without_training_rows(small_cohort, tmp_path, capsys):
+    import pandas as pd
+
+    manifest, vqa = small_cohort
+    for argv, expected in (
+        ([], "expected text to learn from: --texts FILE [FILE ...] and/or --manifest MANIFEST"),
+        (["--vqa", str(vqa)], "--vqa needs --manifest"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(["build-tiny", "--out", str(tmp_path / "tiny"), *argv])
+        assert exit_.value.code == 2 and expected in capsys.readouterr().err
+    table = pd.read_csv(manifest)
+    table["split"] = "test"
+    no_train = tmp_path / "no_train.csv"
+    table.assign(image=[str(manifest.parent / i) for i in table["image"]]).to_csv(no_train, index=False)
+    assert cli_main(["build-tiny", "--out", str(tmp_path / "tiny"), "--manifest", str(no_train)]) == 2
+    assert (
+        f"vlsurv build-tiny: error: --manifest {no_train}: no row has split 'train'; expected training scans"
+        in capsys.readouterr().err
     )

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from qa_extraction.rules import QuestionRule, RuleError, RulesExtractor
-from qa_extraction.text import split_report, split_sentences
+from qa_extraction.text import Lexicon, LexiconError, split_report, split_sentences
 from vlsurv.prompts import Question, load_questions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,3 +196,10 @@ def test_synthetic_cohort_files_through_the_cli(tmp_path):
     assert len(rows) == 6 * 6
     for row in rows.itertuples():
         assert (row.status == "present") == bool(truth.loc[row.report_id, row.question_id])
+
+
+def test_a_lexicon_that_is_not_valid_yaml_names_its_file_and_line(tmp_path):
+    path = tmp_path / "negex.yaml"
+    path.write_text("negation:\n  - no\n  - [not\nuncertainty: []\n")
+    with pytest.raises(LexiconError, match=r"negex\.yaml line 4: not valid YAML"):
+        Lexicon.from_file(path)

@@ -46,6 +46,7 @@ def loaded_after_import(module: str) -> list[str]:
         ("qa_extraction.extract", ()),
         ("vlsurv.demo", ()),
         ("vlsurv.predict", ("torch",)),
+        ("vlsurv.horizon.cli", ()),
     ],
 )
 def test_a_command_module_loads_no_heavy_library_it_does_not_need_at_import(module, allowed):

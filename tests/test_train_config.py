@@ -11,6 +11,7 @@ import pytest
 from vlsurv.config import ConfigError, save_config
 from vlsurv.training.config import TrainConfig, load_train_config
 from vlsurv.training.setup import RunData, deephit_cuts, stage1_paths
+from vlsurv.tte.config import is_tte_config, load_tte_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(ROOT.glob("configs/*.yaml")) + sorted(ROOT.glob("configs/tiny/*.yaml"))
@@ -36,7 +37,8 @@ def test_the_shipped_configs_are_all_there():
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_training_config_resolves_and_its_first_line_launches_it(path, tmp_path):
-    config = load_train_config(path)
+    load = load_tte_config if is_tte_config(path) else load_train_config  # stage: tte_pretrain (vlsurv.tte)
+    config = load(path)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# accelerate launch ")
     argv = shlex.split(first[2:])
@@ -46,7 +48,7 @@ def test_training_config_resolves_and_its_first_line_launches_it(path, tmp_path)
     if "--config_file" in argv:
         assert (ROOT / argv[argv.index("--config_file") + 1]).is_file()
     resolved = save_config(config, tmp_path / "config.yaml")
-    assert load_train_config(resolved) == config
+    assert load(resolved) == config
 
 
 def test_full_size_configs_carry_the_paper_defaults():
@@ -103,7 +105,9 @@ def test_negative_learning_rate_is_rejected(key):
 
 
 def test_other_bad_values_name_their_key():
-    with pytest.raises(ConfigError, match=r"sampling: expected one of \['patient_balanced', 'pairs'\]"):
+    with pytest.raises(
+        ConfigError, match=r"sampling: expected one of \['patient_balanced', 'pairs', 'answer_balanced'\]"
+    ):
         TrainConfig(sampling="random")
     with pytest.raises(
         ConfigError, match=r"optim\.batch_size in .*stage1\.yaml: expected a value >= 1, got 0"

@@ -58,6 +58,7 @@ def _trainer(model, accelerator, run_dir) -> Trainer:
     trainer.accelerator, trainer.model, trainer.run_dir = accelerator, model, run_dir
     trainer.checkpoints = CheckpointManager(run_dir / "checkpoints", 1, False, False)
     trainer.step, trainer.last_validation = 3, (3, 1.25)
+    trainer.image_encoder = None  # a cache without encoder records
     trainer.data = SimpleNamespace(train=SimpleNamespace(processor=model.processor))
     return trainer
 

@@ -73,5 +73,7 @@ def test_too_few_patients_for_the_processes_is_an_error():
         SamplingError, match=r"sampling='patient_balanced': 2 training patients for 3 processes"
     ):
         BatchPlan(["a", "a", "b"], 6, "patient_balanced", seed=0, world=3)
-    with pytest.raises(SamplingError, match=r"sampling: expected one of \['patient_balanced', 'pairs'\]"):
+    with pytest.raises(
+        SamplingError, match=r"sampling: expected one of \['patient_balanced', 'pairs', 'answer_balanced'\]"
+    ):
         BatchPlan(["a"], 6, "random", seed=0, world=1)

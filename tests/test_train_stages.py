@@ -3,7 +3,9 @@ bit-identical."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,12 @@ import torch
 from conftest import build_tiny_inputs, tiny_config
 from safetensors.torch import load_file
 
-from vlsurv.config import load_config
+from vlsurv.config import ConfigError, load_config
+from vlsurv.encoders.cache import FeatureCache
+from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance
 from vlsurv.model import VisionLanguageSurvivalModel
 from vlsurv.model.survival import DeepHitCuts
+from vlsurv.training.checkpoints import STATE_NAME, step_dir_name
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.loop import Trainer
 
@@ -89,6 +94,57 @@ def test_stage1_final_model_is_what_predict_loads(stage1_run):
     lora = {n: p for n, p in trained.language_model.named_parameters() if "lora_" in n}
     loaded_lora = {n: p for n, p in loaded.language_model.named_parameters() if "lora_" in n}
     assert lora.keys() == loaded_lora.keys() and all(torch.equal(lora[n], loaded_lora[n]) for n in lora)
+
+
+def test_the_final_folder_records_the_encoder_of_its_cache(stage1_run, tiny_inputs):
+    _, _, final = stage1_run
+    record = json.loads((final / IMAGE_ENCODER_NAME).read_text())
+    assert record == cache_provenance(FeatureCache(tiny_inputs["cache"]))
+    assert record["key"]["checkpoint_sha256"] == "random-init:0" and record["token_shape"] == [4, 256]
+
+
+def test_stage2_refuses_a_cache_encoded_otherwise_than_stage1(
+    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    _, _, stage1_final = stage1_run
+    other = shutil.copytree(tiny_inputs["cache"], tmp_path / "cache")
+    index = json.loads((other / "index.json").read_text())
+    for entry in index["scans"].values():
+        entry["checkpoint_sha256"] = "random-init:1"
+    (other / "index.json").write_text(json.dumps(index))
+    config = tiny_config(
+        "stage2_deepsurv",
+        {**tiny_inputs, "cache": other},
+        tiny_decoder_dir,
+        tmp_path / "run",
+        f"data.stage1_dir={stage1_final}",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"data.cache .*: encoded with checkpoint_sha256 'random-init:1' \(stage 1: 'random-init:0'\); "
+        r"expected the encoder and preprocessing of the stage-1 model",
+    ):
+        Trainer(config)
+
+
+def test_a_fresh_run_never_selects_an_earlier_runs_checkpoint(tiny_inputs, tiny_decoder_dir, tmp_path):
+    run = tmp_path / "run"
+    checkpointing = ("optim.epochs=1", "checkpoint.every_n_steps=2", "checkpoint.keep_best=true")
+    config = tiny_config("stage1", tiny_inputs, tiny_decoder_dir, run, *checkpointing, "eval.every_n_steps=2")
+    Trainer(config).fit()
+    planted = run / "checkpoints" / step_dir_name(999)  # the earlier run's, with the best val LM loss ever
+    shutil.copytree(sorted((run / "checkpoints").glob("step-*"))[-1], planted)
+    state = json.loads((planted / STATE_NAME).read_text())
+    (planted / STATE_NAME).write_text(json.dumps({**state, "metric": -1.0, "step": 999}))
+    with pytest.raises(
+        ConfigError,
+        match=r"output_dir .*run holds an earlier run \(checkpoints up to step 999, final/\); give --resume "
+        r"latest to continue it, overwrite_output_dir=true to start over, or another output_dir",
+    ):
+        Trainer(config).fit()
+    fresh = Trainer(dataclasses.replace(config, overwrite_output_dir=True)).fit()
+    selection = json.loads((fresh / "selection.json").read_text())
+    assert not planted.exists() and selection["step"] <= selection["last_step"] < 999
 
 
 @pytest.mark.parametrize("head", ["deepsurv", "deephit"])

@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("vlsurv.predict:main", "six answers and a risk per scan"),
     "evaluate": ("vlsurv.evaluate:main", "C-index, td-AUC, calibration, KM, BERTScore, report.html"),
     "demo": ("vlsurv.demo:main", "the whole pipeline on the synthetic cohort"),
+    "horizon": ("vlsurv.horizon.cli:main", "fine-tune a 3D CNN for death within 1/3/5 years; AUROC table"),
+    "baselines": ("vlsurv.baselines.run:main", "CoxPH, DeepSurv, DeepHit on text, image, both (Table 2)"),
+    "table": ("vlsurv.baselines.table:main", "the Table-2 comparison of baseline and VLM runs"),
 }
 
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import yaml
 
 from vlsurv.errors import InputError
+from vlsurv.files import read_yaml
 
 T = TypeVar("T")
 
@@ -279,14 +280,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(
-                f"{path}{line}: not valid YAML ({getattr(err, 'problem', None) or err})"
-            ) from err
+        loaded = read_yaml(path, ConfigError)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
         data = loaded or {}

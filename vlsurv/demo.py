@@ -3,7 +3,9 @@
 Steps (each writes under ``--out``): 1 synth -> 2 report extraction (rules) + VQA file -> 3 tiny
 decoder and tokenizer -> 4 feature cache with a small encoder of Merlin's code -> 5 stage 1 ->
 6 stage 2 -> 7 predict (six questions per test scan) -> 8 evaluate; plus a clinical-only CoxPH
-baseline (lifelines) on the same split, so the gain from the image is visible.
+baseline (lifelines) on the same split, so the gain from the image is visible -> 9 the paper's Table 2
+(``vlsurv.baselines``: CoxPH, DeepSurv and DeepHit on text, image and both, 3 seeds) beside the VLM, in
+``DIR/table/table.md`` and at the end of ``DIR/report.html``.
 
 Outputs: ``DIR/metrics.json`` (c_index, c_index_ci, c_index_clinical_only, oracle_c_index,
 td_auc, logrank_p, bertscore_f1, wall_seconds, ...), ``DIR/report.html`` and every step's folder.
@@ -25,6 +27,7 @@ from qa_extraction.backends.rules import RulesBackend
 from qa_extraction.extract import run_extraction
 from qa_extraction.io import read_extractions, read_reports
 from qa_extraction.vqa import vqa_rows
+from vlsurv.baselines.run import coxph_c_index
 from vlsurv.config import (
     ConfigError,
     add_config_arguments,
@@ -34,7 +37,7 @@ from vlsurv.config import (
     save_config,
 )
 from vlsurv.data.clinical import clinical_sentence
-from vlsurv.data.synthetic import clinical_cox_c_index, make_cohort
+from vlsurv.data.synthetic import make_cohort
 from vlsurv.errors import InputError
 from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
 from vlsurv.jsonl import write_jsonl
@@ -75,6 +78,15 @@ class DemoConfig:
     """Epochs of stage 1 (VQA)."""
     stage2_epochs: int = 10
     """Epochs of stage 2 (joint survival)."""
+    token_mode: Literal["mean_depth", "mean_width", "all"] = "mean_depth"
+    """Image tokens of the tiny encoder (vlsurv.encoders.merlin): "mean_width" keeps depth and side (upper vs
+    lower lobe, small findings are not averaged over the whole depth)."""
+    encoder_pretrain_epochs: int = bounded(0, ge=0)
+    """Epochs of the tiny encoder's supervised pretraining on the train split's report-derived labels
+    (vlsurv.encoders.pretrain); 0 = the random-init encoder."""
+    stage1_sampling: Literal["pairs", "answer_balanced"] = "pairs"
+    """Stage-1 batches: every VQA pair once ("pairs") or each question's present and absent answers drawn
+    equally ("answer_balanced", so that the decoder cannot answer from the prior)."""
     train_overrides: list[str] = field(default_factory=list)
     """Training overrides (key=value) for both stages."""
     bootstrap: int = 500
@@ -95,7 +107,7 @@ def _step(name: str, timings: dict[str, float], start: float) -> float:
     return now
 
 
-def _extract_vqa(manifest: Path, out: Path) -> Path:
+def extract_vqa(manifest: Path, out: Path) -> Path:
     """Rules extraction of the six answers from every report (the scan id is the report id), then the VQA
     training file (``not_mentioned`` and ``error`` rows dropped, as ``qa_extraction to-vqa`` does)."""
     extractions, vqa = out / "extractions.jsonl", out / "vqa.jsonl"
@@ -110,7 +122,7 @@ def _extract_vqa(manifest: Path, out: Path) -> Path:
     return vqa
 
 
-def _decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
+def decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
     """Text the tiny tokenizer and decoder learn from: clinical sentences, reports, and question-answer pairs.
 
     RadLlama was trained on radiology text and instructions; the training split's question-answer pairs (text
@@ -129,19 +141,15 @@ def _train(stage_config: str, overrides: list[str]):
     from vlsurv.training.config import load_train_config
     from vlsurv.training.loop import train  # torch, transformers, MONAI; see run_demo
 
-    config = load_train_config(CONFIGS_DIR / "tiny" / stage_config, overrides)
+    config = load_train_config(CONFIGS_DIR / "tiny" / stage_config, [*overrides, "overwrite_output_dir=true"])
     train(config)
     return Path(config.output_dir) / "final"
 
 
 def clinical_only_c_index(manifest: pd.DataFrame) -> float:
-    """Harrell's C on the test split of a lifelines CoxPH fit on the train split's clinical columns."""
-    value = clinical_cox_c_index(manifest)
-    if value is None:
-        raise DemoError(
-            "clinical-only baseline: the CoxPH fit did not converge or the train split has < 5 events"
-        )
-    return value
+    """Harrell's C on the test split of the CoxPH baseline (``vlsurv.baselines``, lifelines, penalizer 0.05)
+    fitted on the train split's clinical columns; its Table-2 row is the same fit."""
+    return coxph_c_index(manifest, "test", "lung", penalizer=0.05)
 
 
 def split_c_index(predictions_csv: Path, manifest: pd.DataFrame, split: str) -> float:
@@ -160,6 +168,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from vlsurv.data.transforms import PreprocessConfig
     from vlsurv.encoders.cache import FeatureCache, encode_manifest
     from vlsurv.encoders.merlin import MerlinImageEncoder
+    from vlsurv.encoders.pretrain import EncoderPretrainConfig, pretrain_on_manifest, save_encoder
     from vlsurv.model.tiny import build_tiny_decoder
     from vlsurv.predict import PredictConfig, predict
 
@@ -173,12 +182,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     manifest = pd.read_csv(manifest_path)
     step = _step("1 synth", timings, step)
 
-    vqa = _extract_vqa(manifest_path, out / "qa")
+    vqa = extract_vqa(manifest_path, out / "qa")
     step = _step("2 extraction (rules) + VQA", timings, step)
 
     decoder = build_tiny_decoder(
         out / "decoder",
-        _decoder_texts(manifest, vqa),
+        decoder_texts(manifest, vqa),
         num_layers=cfg.decoder_layers,
         hidden_size=cfg.decoder_hidden,
         seed=cfg.seed,
@@ -187,7 +196,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     step = _step("3 tiny decoder + tokenizer", timings, step)
 
     preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
-    encoder = MerlinImageEncoder.tiny()
+    encoder = MerlinImageEncoder.tiny(token_mode=cfg.token_mode)
+    if cfg.encoder_pretrain_epochs:
+        pretrain_on_manifest(
+            encoder,
+            manifest_path,
+            out / "qa" / "extractions.jsonl",
+            [question.id for question in load_questions("lung")],
+            preprocess,
+            EncoderPretrainConfig(epochs=cfg.encoder_pretrain_epochs, seed=cfg.seed),
+        )
+        save_encoder(encoder, out / "encoder" / "encoder.safetensors")  # the checkpoint the pipeline loads
+        step = _step("4a encoder pretraining (train split's report labels)", timings, step)
     encode_manifest(manifest_path, out / "cache", encoder, preprocess, progress=cfg.progress)
     tokens, dim = FeatureCache(out / "cache").token_shape
     step = _step("4 feature cache", timings, step)
@@ -204,7 +224,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     ]
     stage1 = _train(
         "stage1.yaml",
-        [*common, f"output_dir={out / 'stage1'}", f"optim.epochs={cfg.stage1_epochs}", *cfg.train_overrides],
+        [
+            *common,
+            f"output_dir={out / 'stage1'}",
+            f"optim.epochs={cfg.stage1_epochs}",
+            f"sampling={cfg.stage1_sampling}",
+            *cfg.train_overrides,
+        ],
     )
     step = _step("5 stage 1", timings, step)
     stage2 = _train(
@@ -243,11 +269,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             split="test",
             bertscore_samples=cfg.bertscore_samples,
             skip_invalid_horizons=True,
+            ground_truth=str(out / "cohort" / "findings.csv"),
         ),
     )
     shutil.copyfile(out / "eval" / "report.html", out / "report.html")
     clinical_c = clinical_only_c_index(manifest)
     step = _step("8 evaluate + clinical-only baseline", timings, step)
+    from vlsurv.baselines.demo_table import demo_table  # torch, transformers; see run_demo
+
+    table = demo_table(out, manifest_path, out / "cache", out / "eval", cfg.seed, cfg.bootstrap)
+    step = _step("9 baselines + Table 2", timings, step)
 
     oracle = json.loads((out / "cohort" / "oracle.json").read_text())
     train_c = split_c_index(predictions / "predictions.csv", manifest, "train")
@@ -255,12 +286,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         "c_index": metrics["c_index"],
         "c_index_ci": metrics.get("c_index_ci"),
         "c_index_clinical_only": clinical_c,
+        "table": str(table),
         "c_index_train": train_c,
         "oracle_c_index": oracle["oracle_c_index_test"],
         "uno_c": metrics.get("uno_c"),
         "td_auc": metrics.get("td_auc"),
         "logrank_p": metrics["logrank_p"],
         "bertscore_f1": metrics.get("bertscore_f1"),
+        "clinical_accuracy": metrics.get("clinical_accuracy"),
+        "question_risk_gaps": metrics.get("question_risk_gaps"),
         "per_question_c_index": metrics.get("per_question_c_index"),
         "n_test": metrics["n"],
         "n_test_events": metrics["n_events"],
@@ -285,8 +319,32 @@ def _print_summary(summary: dict, out: Path) -> None:
     print(f"  log-rank p (median split)         {summary['logrank_p']:.3g}")
     if summary["bertscore_f1"] is not None:
         print(f"  BERTScore F1 of the answers       {summary['bertscore_f1']:.3f}")
+    _print_clinical_accuracy(summary.get("clinical_accuracy"))
     print(f"  wall time                         {summary['wall_seconds']:.0f} s")
     print(f"  report: {out / 'report.html'}  metrics: {out / 'metrics.json'}")
+
+
+def _print_clinical_accuracy(accuracy: dict | None) -> None:
+    """Per-question F1 against the cohort's ground truth, macro F1 with CI, lobe and side accuracy."""
+    truth = (accuracy or {}).get("against_ground_truth")
+    if not truth:
+        return
+    low, high = truth["macro_f1_ci"] or [float("nan"), float("nan")]
+    print(
+        f"  clinical accuracy (answers read back, vs findings.csv): macro F1 {truth['macro_f1']:.2f}  "
+        f"95% CI [{low:.2f}, {high:.2f}]"
+    )
+    for question_id, scores in truth["per_question"].items():
+        f1 = "n/a" if scores["f1"] is None else f"{scores['f1']:.2f}"
+        print(
+            f"    {question_id:<12} F1 {f1:>4}  prevalence {scores['prevalence']:.2f}  "
+            f"answered present {scores['answered_present']}"
+        )
+    details = accuracy.get("details") or {}
+    for name, label in (("tumor_lobe", "tumor lobe"), ("pleura_side", "effusion side")):
+        if name in details and details[name]["scored"]:
+            d = details[name]
+            print(f"    {label} right in {d['correct']} of {d['scored']} true-positive answers")
 
 
 def main(argv: list[str] | None = None) -> int:

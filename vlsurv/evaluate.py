@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 
 from vlsurv import metrics as M
-from vlsurv import metrics_text
-from vlsurv.config import add_config_arguments, check_fields, config_from_args, save_config
+from vlsurv import metrics_clinical, metrics_text
+from vlsurv.config import add_config_arguments, bounded, check_fields, config_from_args, save_config
 from vlsurv.evaluation_inputs import EvaluationError, EvaluationInputs, load_inputs
 from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
 
@@ -76,6 +76,13 @@ class EvaluationConfig:
     scan_order_column: str | None = None
     """Manifest column (number or date) whose smallest value is a patient's first scan; null = the longest
     follow-up."""
+    questions: str = "lung"
+    """Question set (name or YAML path) whose rules read the answers back for the clinical accuracy."""
+    ground_truth: str | None = None
+    """CSV of scan_id and one 0/1 column per question id (the synthetic cohort's findings.csv) that the
+    clinical accuracy is also scored against; null = against the report-derived answers only."""
+    size_tolerance_mm: float = bounded(5.0, ge=0.0)
+    """Clinical accuracy: a size in a true-positive answer is right within this many mm of the report's."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -167,6 +174,30 @@ def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
     }
 
 
+def _clinical_accuracy(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict | None:
+    """vlsurv.metrics_clinical on the evaluated rows' answers, against the VQA file and the ground truth."""
+    from vlsurv.prompts import load_questions
+
+    questions = load_questions(cfg.questions)
+    answers = inputs.answers[inputs.answers.scan_id.isin(set(inputs.rows.scan_id))]
+    if answers.empty:
+        inputs.notes.append("clinical accuracy skipped: no generated answer of an evaluated scan")
+        return None
+    truth = None
+    if cfg.ground_truth is not None:
+        truth = metrics_clinical.read_ground_truth(cfg.ground_truth, [q.id for q in questions])
+    return metrics_clinical.clinical_accuracy(
+        answers,
+        inputs.vqa,
+        questions,
+        ground_truth=truth,
+        patient_ids=dict(zip(inputs.rows.scan_id, inputs.rows.patient_id)),
+        bootstrap=cfg.bootstrap,
+        seed=cfg.seed,
+        size_tolerance_mm=cfg.size_tolerance_mm,
+    )
+
+
 def _concordance(cfg: EvaluationConfig, inputs: EvaluationInputs, tau: float) -> dict:
     """Harrell's and Uno's C with percentile bootstrap CIs over patients (same seeded resamples)."""
     rows, train = inputs.rows, inputs.train
@@ -218,6 +249,10 @@ def evaluate_predictions(
         "n_patients": len(first),
         "splits": rows.split.value_counts().to_dict(),
         "patient_level": inputs.patient_level,
+        "inputs": {
+            "predictions": str(Path(predictions).resolve()),
+            "manifest": str(Path(manifest).resolve()),
+        },
     }
     results.update(_concordance(cfg, inputs, max(horizons) if horizons else float(train.time.max())))
     results.update(
@@ -255,6 +290,13 @@ def evaluate_predictions(
     results.update(bertscore_f1=None, bertscore_precision=None, bertscore_recall=None)
     if inputs.vqa is not None:
         results.update(_bertscore(cfg, inputs))
+    results["clinical_accuracy"] = None if inputs.answers is None else _clinical_accuracy(cfg, inputs)
+    results["question_risk_gaps"] = None
+    if cfg.ground_truth is not None and any(c.startswith("risk_") for c in rows.columns):
+        truth = metrics_clinical.read_ground_truth(
+            cfg.ground_truth, [c[len("risk_") :] for c in rows.columns]
+        )
+        results["question_risk_gaps"] = metrics_clinical.question_risk_gaps(rows, truth)
     results["notes"] = notes
     save_config(cfg, out / "config.yaml")
     (out / "metrics.json").write_text(json.dumps(results, indent=2, default=_plain))

@@ -332,6 +332,54 @@ def alignment_loss(z_surv: torch.Tensor, z_pooled: torch.Tensor) -> torch.Tensor
     return ((z_surv - z_pooled) ** 2).sum(dim=1).mean()
 
 
+def piecewise_exponential_loss(
+    log_hazard: torch.Tensor, log_time: torch.Tensor, is_event: torch.Tensor
+) -> torch.Tensor:
+    r"""MOTOR's piecewise-exponential negative log-likelihood; all three arguments are (B, bins, tasks).
+
+    Each task's hazard is constant within a time bin: :math:`\lambda_{ikj} = \exp(\eta_{ikj})` with
+    :math:`\eta` = ``log_hazard``. With :math:`r_{ikj}` the time scan i spent at risk for task j in bin k
+    (``log_time`` = :math:`\log r`, :math:`-\infty` where :math:`r = 0`) and :math:`d_{ikj}` = ``is_event``
+    (1 in the bin holding the task's event, else 0), the log-likelihood of a piecewise-exponential time is
+    :math:`\sum_{k} [d_{ikj} \eta_{ikj} - \lambda_{ikj} r_{ikj}]`, and the loss is its mean over the
+    :math:`M = B \cdot \text{bins} \cdot \text{tasks}` cells:
+
+    .. math:: L = \tfrac{1}{M} \sum_{i,k,j} \exp(\eta_{ikj} + \log r_{ikj})
+              - \tfrac{1}{M} \sum_{i,k,j} d_{ikj}\, \eta_{ikj}.
+
+    This is femr's ``MOTORTaskHead`` loss in natural logarithms (femr writes :math:`\log_2` hazards and
+    times; the two differ only by the constant factor :math:`\ln 2` on :math:`\eta`). A cell with
+    :math:`r = 0` adds :math:`\exp(-\infty) = 0` and no gradient.
+    """
+    where = "piecewise_exponential_loss"
+    _check_floating("log_hazard", log_hazard, where)
+    _check_floating("log_time", log_time, where)
+    if log_hazard.dim() != 3:
+        raise LossInputError(
+            f"{where}: `log_hazard` must have shape (B, bins, tasks), got {tuple(log_hazard.shape)}"
+        )
+    for name, value in (("log_time", log_time), ("is_event", is_event)):
+        if not isinstance(value, torch.Tensor) or value.shape != log_hazard.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise LossInputError(
+                f"{where}: `{name}` must have the shape of `log_hazard` {tuple(log_hazard.shape)}, got {got}"
+            )
+    if bool((torch.isnan(log_time) | (log_time == math.inf)).any()):
+        raise LossInputError(
+            f"{where}: `log_time` must be finite or -inf (zero time at risk); found NaN or +inf"
+        )
+    if is_event.dtype != torch.bool and (
+        is_event.is_complex() or not bool(((is_event == 0) | (is_event == 1)).all())
+    ):
+        raise LossInputError(
+            f"{where}: `is_event` must contain only 0 and 1 (1 = the event falls in the bin)"
+        )
+    log_time = log_time.to(log_hazard.dtype)
+    exposure = torch.exp(log_hazard + log_time).mean()
+    event_term = torch.where(is_event.bool(), log_hazard, torch.zeros_like(log_hazard)).mean()
+    return exposure - event_term
+
+
 def objective(
     lm_loss: torch.Tensor | None,
     surv_loss: torch.Tensor | None,

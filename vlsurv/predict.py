@@ -14,6 +14,10 @@ Outputs in OUT (appended scan by scan; a rerun skips the scan_ids already in pre
 - ``survival_curves.csv`` (DeepHit): scan_id, ``S@<time>`` at ``DeepHitCuts.curve_times()`` (within each bin
   as the cuts' censoring scheme assumes, ``survival_between_cuts``), mean over the questions;
 - ``predict_config.yaml``: the resolved options.
+
+``vlsurv predict --model M --image PATH [--clinical JSON] [--encoder-checkpoint CKPT]`` predicts one NIfTI
+file or DICOM folder through ``vlsurv.pipeline.SurvivalPipeline`` (the model's recorded encoder and
+preprocessing) and prints its ``ScanPrediction`` as JSON; with ``--out`` it also writes the files above.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,19 +40,18 @@ from vlsurv.data.datasets import split_rows
 from vlsurv.data.manifest import load_manifest
 from vlsurv.errors import InputError
 from vlsurv.files import cut_torn_last_line
+from vlsurv.inference import ScanPrediction, load_model, predict_scans, resolve_device, validated_decoding
 from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
-from vlsurv.model.ensemble import DecodeOptions, EnsembleOutput, ScanInput, score_shared_prefix
-from vlsurv.model.survival import survival_between_cuts
+from vlsurv.model.ensemble import DecodeOptions, ScanInput
 from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
 from vlsurv.progress import progress_bar
-from vlsurv.prompts import load_questions
-from vlsurv.training.checkpoints import read_selection
+from vlsurv.prompts import Question, load_questions
 
 if TYPE_CHECKING:
     from vlsurv.encoders.cache import FeatureCache
+    from vlsurv.pipeline import SurvivalPipeline
 
 PREDICTIONS, ANSWERS, CURVES = "predictions.csv", "answers.jsonl", "survival_curves.csv"
-DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class PredictError(InputError):
@@ -64,7 +69,13 @@ class PredictConfig:
     cache: str = ""
     """Feature cache folder (vlsurv encode)."""
     out: str = ""
-    """Output folder (rerun to resume)."""
+    """Output folder (rerun to resume); optional with --image."""
+    image: str = ""
+    """One NIfTI file or DICOM folder instead of --manifest/--cache, encoded with the model's encoder."""
+    clinical: str = ""
+    """With --image: the clinical fields, as a JSON object or a .json file ({} when not given)."""
+    encoder_checkpoint: str = ""
+    """With --image: the encoder checkpoint the model was trained with (none for a random-init encoder)."""
     pool: Pool | None = None
     """Pooling for the risk; null = the model's."""
     generate: bool = True
@@ -90,22 +101,24 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.image and (self.manifest or self.cache):
+            raise PredictError("--image predicts one scan: give it without --manifest and --cache")
 
+    def with_decoding(self, model: VisionLanguageSurvivalModel) -> PredictConfig:
+        """``pool`` and ``max_new_tokens`` filled in (``validated_decoding``: given, else as training
+        validated the model folder, else the defaults)."""
+        pool, max_new_tokens = validated_decoding(self.model, model, self.pool, self.max_new_tokens)
+        return dataclasses.replace(self, pool=pool, max_new_tokens=max_new_tokens)
 
-def resolve_decoding(config: PredictConfig, model: VisionLanguageSurvivalModel) -> PredictConfig:
-    """``config`` with ``pool`` and ``max_new_tokens`` filled in: given values, else the settings the model
-    was validated with (its folder's ``selection.json``), else the model's pool and DEFAULT_MAX_NEW_TOKENS."""
-    selection = read_selection(config.model) if config.model and Path(config.model).is_dir() else None
-    scoring = (selection or {}).get("scoring", {})
-    return dataclasses.replace(
-        config,
-        pool=config.pool or model.config.pool,
-        max_new_tokens=config.max_new_tokens or scoring.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS),
-    )
+    def decode_options(self) -> DecodeOptions:
+        """Answer generation options (after ``with_decoding``)."""
+        return DecodeOptions(self.generate, self.max_new_tokens, self.do_sample, self.temperature)
 
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    def require(self, *fields: str, mode: str) -> None:
+        """PredictError naming the first of ``fields`` that is empty."""
+        for name in fields:
+            if not getattr(self, name):
+                raise PredictError(f"--{name.replace('_', '-')}: required to predict {mode}")
 
 
 def _select_scans(config: PredictConfig, cache: FeatureCache) -> pd.DataFrame:
@@ -152,28 +165,37 @@ def _append_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def _write_batch(out: Path, scans: list[ScanInput], questions, result: EnsembleOutput, cuts, header) -> None:
+def _write_batch(
+    out: Path, predictions: Sequence[ScanPrediction], questions: Sequence[Question], header: list[str]
+) -> None:
     """Answers and curves first, predictions.csv last: a scan counts as done once its prediction row
     exists."""
     with (out / ANSWERS).open("a") as handle:
-        for scan, risks, answers in zip(scans, result.risks.tolist(), result.answers):
-            for question, risk, answer in zip(questions, risks, answers):
+        for prediction in predictions:
+            for question in questions:
                 record = {
-                    "scan_id": scan.scan_id,
+                    "scan_id": prediction.scan_id,
                     "question_id": question.id,
                     "question": question.text,
-                    "answer": answer,
-                    "risk": risk,
+                    "answer": prediction.answers[question.id],
+                    "risk": prediction.question_risks[question.id],
                 }
                 handle.write(to_line(record))
-    if result.survival_curves is not None:
-        times = cuts.curve_times()
-        curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in times.tolist()]
-        curves = survival_between_cuts(result.survival_curves.double(), cuts, times).mean(1).tolist()
-        _append_csv(out / CURVES, curve_header, [[s.scan_id, *c] for s, c in zip(scans, curves)])
-    scan_risks = result.risks.mean(1).tolist()
-    rows = [[s.scan_id, r, *q] for s, r, q in zip(scans, scan_risks, result.risks.tolist())]
+    curved = [p for p in predictions if p.survival is not None]
+    if curved:
+        curve_header = ["scan_id"] + [f"S@{t:.10g}" for t in curved[0].survival_times]
+        _append_csv(out / CURVES, curve_header, [[p.scan_id, *p.survival] for p in curved])
+    rows = [[p.scan_id, p.risk, *(p.question_risks[q.id] for q in questions)] for p in predictions]
     _append_csv(out / PREDICTIONS, header, rows)
+
+
+def _open_output(config: PredictConfig, questions: Sequence[Question]) -> tuple[Path, list[str], set[str]]:
+    """(output folder, predictions.csv header, scan_ids done by an earlier run); saves the resolved config."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, out / "predict_config.yaml")
+    header = ["scan_id", "risk"] + [f"risk_{q.id}" for q in questions]
+    return out, header, _resume(out, header)
 
 
 def predict(
@@ -182,28 +204,16 @@ def predict(
     """Run the prompt ensemble over the manifest's split; returns the output folder (see module docstring)."""
     from vlsurv.encoders.cache import FeatureCache  # loads MONAI (~5 s); `vlsurv predict --help` does not
 
-    device = _device(config.device)
-    if model is None:
-        model = VisionLanguageSurvivalModel.from_pretrained(config.model)
-        if model.config.quantization == "none":
-            model.to(device)
-    model.eval()
-    config = resolve_decoding(config, model)
+    config.require("manifest", "cache", "out", mode="a manifest's split (or give --image)")
+    model = (model or load_model(config.model, resolve_device(config.device))).eval()
+    config = config.with_decoding(model)
     cache = FeatureCache(config.cache)
     rows = _select_scans(config, cache)
     questions = load_questions(config.questions)
-    pool = config.pool
-    options = DecodeOptions(config.generate, config.max_new_tokens, config.do_sample, config.temperature)
-    cuts = model.require_cuts() if model.config.survival.head == "deephit" else None
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / "predict_config.yaml")
-    header = ["scan_id", "risk"] + [f"risk_{q.id}" for q in questions]
-    done = _resume(out, header)
+    out, header, done = _open_output(config, questions)
     todo = [row for _, row in rows.iterrows() if str(row["scan_id"]) not in done]
     generator = torch.Generator(device=model.language_model.get_input_embeddings().weight.device)
     generator.manual_seed(config.seed)
-    texts = [q.text for q in questions]
     clinical = sentence_function(
         rows.to_dict("records"),
         model.config.clinical_template,
@@ -217,23 +227,63 @@ def predict(
         for start in range(0, len(todo), config.batch_scans):
             batch = todo[start : start + config.batch_scans]
             scans = [
-                ScanInput(
-                    str(row["scan_id"]),
-                    clinical(row.to_dict()),
-                    cache.get(str(row["scan_id"])),
-                )
+                ScanInput(str(row["scan_id"]), clinical(row.to_dict()), cache.get(str(row["scan_id"])))
                 for row in batch
             ]
-            result = score_shared_prefix(model, scans, texts, pool, options, generator)
-            _write_batch(out, scans, questions, result, cuts, header)
+            predictions = predict_scans(
+                model, scans, questions, config.pool, config.decode_options(), generator
+            )
+            _write_batch(out, predictions, questions, header)
             bar.update(len(batch))
     return out
 
 
+def read_clinical(text: str) -> dict:
+    """``--clinical``: a JSON object, or a .json file holding one; {} for an empty string."""
+    if not text.strip():
+        return {}
+    source = "--clinical"
+    if not text.lstrip().startswith(("{", "[")):
+        path = Path(text)
+        if not path.is_file():
+            raise PredictError(f"--clinical {text}: expected a JSON object or an existing .json file")
+        source, text = str(path), path.read_text()
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise PredictError(f"{source}: not valid JSON ({err})") from err
+    if not isinstance(fields, dict):
+        raise PredictError(
+            f"{source}: expected a JSON object of clinical fields, got {type(fields).__name__}"
+        )
+    return fields
+
+
+def predict_image(
+    config: PredictConfig, clinical: Mapping | None = None, pipeline: SurvivalPipeline | None = None
+) -> ScanPrediction:
+    """One scan (``config.image``) through ``SurvivalPipeline``; with ``config.out``, also written (and
+    resumed) as predict writes a manifest's scans. ``clinical`` defaults to
+    ``read_clinical(config.clinical)``."""
+    from vlsurv.pipeline import SurvivalPipeline  # loads MONAI and the encoder only for --image
+
+    config.require("model", "image", mode="one scan")
+    pipeline = pipeline or SurvivalPipeline.from_config(config)
+    prediction = pipeline(config.image, read_clinical(config.clinical) if clinical is None else clinical)
+    if config.out:
+        out, header, done = _open_output(pipeline.config, pipeline.questions)
+        if prediction.scan_id not in done:
+            _write_batch(out, [prediction], pipeline.questions, header)
+    return prediction
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv predict", description=__doc__.splitlines()[0])
-    add_config_arguments(parser, PredictConfig, required=("model", "manifest", "cache", "out"))
+    add_config_arguments(parser, PredictConfig, required=("model",))
     config = config_from_args(PredictConfig, parser.parse_args(argv))
+    if config.image:
+        print(json.dumps(dataclasses.asdict(predict_image(config)), indent=2))
+        return 0
     out = predict(config)
     print(f"predictions written to {out / PREDICTIONS}")
     return 0

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlsurv.errors import InputError
+from vlsurv.files import read_yaml
 
 
 def resource_dir(name: str) -> Path:
@@ -101,10 +100,7 @@ def load_questions(name_or_path: str | Path = "lung") -> list[Question]:
     if not path.is_file():
         available = sorted(p.stem for p in (PROMPTS_DIR / "questions").glob("*.yaml"))
         raise PromptError(f"question file {path} not found; expected a path or one of {available}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise PromptError(f"{path}: not valid YAML ({err})") from err
+    data = read_yaml(path, PromptError)
     entries = data.get("questions") if isinstance(data, dict) else data
     if not isinstance(entries, list) or not entries:
         raise PromptError(f"{path}: expected a non-empty list under 'questions:'")

@@ -176,6 +176,55 @@ def _metric_rows(metrics: Mapping) -> list[list[str]]:
     return rows
 
 
+def _clinical_accuracy_html(accuracy: Mapping) -> list[str]:
+    """Per-question precision / recall / F1 / prevalence of the answers' read-back status, macro F1 with CI,
+    and the details (lobe, side, size) of the true-positive answers."""
+    parts = [
+        "<h2>Clinical accuracy: does each answer say present or absent as the scan's report does?</h2>",
+        f"<p>Answers read back by {html.escape(str(accuracy['reader']))}; BERTScore cannot tell "
+        "&quot;No pleural effusion&quot; from &quot;Small right pleural effusion&quot;, this can.</p>",
+    ]
+    statuses = accuracy.get("answer_statuses") or {}
+    for title, key in (
+        ("against the report", "against_report"),
+        ("against the ground truth", "against_ground_truth"),
+    ):
+        block = accuracy.get(key)
+        if not block:
+            continue
+        header = [
+            "question",
+            "n",
+            "prevalence",
+            "precision",
+            "recall",
+            "F1",
+            "answers present/absent/not mentioned",
+        ]
+        rows = [
+            [qid, s["n"], _fmt(s["prevalence"]), _fmt(s["precision"]), _fmt(s["recall"]), _fmt(s["f1"])]
+            + ["/".join(str(v) for v in statuses.get(qid, {}).values())]
+            for qid, s in block["per_question"].items()
+        ]
+        rows.append(
+            ["macro F1 (95% CI)", "", "", "", "", _with_ci(block["macro_f1"], block["macro_f1_ci"]), ""]
+        )
+        parts += [f"<h3>{html.escape(title)}</h3>", _table(header, rows)]
+    details = accuracy.get("details")
+    if details:
+        rows = [["tumor lobe", details["tumor_lobe"]], ["effusion side", details["pleura_side"]]]
+        tolerance = details["size"]["tolerance_mm"]
+        rows += [[f"{q} size within {tolerance:g} mm", d] for q, d in details["size"]["per_question"].items()]
+        parts += [
+            "<h3>Details of the true-positive answers</h3>",
+            _table(
+                ["detail", "right", "scored", "accuracy"],
+                [[name, d["correct"], d["scored"], _fmt(d["accuracy"])] for name, d in rows],
+            ),
+        ]
+    return parts
+
+
 def _example_html(example: Mapping) -> str:
     title = (
         f"scan {example['scan_id']}: risk {_fmt(example['risk'])}, time {float(example['time']):g}, "
@@ -210,6 +259,8 @@ def write_report(
             "<h2>C-index of each question's risk</h2>",
             _table(["question", "C-index"], [[q, _fmt(c)] for q, c in per_question.items()]),
         ]
+    if metrics.get("clinical_accuracy"):
+        parts += _clinical_accuracy_html(metrics["clinical_accuracy"])
     for title, image in images.items():
         encoded = base64.b64encode(Path(image).read_bytes()).decode("ascii")
         parts.append(

@@ -1,5 +1,5 @@
-"""`vlsurv train` and `accelerate launch scripts/train.py`: stage 1 (VQA) or stage 2 (joint survival)
-training.
+"""`vlsurv train` and `accelerate launch scripts/train.py`: stage 1 (VQA), stage 2 (joint survival) or
+time-to-event pretraining (a YAML with ``stage: tte_pretrain``, vlsurv.tte) training.
 
     accelerate launch --config_file configs/accelerate/single_gpu.yaml scripts/train.py \
         --config configs/stage1.yaml [key=value ...] [--resume latest|PATH]
@@ -20,6 +20,8 @@ import argparse
 
 from vlsurv.training.config import load_train_config
 from vlsurv.training.loop import train
+from vlsurv.tte.config import is_tte_config, load_tte_config
+from vlsurv.tte.training import train_tte
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="'latest' (newest checkpoint of output_dir) or a checkpoint folder")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted TrainConfig overrides")
     args = parser.parse_args(argv)
+    if is_tte_config(args.config, args.overrides):  # stage: tte_pretrain (vlsurv.tte)
+        train_tte(load_tte_config(args.config, args.overrides), resume=args.resume)
+        return 0
     config = load_train_config(args.config, args.overrides)
     train(config, resume=args.resume)
     return 0

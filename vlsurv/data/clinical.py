@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from vlsurv.errors import InputError
+from vlsurv.files import read_yaml
 from vlsurv.prompts import PROMPTS_DIR
 
 _FORMATS = ("int", "text", "decimal", "flag")
@@ -153,7 +153,7 @@ def _parse_clause(item: Any, fields: dict[str, FieldSpec], path: Path) -> Clause
 def load_template(template: str | Path) -> ClinicalTemplate:
     """Read and validate a clinical template by name ("lung", "pe") or path."""
     path = _template_path(template)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, ClinicalTemplateError)
     if (
         not isinstance(raw, dict)
         or not isinstance(raw.get("fields"), dict)

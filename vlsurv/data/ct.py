@@ -5,6 +5,10 @@ mapping voxel indices to RAS millimetres, as nibabel gives for NIfTI. For DICOM 
 sorted by ImagePositionPatient projected on the slice normal, RescaleSlope/RescaleIntercept are
 applied, the spacing comes from PixelSpacing and the slice positions, and the LPS patient
 coordinates of DICOM are turned into RAS. Bad input raises ``CTError`` naming the file.
+
+``load_ct(path, ScanOverrides(...))`` applies a manifest's per-scan overrides (raw CT-RATE read in place):
+``spacing`` (mm per array axis) replaces the header's voxel size, keeping its axis directions and origin;
+``slope``/``intercept`` turn the file's stored (unscaled) values into HU = stored * slope + intercept.
 """
 
 from __future__ import annotations
@@ -41,18 +45,57 @@ class CTVolume:
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
-def load_ct(path: str | Path) -> CTVolume:
+@dataclass(frozen=True)
+class ScanOverrides:
+    """Per-scan geometry and intensity that replace a file's header: ``spacing`` mm along array axes
+    (0, 1, 2); HU = stored * ``slope`` + ``intercept`` (NIfTI only; both or neither)."""
+
+    spacing: tuple[float, float, float] | None = None
+    slope: float | None = None
+    intercept: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.slope is None) != (self.intercept is None):
+            raise CTError(
+                f"ScanOverrides: expected slope and intercept both set or both None, got {self.slope} and "
+                f"{self.intercept}"
+            )
+        if self.spacing is not None and (len(self.spacing) != 3 or not all(v > 0 for v in self.spacing)):
+            raise CTError(f"ScanOverrides.spacing: expected 3 mm values > 0, got {self.spacing}")
+
+
+def load_ct(path: str | Path, overrides: ScanOverrides | None = None) -> CTVolume:
     """Load ``.nii``/``.nii.gz`` or a DICOM series folder as a :class:`CTVolume` in HU."""
     path = Path(path).expanduser()
+    overrides = overrides or ScanOverrides()
+    rescale = None if overrides.slope is None else (overrides.slope, overrides.intercept)
     if not path.exists():
         raise CTError(f"{path}: file or folder not found")
     if path.is_dir():
+        if rescale is not None:
+            raise CTError(f"{path}: a rescale override applies to NIfTI files; DICOM slices carry their own")
         volume = _load_dicom_series(path)
     elif path.name.lower().endswith((".nii", ".nii.gz")):
-        volume = _load_nifti(path)
+        volume = _load_nifti(path, rescale)
     else:
         raise CTError(f"{path}: unsupported CT input; expected a .nii/.nii.gz file or a DICOM series folder")
+    if overrides.spacing is not None:
+        volume = CTVolume(volume.array, with_spacing(volume.affine, overrides.spacing), volume.source)
     return check_volume(volume)
+
+
+def with_spacing(affine: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """``affine`` (4, 4) with voxel size ``spacing`` mm: the header's axis directions (identity when they are
+    degenerate) and origin are kept."""
+    affine = np.asarray(affine, dtype=np.float64)
+    lengths = np.linalg.norm(affine[:3, :3], axis=0)
+    directions = affine[:3, :3] / np.where(lengths > 0, lengths, 1.0)
+    if abs(np.linalg.det(directions)) < 1e-6:
+        directions = np.eye(3)
+    out = np.eye(4)
+    out[:3, :3] = directions * np.asarray(spacing, dtype=np.float64)
+    out[:3, 3] = affine[:3, 3]
+    return out
 
 
 def check_volume(volume: CTVolume) -> CTVolume:
@@ -79,10 +122,16 @@ def check_volume(volume: CTVolume) -> CTVolume:
     return CTVolume(array=array.astype(np.float32, copy=False), affine=affine, source=volume.source)
 
 
-def _load_nifti(path: Path) -> CTVolume:
+def _load_nifti(path: Path, rescale: tuple[float, float] | None = None) -> CTVolume:
+    """The header's scaling, or stored values * slope + intercept when ``rescale`` is given."""
     try:
         image = nib.load(str(path))
-        array = image.get_fdata(dtype=np.float32)
+        if rescale is None:
+            array = image.get_fdata(dtype=np.float32)
+        else:
+            proxy = image.dataobj
+            stored = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+            array = np.asarray(stored, dtype=np.float32) * np.float32(rescale[0]) + np.float32(rescale[1])
         affine = image.affine
     except Exception as error:  # nibabel raises many types (gzip, EOF, header) for broken files
         raise CTError(f"{path}: cannot read NIfTI file ({type(error).__name__}: {error})") from error

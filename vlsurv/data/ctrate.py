@@ -14,6 +14,11 @@ patient "valid_1", scan "valid_1_a_1", split "val" ("train" stays "train"). Volu
 CT-RATE layout ``<root>/<split>/<patient>/<patient>_<a>/<name>.nii.gz`` or in a flat folder.
 CT-RATE has no survival labels: manifests leave ``time`` and ``event`` empty.
 
+``ctrate_inplace_manifest`` (what ``vlsurv ctrate`` writes by default) points at the raw volumes and carries
+the metadata as the manifest's override columns (``spacing_x/y/z``, ``rescale_slope``, ``rescale_intercept``;
+see ``vlsurv.data.manifest``), which ``load_ct`` applies: no volume is copied, and HU and spacing equal
+those of the rewritten volumes (``convert_ctrate``, ``vlsurv ctrate --rewrite``; these round HU to int16).
+
 Demographics: the metadata's ``PatientAge`` (DICOM age string "036Y"; D/W/M/Y units) becomes ``age`` in
 years and ``PatientSex`` ("M"/"F"; "O" or empty stays empty) becomes ``sex`` (male/female) in the manifest.
 Their clinical sentence comes from the ``chest_ct`` template (``CLINICAL_TEMPLATE``), e.g. "A 36-year-old
@@ -35,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from vlsurv.data.clinical import DEFAULT_MAX_MISSING_FRACTION, check_max_missing_fraction, warn_missing_fields
-from vlsurv.data.ct import CTVolume, check_volume
+from vlsurv.data.ct import CTError, CTVolume, ScanOverrides, load_ct
 from vlsurv.data.manifest import MANIFEST_COLUMNS, write_manifest
 from vlsurv.errors import InputError
 
@@ -64,6 +69,18 @@ class CTRateGeometry:
     z_spacing: float
     slope: float
     intercept: float
+
+    @property
+    def overrides(self) -> ScanOverrides:
+        """Spacing along array axes (0 = columns -> ``xy_spacing[1]``, 1 = rows, 2 = slices) and rescale."""
+        spacing = (self.xy_spacing[1], self.xy_spacing[0], self.z_spacing)
+        return ScanOverrides(spacing=spacing, slope=self.slope, intercept=self.intercept)
+
+    @property
+    def columns(self) -> dict[str, float]:
+        """The manifest's override columns (``spacing_x/y/z``, ``rescale_slope``, ``rescale_intercept``)."""
+        spacing = dict(zip(("spacing_x", "spacing_y", "spacing_z"), self.overrides.spacing))
+        return {**spacing, "rescale_slope": self.slope, "rescale_intercept": self.intercept}
 
 
 @dataclass
@@ -204,25 +221,11 @@ def read_ctrate_reports(path: str | Path) -> dict[str, str]:
 
 
 def load_ctrate_volume(path: str | Path, geometry: CTRateGeometry) -> CTVolume:
-    """Raw CT-RATE volume -> HU CTVolume (X, Y, Z) with the metadata spacing."""
-    path = Path(path)
+    """Raw CT-RATE volume -> HU CTVolume (X, Y, Z) with the metadata spacing (``load_ct`` with overrides)."""
     try:
-        image = nib.load(str(path))
-        proxy = image.dataobj
-        stored = proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
-        header_affine = np.asarray(image.affine, dtype=np.float64)
-    except Exception as error:  # nibabel raises many types for broken files
-        raise CTRateError(f"{path}: cannot read NIfTI file ({type(error).__name__}: {error})") from error
-    hu = np.asarray(stored, dtype=np.float32) * np.float32(geometry.slope) + np.float32(geometry.intercept)
-    lengths = np.linalg.norm(header_affine[:3, :3], axis=0)
-    directions = header_affine[:3, :3] / np.where(lengths > 0, lengths, 1.0)
-    if abs(np.linalg.det(directions)) < 1e-6:
-        directions = np.eye(3)
-    row_spacing, column_spacing = geometry.xy_spacing
-    affine = np.eye(4)
-    affine[:3, :3] = directions * np.array([column_spacing, row_spacing, geometry.z_spacing])
-    affine[:3, 3] = header_affine[:3, 3]
-    return check_volume(CTVolume(array=hu, affine=affine, source=str(path)))
+        return load_ct(path, geometry.overrides)
+    except CTError as error:
+        raise CTRateError(str(error)) from error
 
 
 def find_ctrate_volumes(root: str | Path) -> list[Path]:
@@ -248,7 +251,7 @@ def ctrate_manifest(
     """Manifest rows (``MANIFEST_COLUMNS``, time/event empty) for volumes used as they are on disk.
 
     ``volumes`` is a folder (searched with ``find_ctrate_volumes``) or a list of paths. Use this for
-    volumes that already hold HU with correct headers; for raw volumes use ``convert_ctrate``.
+    volumes that already hold HU with correct headers; for raw volumes use ``ctrate_inplace_manifest``.
     With ``metadata_csv`` the ``age`` (years) and ``sex`` columns are added (``read_ctrate_demographics``).
     """
     paths = find_ctrate_volumes(volumes) if isinstance(volumes, (str, Path)) else [Path(p) for p in volumes]
@@ -298,6 +301,50 @@ def iter_ctrate(
         )
 
 
+def _checked_inputs(
+    root: str | Path, metadata_csv: str | Path, reports_csv: str | Path
+) -> tuple[list[Path], dict[str, CTRateGeometry], dict[str, str]]:
+    """(volumes, geometry, reports); every volume has a report and a metadata row."""
+    geometry = read_ctrate_metadata(metadata_csv)
+    reports = read_ctrate_reports(reports_csv)
+    volumes = find_ctrate_volumes(root)
+    missing = [scan_id_of(p) for p in volumes if scan_id_of(p) not in reports]
+    if missing:
+        raise CTRateError(f"{reports_csv}: no report for volume(s) {missing[:5]}")
+    unknown = [scan_id_of(p) for p in volumes if scan_id_of(p) not in geometry]
+    if unknown:
+        raise CTRateError(f"{metadata_csv}: no metadata row for volume(s) {unknown[:5]}")
+    return volumes, geometry, reports
+
+
+def _manifest_row(path: Path, image: Path, report: str) -> dict[str, object]:
+    patient_id, scan_id, split = parse_volume_name(path)
+    return {
+        "patient_id": patient_id,
+        "scan_id": scan_id,
+        "image": str(image.resolve()),
+        "report": report,
+        "time": math.nan,
+        "event": math.nan,
+        "split": split,
+    }
+
+
+def ctrate_inplace_manifest(
+    root: str | Path, metadata_csv: str | Path, reports_csv: str | Path, out_dir: str | Path
+) -> Path:
+    """Write ``out_dir/manifest.csv`` pointing at the raw volumes, with the override columns
+    (``CTRateGeometry.columns``) that make ``load_ct`` read them in HU with the metadata spacing; time/event
+    empty, ``age`` and ``sex`` from the metadata. Nothing is copied; returns the manifest path."""
+    volumes, geometry, reports = _checked_inputs(root, metadata_csv, reports_csv)
+    rows = []
+    for path in volumes:
+        scan_id = scan_id_of(path)
+        rows.append({**_manifest_row(path, path, reports[scan_id]), **geometry[scan_id].columns})
+    frame = _with_demographics(pd.DataFrame(rows), read_ctrate_demographics(metadata_csv))
+    return write_manifest(frame, Path(out_dir) / "manifest.csv")
+
+
 def convert_ctrate(
     root: str | Path, metadata_csv: str | Path, reports_csv: str | Path, out_dir: str | Path
 ) -> Path:
@@ -306,20 +353,12 @@ def convert_ctrate(
     Existing volumes are kept."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    geometry = read_ctrate_metadata(metadata_csv)
-    demographics = read_ctrate_demographics(metadata_csv)
-    reports = read_ctrate_reports(reports_csv)
-    volumes = find_ctrate_volumes(root)
-    missing = [scan_id_of(p) for p in volumes if scan_id_of(p) not in reports]
-    if missing:
-        raise CTRateError(f"{reports_csv}: no report for volume(s) {missing[:5]}")
+    volumes, geometry, reports = _checked_inputs(root, metadata_csv, reports_csv)
     rows = []
     for path in volumes:
-        patient_id, scan_id, split = parse_volume_name(path)
+        scan_id = scan_id_of(path)
         target = out_dir / "images" / f"{scan_id}.nii.gz"
         if not target.exists():
-            if scan_id not in geometry:
-                raise CTRateError(f"{metadata_csv}: no metadata row for volume {path}")
             volume = load_ctrate_volume(path, geometry[scan_id])
             hu = np.clip(np.rint(volume.array), np.iinfo(np.int16).min, np.iinfo(np.int16).max).astype(
                 np.int16
@@ -327,30 +366,29 @@ def convert_ctrate(
             partial = target.with_name(f".{scan_id}.partial.nii.gz")
             nib.save(nib.Nifti1Image(hu, volume.affine), str(partial))
             partial.replace(target)
-        rows.append(
-            {
-                "patient_id": patient_id,
-                "scan_id": scan_id,
-                "image": str(target.resolve()),
-                "report": reports[scan_id],
-                "time": math.nan,
-                "event": math.nan,
-                "split": split,
-            }
-        )
-    frame = _with_demographics(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), demographics)
+        rows.append(_manifest_row(path, target, reports[scan_id]))
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame = _with_demographics(frame, read_ctrate_demographics(metadata_csv))
     return write_manifest(frame, out_dir / "manifest.csv")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``vlsurv ctrate``: raw CT-RATE volumes + metadata + reports -> HU NIfTI files and a manifest."""
+    """``vlsurv ctrate``: raw CT-RATE volumes + metadata + reports -> a manifest reading them in place (or,
+    with --rewrite, HU NIfTI copies)."""
     parser = argparse.ArgumentParser(prog="vlsurv ctrate", description=main.__doc__.split(": ", 1)[1])
     parser.add_argument("--volumes", required=True, help="folder searched for CT-RATE .nii.gz volumes")
     parser.add_argument("--metadata", required=True, help="metadata CSV (XYSpacing, ZSpacing, Rescale*)")
     parser.add_argument(
         "--reports", required=True, help="reports CSV (VolumeName, Findings_EN, Impressions_EN)"
     )
-    parser.add_argument("--out", required=True, help="output folder: images/ and manifest.csv")
+    parser.add_argument(
+        "--out", required=True, help="output folder: manifest.csv (and images/ with --rewrite)"
+    )
+    parser.add_argument(
+        "--rewrite",
+        action="store_true",
+        help="write HU NIfTI copies to OUT/images/ instead of reading the raw volumes in place",
+    )
     parser.add_argument(
         "--max-missing-fraction",
         type=float,
@@ -360,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_max_missing_fraction(args.max_missing_fraction, "--max-missing-fraction")
-        manifest = convert_ctrate(args.volumes, args.metadata, args.reports, args.out)
+        write = convert_ctrate if args.rewrite else ctrate_inplace_manifest
+        manifest = write(args.volumes, args.metadata, args.reports, args.out)
         rows = pd.read_csv(manifest, usecols=["scan_id", *DEMOGRAPHIC_COLUMNS]).to_dict("records")
         warn_missing_fields(
             rows,

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import pandas as pd
 import torch
@@ -33,6 +33,9 @@ from torch.utils.data import Dataset
 
 from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
+
+if TYPE_CHECKING:
+    from vlsurv.model.survival import DeepHitCuts
 
 VQA_KEYS = ("scan_id", "question_id", "question", "answer")
 
@@ -192,7 +195,7 @@ class SampleDataset(Dataset):
         self.processor = processor
         self.deephit_labels: dict[str, torch.Tensor] | None = None
 
-    def set_deephit_cuts(self, cuts) -> None:
+    def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
         float32 ``time`` (the value the batch carries) and ``event``; items then carry the labels."""
         time = torch.tensor([s.time for s in self.samples], dtype=torch.float32)

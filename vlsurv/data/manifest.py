@@ -9,11 +9,17 @@ unit given by the data set), ``event`` (int, 1 = event observed, 0 = censored) a
 ``load_manifest`` validates every row and raises ``ManifestError`` naming the file, the 1-based data
 row number, the ``scan_id`` and the field. With ``require_survival=False`` (stage-1 VQA data such as
 CT-RATE) ``time`` and ``event`` may be empty or absent; values that are present are still checked.
+
+Optional per-scan overrides (``OVERRIDE_COLUMNS``, raw CT-RATE volumes read in place): ``spacing_x``,
+``spacing_y``, ``spacing_z`` (mm along the image's array axes 0, 1, 2; all three or none) replace the header's
+voxel size, and ``rescale_slope``, ``rescale_intercept`` (both or neither) give HU = stored * slope +
+intercept. ``scan_overrides(row)`` reads them from a loaded row.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -26,6 +32,9 @@ SPLITS = ("train", "val", "test")
 _ID_COLUMNS = ("patient_id", "scan_id", "image", "split")
 _SURVIVAL_COLUMNS = ("time", "event")
 _TEXT_COLUMNS = ("patient_id", "scan_id", "image", "report", "split")
+SPACING_COLUMNS = ("spacing_x", "spacing_y", "spacing_z")
+RESCALE_COLUMNS = ("rescale_slope", "rescale_intercept")
+OVERRIDE_COLUMNS = (*SPACING_COLUMNS, *RESCALE_COLUMNS)
 
 
 class ManifestError(InputError):
@@ -114,12 +123,46 @@ def _validate_rows(table: pd.DataFrame, path: Path, *, require_survival: bool, c
                 parse(value)
             except (TypeError, ValueError):
                 raise _row_error(path, index, scan_id, field, f"got {value!r}; expected {expected}") from None
+        _check_overrides(record, path, index)
         times.append(float("nan") if _is_missing(time) else _parse_time(time))
         events.append(float("nan") if _is_missing(event) else float(_parse_event(event)))
     table["image"] = images
     table["time"] = pd.Series(times, index=table.index, dtype="float64")
     event_series = pd.Series(events, index=table.index, dtype="float64")
     table["event"] = event_series.astype("int64") if not event_series.isna().any() else event_series
+
+
+def _check_overrides(record: dict, path: Path, row_number: int) -> None:
+    """Override columns of one row: each group all set or none; spacings and slope > 0, intercept finite."""
+    for group in (SPACING_COLUMNS, RESCALE_COLUMNS):
+        present = [c for c in group if c in record and not _is_missing(record[c])]
+        if present and len(present) < len(group):
+            absent = next(c for c in group if c not in present)
+            expected = f"is empty; expected {list(group)} all set or all empty"
+            raise _row_error(path, row_number, record["scan_id"], absent, expected)
+        for column in present:
+            try:
+                number = float(record[column])
+            except (TypeError, ValueError):
+                number = math.nan
+            expected = "a finite number" if column == "rescale_intercept" else "a number > 0"
+            if not math.isfinite(number) or (column != "rescale_intercept" and number <= 0):
+                message = f"got {record[column]!r}; expected {expected}"
+                raise _row_error(path, row_number, record["scan_id"], column, message)
+
+
+def scan_overrides(row: Mapping) -> dict[str, object]:
+    """``{"spacing": (x, y, z) | None, "slope": float | None, "intercept": float | None}`` of a loaded row."""
+
+    def present(columns: tuple[str, ...]) -> bool:
+        return all(c in row and not _is_missing(row[c]) for c in columns)
+
+    rescale = present(RESCALE_COLUMNS)
+    return {
+        "spacing": tuple(float(row[c]) for c in SPACING_COLUMNS) if present(SPACING_COLUMNS) else None,
+        "slope": float(row["rescale_slope"]) if rescale else None,
+        "intercept": float(row["rescale_intercept"]) if rescale else None,
+    }
 
 
 def load_manifest(

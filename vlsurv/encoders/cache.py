@@ -5,19 +5,23 @@ Layout of a cache folder::
     index.json               {"version": 1, "scans": {scan_id: entry}}
     shard-00000.safetensors  one tensor (T, C) per scan, key = scan_id
     encoder.yaml, preprocess.yaml   the resolved configs of the latest run
+    errors.jsonl             {"scan_id", "image", "error"} per scan that failed to load in the latest run
 
 An index entry records ``shard``, ``shape`` [T, C], ``dtype``, ``encoder`` (architecture name),
 ``token_mode``, ``checkpoint_sha256`` (or ``random-init:<seed>``) and ``preprocess_hash``; all but
 ``shard`` and ``shape`` form the scan's key. A rerun skips scans whose key matches and re-encodes
 the others. A shard is written to a temporary file and renamed into place, and the index is
 replaced only after its shard is complete, so an interrupted run resumes where it stopped.
+Loading runs in DataLoader workers (``vlsurv.encoders.scans``); under ``accelerate launch`` every process
+encodes a slice and writes its own shards (``vlsurv.encoders.parallel``), merged into one index.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +33,25 @@ from tqdm.auto import tqdm
 
 from vlsurv.config import load_config, save_config
 from vlsurv.data.manifest import load_manifest
-from vlsurv.data.transforms import PreprocessConfig, config_hash, preprocess_ct
+from vlsurv.data.transforms import PreprocessConfig, config_hash
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder, tiny_config
+from vlsurv.encoders.parallel import (
+    ERRORS_NAME,
+    EncodeGroup,
+    accelerate_state,
+    launched,
+    merge_errors,
+    merge_part_indices,
+    process_slice,
+    progress_of,
+    remove_parts,
+    shard_numbers,
+    wait_for_all,
+    write_part_errors,
+    write_part_index,
+    write_progress,
+)
+from vlsurv.encoders.scans import EncodeStats, ScanBatch, scan_loader, scans_of
 from vlsurv.errors import InputError
 from vlsurv.files import atomic_write
 from vlsurv.progress import progress_bar
@@ -40,6 +61,7 @@ INDEX_VERSION = 1
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KEY_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype")
+AUTOCAST_MODES = ("auto", "bf16", "off")
 
 
 class CacheError(InputError):
@@ -67,74 +89,174 @@ def encode_manifest(
     shard_size: int = 64,
     batch_size: int = 1,
     progress: bool = True,
+    num_workers: int = 0,
+    strict: bool = False,
+    autocast: str = "auto",
+    stats: EncodeStats | None = None,
 ) -> dict[str, int]:
-    """Encode every scan of ``manifest`` whose cached key differs; returns {"encoded", "skipped"}.
+    """Encode every scan of ``manifest`` whose cached key differs; returns {"encoded", "skipped", "failed"}.
 
     ``manifest`` is a manifest file (validated with ``load_manifest``) or a frame with ``scan_id``
-    and ``image`` columns. Each batch (B, 1, H, W, D) goes through ``encoder`` to tokens (B, T, C),
-    stored per scan as (T, C) in ``dtype``.
+    and ``image`` columns (and optionally the override columns). ``num_workers`` DataLoader processes load
+    and resample while the encoder runs. Each batch (B, 1, H, W, D) goes through ``encoder`` (bf16 autocast
+    on a GPU with ``autocast="auto"``, ``"bf16"`` anywhere, ``"off"``) to tokens (B, T, C), stored per
+    scan as (T, C) in ``dtype``. A scan that fails to load is recorded in ``errors.jsonl`` and skipped, or
+    raises ``CacheError`` with ``strict``. Under ``accelerate launch`` each process encodes its slice
+    (``vlsurv.encoders.parallel``); counts are over all processes on the main one, over its own slice on
+    the others. ``stats`` (optional) receives this process's seconds per stage and memory.
     """
+    began = time.perf_counter()
     if dtype not in STORAGE_DTYPES:
         raise CacheError(f"dtype: expected one of {list(STORAGE_DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
         raise CacheError(f"shard_size and batch_size: expected >= 1, got {shard_size} and {batch_size}")
+    if num_workers < 0:
+        raise CacheError(f"num_workers: expected an integer >= 0, got {num_workers}")
+    if autocast not in AUTOCAST_MODES:
+        raise CacheError(f"autocast: expected one of {list(AUTOCAST_MODES)}, got {autocast!r}")
     frame = load_manifest(manifest, require_survival=False) if isinstance(manifest, (str, Path)) else manifest
     missing = [c for c in ("scan_id", "image") if c not in frame.columns]
     if missing:
         raise CacheError(f"manifest: expected columns scan_id and image, missing {missing}")
     preprocess = preprocess or PreprocessConfig()
+    stats = stats if stats is not None else EncodeStats()
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    group = EncodeGroup.current()
+    if group.is_main:
+        _start_run(root, encoder, preprocess)
+    group.barrier()
+    index = _read_index(root) if (root / INDEX_NAME).exists() else {"version": INDEX_VERSION, "scans": {}}
+    key = cache_key(encoder, preprocess, dtype)
+    scans = scans_of(frame)
+    todo = [s for s in scans if {f: index["scans"].get(s.scan_id, {}).get(f) for f in KEY_FIELDS} != key]
+    mine = process_slice(todo, group.rank, group.world)
+    numbers = shard_numbers(_next_shard_number(root), group.rank, group.world)
+    group.barrier()  # every process has its shard numbers before any shard is written
+    device = encoder.conv1.weight.device
+    bf16 = autocast == "bf16" or (autocast == "auto" and device.type == "cuda")
+    chunks = [range(i, min(i + shard_size, len(mine))) for i in range(0, len(mine), shard_size)]
+    batches = [list(chunk[j : j + batch_size]) for chunk in chunks for j in range(0, len(chunk), batch_size)]
+    loader = scan_loader(mine, preprocess, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    entries = index["scans"] if group.world == 1 else {}
+    failures: list[dict[str, str]] = []
+    tokens: dict[str, torch.Tensor] = {}
+    chunk_sizes = iter([len(chunk) for chunk in chunks])
+    chunk_left, done = next(chunk_sizes, 0), 0
+    with progress_bar(total=len(todo), desc="encode", unit="scan", enabled=progress and group.is_main) as bar:
+        for batch in loader:
+            stats.add(batch)
+            for scan, reason in batch.failures:
+                if strict:
+                    raise CacheError(
+                        f"{scan.image}: scan_id {scan.scan_id!r} failed to load ({reason}); --strict stops "
+                        f"at the first failure (without it failures are skipped and listed in {ERRORS_NAME})"
+                    )
+                failures.append({"scan_id": scan.scan_id, "image": scan.image, "error": reason})
+            if batch.volumes is not None:
+                started = time.perf_counter()
+                tokens.update(_encode_batch(encoder, batch, dtype, bf16))
+                stats.encode_s += time.perf_counter() - started
+            chunk_left -= len(batch.items)
+            if chunk_left == 0:
+                started = time.perf_counter()
+                _finish_shard(
+                    root, f"{SHARD_PREFIX}{next(numbers):05d}{SHARD_SUFFIX}", tokens, key, entries, group
+                )
+                stats.write_s += time.perf_counter() - started
+                tokens, chunk_left = {}, next(chunk_sizes, 0)
+            done += len(batch.items)
+            _show_progress(root, group, bar, done, finished=False)
+        write_part_errors(root, group.rank, failures)
+        _show_progress(root, group, bar, done, finished=True)
+        if group.is_main and group.world > 1:
+            wait_for_all(root, group.world, lambda done: bar.update(done - bar.n))
+    counts = {
+        "encoded": len(mine) - len(failures),
+        "skipped": len(scans) - len(todo),
+        "failed": len(failures),
+    }
+    if group.is_main:
+        failed = _finish_run(root, [s.scan_id for s in scans])
+        counts.update(encoded=len(todo) - failed, failed=failed)
+    stats.wall_s += time.perf_counter() - began
+    return counts
+
+
+def _start_run(root: Path, encoder: MerlinImageEncoder, preprocess: PreprocessConfig) -> None:
+    """Main process, before the others read the index: drop temporary files, merge the part indices of a
+    killed run into ``index.json``, forget the last run's errors, save the configs."""
     _remove_temporary_files(root)
     index = _read_index(root) if (root / INDEX_NAME).exists() else {"version": INDEX_VERSION, "scans": {}}
-    entries = index["scans"]
-    key = cache_key(encoder, preprocess, dtype)
-    scans = [(str(s), str(i)) for s, i in zip(frame["scan_id"], frame["image"])]
-    todo = [(s, i) for s, i in scans if {f: entries.get(s, {}).get(f) for f in KEY_FIELDS} != key]
+    if merge_part_indices(root, index["scans"]):
+        _write_index(root, index)
+    remove_parts(root)
+    (root / ERRORS_NAME).unlink(missing_ok=True)
     save_config(encoder.config, root / "encoder.yaml")
     save_config(preprocess, root / "preprocess.yaml")
-    next_shard = _next_shard_number(root)
-    with progress_bar(total=len(todo), desc="encode", unit="scan", enabled=progress) as bar:
-        for start in range(0, len(todo), shard_size):
-            shard_name = f"{SHARD_PREFIX}{next_shard:05d}{SHARD_SUFFIX}"
-            tokens = _encode_scans(
-                todo[start : start + shard_size], encoder, preprocess, dtype, batch_size, bar
-            )
-            _write_shard(root / shard_name, tokens, key)
-            for scan_id, value in tokens.items():
-                entries[scan_id] = {"shard": shard_name, "shape": list(value.shape), **key}
-            _write_index(root, index)
-            next_shard += 1
-    _remove_unreferenced_shards(root, entries)
-    return {"encoded": len(todo), "skipped": len(scans) - len(todo)}
 
 
-def _encode_scans(
-    scans: Sequence[tuple[str, str]],
-    encoder: MerlinImageEncoder,
-    preprocess: PreprocessConfig,
-    dtype: str,
-    batch_size: int,
-    bar: tqdm,
+def _encode_batch(
+    encoder: MerlinImageEncoder, batch: ScanBatch, dtype: str, bf16: bool
 ) -> dict[str, torch.Tensor]:
-    """Preprocess and encode ``scans`` in batches; {scan_id: (T, C) tensor in ``dtype``}."""
-    tokens: dict[str, torch.Tensor] = {}
-    for start in range(0, len(scans), batch_size):
-        batch = scans[start : start + batch_size]
-        volumes = torch.stack([preprocess_ct(image, preprocess) for _, image in batch])
-        raw = encoder(volumes).to(device="cpu")
-        encoded = raw.to(STORAGE_DTYPES[dtype])
-        for (scan_id, _), raw_value, value in zip(batch, raw, encoded):
-            if not torch.isfinite(raw_value).all():
-                raise CacheError(f"scan_id {scan_id!r}: the encoder's tokens are not finite (NaN or inf)")
-            if not torch.isfinite(value).all():
-                raise CacheError(
-                    f"scan_id {scan_id!r}: tokens are not finite in {dtype} (max |value| "
-                    f"{raw_value.abs().max().item():.3g} exceeds its range); store float32 or bfloat16"
-                )
-            tokens[scan_id] = value.clone(memory_format=torch.contiguous_format)
-        bar.update(len(batch))
+    """Tokens {scan_id: (T, C) in ``dtype``} of a batch's volumes (B, 1, H, W, D); refuses non-finite ones."""
+    device = encoder.conv1.weight.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        raw = encoder(batch.volumes.to(device, non_blocking=True)).to(device="cpu", dtype=torch.float32)
+    encoded = raw.to(STORAGE_DTYPES[dtype])
+    tokens = {}
+    for scan, raw_value, value in zip(batch.scans, raw, encoded):
+        if not torch.isfinite(raw_value).all():
+            raise CacheError(f"scan_id {scan.scan_id!r}: the encoder's tokens are not finite (NaN or inf)")
+        if not torch.isfinite(value).all():
+            raise CacheError(
+                f"scan_id {scan.scan_id!r}: tokens are not finite in {dtype} (max |value| "
+                f"{raw_value.abs().max().item():.3g} exceeds its range); store float32 or bfloat16"
+            )
+        tokens[scan.scan_id] = value.clone(memory_format=torch.contiguous_format)
     return tokens
+
+
+def _finish_shard(
+    root: Path,
+    shard_name: str,
+    tokens: dict[str, torch.Tensor],
+    key: dict[str, str],
+    entries: dict[str, dict],
+    group: EncodeGroup,
+) -> None:
+    """Write the shard, then the index that points at it: ``index.json`` in one process, else this
+    process's part index. A shard whose scans all failed is not written."""
+    if not tokens:
+        return
+    _write_shard(root / shard_name, tokens, key)
+    for scan_id, value in tokens.items():
+        entries[scan_id] = {"shard": shard_name, "shape": list(value.shape), **key}
+    if group.world == 1:
+        _write_index(root, {"version": INDEX_VERSION, "scans": entries})
+    else:
+        write_part_index(root, group.rank, entries)
+
+
+def _show_progress(root: Path, group: EncodeGroup, bar: tqdm, done: int, *, finished: bool) -> None:
+    """Advance the main process's bar to the scans handled by all processes (progress files if world > 1)."""
+    if group.world > 1:
+        write_progress(root, group.rank, done, finished)
+        done = progress_of(root, group.world)[0] if group.is_main else done
+    if group.is_main:
+        bar.update(done - bar.n)
+
+
+def _finish_run(root: Path, order: list[str]) -> int:
+    """Main process, once every process has finished: merge the part indices and errors, delete the
+    per-process files and unreferenced shards; the number of failed scans."""
+    index = _read_index(root) if (root / INDEX_NAME).exists() else {"version": INDEX_VERSION, "scans": {}}
+    if merge_part_indices(root, index["scans"]):
+        _write_index(root, index)
+    failures = merge_errors(root, order)
+    remove_parts(root)
+    _remove_unreferenced_shards(root, index["scans"])
+    return len(failures)
 
 
 def _write_shard(path: Path, tokens: dict[str, torch.Tensor], key: dict[str, str]) -> None:
@@ -181,9 +303,9 @@ def _next_shard_number(root: Path) -> int:
 
 
 def _remove_temporary_files(root: Path) -> None:
-    for path in root.glob(f".{SHARD_PREFIX}*{SHARD_SUFFIX}.tmp"):
+    """The ``.<name>.tmp`` files that a killed ``atomic_write`` leaves (shards, indices, progress)."""
+    for path in root.glob(".*.tmp"):
         path.unlink()
-    (root / f".{INDEX_NAME}.tmp").unlink(missing_ok=True)
 
 
 def _remove_unreferenced_shards(root: Path, entries: dict[str, dict]) -> None:
@@ -295,9 +417,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default="float32", help="storage dtype")
     parser.add_argument("--shard-size", type=int, default=64, help="scans per shard file")
     parser.add_argument("--batch-size", type=int, default=1, help="scans per encoder forward")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-workers", type=int, default=0, help="processes that load and resample scans")
+    parser.add_argument("--strict", action="store_true", help="stop at the first scan that fails to load")
+    parser.add_argument(
+        "--autocast", choices=AUTOCAST_MODES, default="auto", help="bf16 autocast (auto: on a GPU only)"
+    )
+    parser.add_argument(
+        "--device", help="default: this process's GPU under accelerate launch, else cuda or cpu"
+    )
     args = parser.parse_args(argv)
-    encoder = build_encoder(args.encoder, args.encoder_config, args.checkpoint).to(args.device)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or (accelerate_state().device if launched() else default_device)
+    encoder = build_encoder(args.encoder, args.encoder_config, args.checkpoint).to(device)
     preprocess = load_config(PreprocessConfig, args.preprocess_config) if args.preprocess_config else None
     counts = encode_manifest(
         args.manifest,
@@ -307,6 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         shard_size=args.shard_size,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        strict=args.strict,
+        autocast=args.autocast,
     )
-    print(f"encoded {counts['encoded']} scans, skipped {counts['skipped']} already cached -> {args.out}")
+    if EncodeGroup.current().is_main:
+        failed = (
+            f", {counts['failed']} failed (see {Path(args.out) / ERRORS_NAME})" if counts["failed"] else ""
+        )
+        skipped = f"skipped {counts['skipped']} already cached"
+        print(f"encoded {counts['encoded']} scans, {skipped}{failed} -> {args.out}")
     return 0

@@ -8,6 +8,9 @@ shape (B, 1, H, W, D) (MONAI layout, D = axial):
   (2048 for Merlin: (B, 2048, 10, 7, 7) at 224 x 224 x 160);
 - ``forward(x)`` -> tokens (B, T, C): ``mean_depth`` averages over depth, T = H' * W' (49),
   row-major over (H', W'); ``all`` keeps every cell, T = D' * H' * W' (490), depth-major;
+  ``mean_width`` averages over W' (anterior-posterior after the RAS preprocessing) and keeps depth and
+  side, T = D' * H' (70), depth-major: an upper-lobe finding and a lower-lobe one land on different tokens,
+  and a small finding is averaged over W' cells only, not over the depth too;
   ``global`` averages everything, T = 1.
 
 The encoder is frozen: always in eval mode, no parameter requires grad, and every forward runs
@@ -42,8 +45,9 @@ class EncoderConfig:
     """Bottleneck blocks in each of the four ResNet stages (Merlin: ResNet-152's 3, 8, 36, 3)."""
     base_width: int = bounded(64, ge=1, what="an integer")
     """Width of the first stage; tokens have 32 * base_width channels."""
-    token_mode: Literal["mean_depth", "all", "global"] = "mean_depth"
-    """Tokens from the last feature map: averaged over depth (H' * W'), every cell, or one global average."""
+    token_mode: Literal["mean_depth", "all", "mean_width", "global"] = "mean_depth"
+    """Tokens from the last feature map: averaged over depth (H' * W'), every cell, averaged over W' keeping
+    depth (D' * H'), or one global average."""
     num_classes: int = bounded(1692, ge=1, what="an integer")
     """Outputs of Merlin's phenotype classifier head (kept so the checkpoint loads strictly)."""
     contrastive_dim: int = bounded(512, ge=1, what="an integer")
@@ -173,14 +177,7 @@ class MerlinImageEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W, D) -> tokens (B, T, C) according to ``config.token_mode``."""
-        features = self.feature_map(x)
-        batch, channels = features.shape[:2]
-        mode = self.config.token_mode
-        if mode == "mean_depth":
-            return features.mean(dim=2).flatten(2).transpose(1, 2)
-        if mode == "all":
-            return features.flatten(2).transpose(1, 2)
-        return features.mean(dim=(2, 3, 4)).reshape(batch, 1, channels)
+        return pool_tokens(self.feature_map(x), self.config.token_mode)
 
     def global_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Merlin's pooled heads: (contrastive embedding (B, E), phenotype logits (B, K))."""
@@ -219,6 +216,18 @@ class MerlinImageEncoder(nn.Module):
         model = cls.from_state_dict(state, config, source=str(path))
         model.weights_id = file_sha256(path)
         return model
+
+
+def pool_tokens(features: torch.Tensor, mode: str) -> torch.Tensor:
+    """Feature map (B, C, D', H', W') -> tokens (B, T, C) for a ``token_mode`` (see the module docstring)."""
+    batch, channels = features.shape[:2]
+    if mode == "mean_depth":
+        return features.mean(dim=2).flatten(2).transpose(1, 2)
+    if mode == "all":
+        return features.flatten(2).transpose(1, 2)
+    if mode == "mean_width":
+        return features.mean(dim=4).flatten(2).transpose(1, 2)
+    return features.mean(dim=(2, 3, 4)).reshape(batch, 1, channels)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -9,6 +9,9 @@ byte-level BPE tokenizer with ``tokenizers`` on ``texts`` (plus the special toke
 RadLlama is a Llama that has read radiology text before it meets an image; LoRA then only adapts it.
 ``pretrain_steps > 0`` gives the tiny decoder the same start: that many causal-LM steps (all weights,
 AdamW) on ``texts`` packed into ``pretrain_length``-token windows, seeded, before it is saved.
+
+``cohort_texts(manifest, vqa)`` is that text for a cohort (`vlsurv build-tiny --manifest M --vqa V`): the
+train split's question-answer pairs and reports, and every scan's clinical sentence.
 """
 
 from __future__ import annotations
@@ -167,11 +170,44 @@ def _read_texts(paths: list[str]) -> list[str]:
     return texts
 
 
+def cohort_texts(manifest: str | Path, vqa: str | Path | None = None, template: str = "lung") -> list[str]:
+    """The text a cohort's tiny decoder learns from, in the demo's order: the train split's question-answer
+    pairs of ``vqa`` (when given), every scan's clinical sentence (``template``), the train split's reports.
+
+    Only train-split answers and reports are read, so validation and test text stays unseen.
+    """
+    from vlsurv.data.clinical import clinical_sentence
+    from vlsurv.data.datasets import read_vqa
+    from vlsurv.data.manifest import load_manifest
+
+    table = load_manifest(manifest, require_survival=False, check_files=False)
+    train = table[table["split"] == "train"]
+    if train.empty:
+        raise TinyDecoderError(f"--manifest {manifest}: no row has split 'train'; expected training scans")
+    train_scans = set(train["scan_id"])
+    texts = (
+        [f"{r['question']} {r['answer']}" for r in read_vqa(vqa) if r["scan_id"] in train_scans]
+        if vqa
+        else []
+    )
+    texts += [clinical_sentence(row, template) for row in table.to_dict("records")]
+    return texts + train["report"].tolist()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlsurv build-tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory (a Hugging Face model folder)")
+    parser.add_argument("--texts", nargs="+", default=[], help="text files; each non-blank line is one text")
     parser.add_argument(
-        "--texts", nargs="+", required=True, help="text files; each non-blank line is one text"
+        "--manifest",
+        help="cohort manifest: every scan's clinical sentence and the train split's reports",
+    )
+    parser.add_argument(
+        "--vqa",
+        help="VQA JSONL (qa_extraction to-vqa): the train split's question-answer pairs (needs --manifest)",
+    )
+    parser.add_argument(
+        "--clinical-template", default="lung", help="clinical template of --manifest's sentences"
     )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
@@ -185,9 +221,16 @@ def main(argv: list[str] | None = None) -> int:
         help="causal-LM steps on the texts before saving (a RadLlama-like start; default 0)",
     )
     args = parser.parse_args(argv)
+    if args.vqa is not None and args.manifest is None:
+        parser.error("--vqa needs --manifest (its split column says which answers are training text)")
+    if not args.texts and args.manifest is None:
+        parser.error("expected text to learn from: --texts FILE [FILE ...] and/or --manifest MANIFEST")
+    texts = _read_texts(args.texts)
+    if args.manifest is not None:
+        texts += cohort_texts(args.manifest, args.vqa, args.clinical_template)
     out = build_tiny_decoder(
         args.out,
-        _read_texts(args.texts),
+        texts,
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_heads=args.heads,

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -29,6 +30,14 @@ from torch import nn
 
 from vlsurv.config import from_dict, to_dict
 from vlsurv.errors import ModelLoadError
+
+if TYPE_CHECKING:  # the annotations only; transformers and peft load with a model
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from vlsurv.model.vlm import ModelConfig, VisionLanguageSurvivalModel
+
+ConfigT = TypeVar("ConfigT")
 
 CONFIG_NAME = "config.json"
 PROJECTOR_NAME = "projector.safetensors"
@@ -69,7 +78,7 @@ def kbit_config(quantization: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def prepare_tokenizer(tokenizer, image_token: str):
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, image_token: str) -> PreTrainedTokenizerBase:
     """Add ``image_token`` (special) and a pad token (= EOS) when the tokenizer lacks them."""
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([image_token], special_tokens=True)
@@ -78,7 +87,7 @@ def prepare_tokenizer(tokenizer, image_token: str):
     return tokenizer
 
 
-def _resize_embeddings(model, vocab_size: int) -> None:
+def _resize_embeddings(model: PreTrainedModel, vocab_size: int) -> None:
     """Grow the embeddings to ``vocab_size``; new rows are the mean of the old ones (deterministic)."""
     old = model.get_input_embeddings().weight.shape[0]
     if vocab_size <= old:
@@ -123,14 +132,14 @@ def _peft_scope(kbit: bool) -> Iterator[None]:
                 peft_imports.is_bnb_4bit_available.cache_clear()
 
 
-def load_language_model(config, tokenizer):
+def load_language_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
     """Base causal LM from ``config.decoder_path`` wrapped with a fresh LoRA of ``config.lora``; imports
     bitsandbytes only for k-bit weights (``_peft_scope``)."""
     with _peft_scope(kbit=config.quantization != "none"):
         return _load_language_model(config, tokenizer)
 
 
-def _load_language_model(config, tokenizer):
+def _load_language_model(config: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PeftModel:
     # imported here, inside _peft_scope, so that bitsandbytes stays hidden unless k-bit weights are asked for
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -171,7 +180,7 @@ def _load_language_model(config, tokenizer):
     return get_peft_model(base, lora)
 
 
-def load_adapter(language_model, adapter_dir: Path, kbit: bool) -> None:
+def load_adapter(language_model: PeftModel, adapter_dir: Path, kbit: bool) -> None:
     """Load the weights of a saved LoRA adapter folder into ``language_model``'s (a peft model's) own LoRA,
     kept trainable; ModelLoadError naming the folder when they do not fit it."""
     require_dir(adapter_dir, "LoRA adapter")
@@ -219,7 +228,10 @@ def load_module(module: nn.Module, path: Path) -> None:
 
 
 def save_model(
-    model, directory: str | Path, merge_decoder: bool = False, state_dict: dict | None = None
+    model: VisionLanguageSurvivalModel,
+    directory: str | Path,
+    merge_decoder: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (a VisionLanguageSurvivalModel) to ``directory``; see the module docstring.
 
@@ -259,7 +271,7 @@ def save_model(
     return directory
 
 
-def read_config(config_cls, directory: Path):
+def read_config(config_cls: type[ConfigT], directory: Path) -> ConfigT:
     """The saved ``ModelConfig`` with ``decoder_path`` resolved against ``directory`` when relative."""
     path = directory / CONFIG_NAME
     if not path.is_file():

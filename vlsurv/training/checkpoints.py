@@ -21,10 +21,14 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from vlsurv.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 STATE_NAME = "trainer_state.json"
 SELECTION_NAME = "selection.json"
@@ -147,7 +151,7 @@ def read_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE_NAME).read_text())
 
 
-def save_final(accelerator, model, directory: str | Path) -> Path:
+def save_final(accelerator: Accelerator, model: nn.Module, directory: str | Path) -> Path:
     """``save_pretrained`` of the prepared ``model`` into ``directory``; call on every process.
 
     The full state dict is gathered on every process first (``accelerator.get_state_dict``: under FSDP or

@@ -23,7 +23,7 @@ from vlsurv.config import ConfigError, bounded, check_fields, load_config
 from vlsurv.losses import Ties
 from vlsurv.model.vlm import ModelConfig
 
-Sampling = Literal["patient_balanced", "pairs"]
+Sampling = Literal["patient_balanced", "pairs", "answer_balanced"]
 Scheduler = Literal["cosine", "constant"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Tracker = Literal["tensorboard", "none"]
@@ -43,6 +43,8 @@ class DataConfig:
     """Feature cache folder written by `vlsurv encode`."""
     stage1_dir: str = ""
     """Stage 2: the `final` folder of a stage-1 run (holding projector.safetensors)."""
+    tte_projector: str = ""
+    """Stage 1: start the projector from a tte_pretrain run's `final` folder (vlsurv.tte); empty = fresh."""
     questions: str = "lung"
     """Question set name or YAML path."""
     train_split: str = "train"
@@ -156,6 +158,9 @@ class EvalConfig:
     """Generated answers logged per validation."""
     max_new_tokens: int = 32
     """Answer length cap of validation's generation."""
+    clinical_scans: int = bounded(0, ge=0)
+    """Val scans (the first ones, every question) whose greedy answers give the clinical macro F1
+    (vlsurv.metrics_clinical, logged as val/clinical_macro_f1); 0 = not computed."""
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")
@@ -200,7 +205,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     sampling: Sampling = "patient_balanced"
-    """Batches of distinct patients with one question each ("patient_balanced") or of VQA pairs ("pairs")."""
+    """Batches of distinct patients with one question each ("patient_balanced"), of VQA pairs ("pairs"), or of
+    VQA pairs with each question's present and absent answers drawn equally ("answer_balanced", stage 1)."""
     deephit_cuts: list[float] | None = None
     """DeepHit cut times (model.survival.num_bins of them); null = quantiles of the training event times."""
     mixed_precision: MixedPrecision = "no"
@@ -209,6 +215,9 @@ class TrainConfig:
     """Seed of the model initialisation, sampling and generation."""
     output_dir: str = "runs/train"
     """Run folder: config, checkpoints, logs and final/."""
+    overwrite_output_dir: bool = False
+    """A fresh run (no --resume) into an output_dir holding an earlier run's checkpoints or final/: false
+    refuses, true deletes them first."""
     tracker: Tracker = "tensorboard"
     """Metrics logger."""
     progress: bool = True

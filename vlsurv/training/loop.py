@@ -18,6 +18,7 @@ length caps), ``samples.jsonl`` (generated validation answers with scan and ques
 from __future__ import annotations
 
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +26,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, send_to_device, set_seed
 
-from vlsurv.config import save_config, to_dict
+from vlsurv.config import ConfigError, save_config, to_dict
+from vlsurv.encoders.provenance import write_provenance
 from vlsurv.jsonl import to_line
 from vlsurv.progress import progress_bar
 from vlsurv.training.checkpoints import (
@@ -38,7 +40,7 @@ from vlsurv.training.checkpoints import (
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.objective import step_loss
 from vlsurv.training.risk_sets import RiskMemory, WindowCache, cache_window, set_rng_state, window_step_loss
-from vlsurv.training.sampling import BatchPlan
+from vlsurv.training.sampling import BatchPlan, answer_strata
 from vlsurv.training.setup import (
     build_model,
     build_optimizer,
@@ -46,6 +48,7 @@ from vlsurv.training.setup import (
     deephit_cuts,
     fit_input_standardizer,
     flat_hparams,
+    image_encoder_record,
     load_data,
     total_steps,
     warmup_steps,
@@ -85,6 +88,7 @@ class Trainer:
         set_seed(config.seed)
         model = build_model(config)
         self.data = load_data(config, model.processor)
+        self.image_encoder = image_encoder_record(config, self.data)
         if config.stage == 1:
             fit_input_standardizer(model, self.data)
         if config.stage == 2 and config.model.survival.head == "deephit":
@@ -95,8 +99,16 @@ class Trainer:
                 marginal = cuts.marginal_log_probabilities(self.data.train_time, self.data.train_event)
                 model.survival_branch.start_at_marginal(marginal)
         world = self.accelerator.num_processes
+        strata = None
+        if config.sampling == "answer_balanced":
+            strata = answer_strata(self.data.train.samples, config.data.questions)
         self.plan = BatchPlan(
-            self.data.train.patients(), config.optim.batch_size * world, config.sampling, config.seed, world
+            self.data.train.patients(),
+            config.optim.batch_size * world,
+            config.sampling,
+            config.seed,
+            world,
+            strata,
         )
         self.total_steps = total_steps(config, self.plan)
         self.warmup_steps = warmup_steps(config, self.total_steps, self.plan.batches_per_epoch())
@@ -128,8 +140,17 @@ class Trainer:
     def start(self, resume: str | None) -> None:
         """Write the resolved config, start the trackers, and load ``resume`` when given."""
         acc = self.accelerator
+        earlier = self.earlier_run() if resume is None else []
+        if earlier and not self.config.overwrite_output_dir:
+            raise ConfigError(
+                f"output_dir {self.run_dir} holds an earlier run ({', '.join(earlier)}); give --resume "
+                "latest to continue it, overwrite_output_dir=true to start over, or another output_dir"
+            )
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if earlier:
+                shutil.rmtree(self.checkpoints.root, ignore_errors=True)
+                shutil.rmtree(self.run_dir / FINAL_DIR, ignore_errors=True)
             save_config(self.config, self.run_dir / "config.yaml")
             self.checkpoints.remove_temporary()
         acc.wait_for_everyone()
@@ -142,6 +163,17 @@ class Trainer:
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             acc.print(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
         self.best_metric = self.checkpoints.best_metric()
+
+    def earlier_run(self) -> list[str]:
+        """What an earlier run left in ``output_dir`` (its checkpoints, its final/); read on every process, so
+        that all of them refuse together."""
+        found = []
+        completed = self.checkpoints.completed()
+        if completed:
+            found.append(f"checkpoints up to step {completed[-1][0]}")
+        if (self.run_dir / FINAL_DIR).exists():
+            found.append(f"{FINAL_DIR}/")
+        return found
 
     def is_better(self, metric: float | None) -> bool:
         if metric is None:
@@ -160,6 +192,8 @@ class Trainer:
             with_risk=self.config.stage == 2,
             answers=cfg.sample_answers,
             max_new_tokens=cfg.max_new_tokens,
+            clinical_scans=cfg.clinical_scans,
+            questions=self.config.data.questions,
         )
         self.accelerator.log(result.metrics(), step=self.step)
         self.last_validation = (self.step, self.metric_of(result))
@@ -349,6 +383,8 @@ class Trainer:
         final = save_final(acc, self.model, self.run_dir / FINAL_DIR)
         if acc.is_main_process:
             write_selection(final, selection)
+            if self.image_encoder is not None:
+                write_provenance(final, self.image_encoder)
             acc.print(
                 f"saved the final model to {final}: step {selection['step']} ({selection['selected']}, "
                 f"{selection['metric']} {selection['value']}); answers cut to the length caps: "

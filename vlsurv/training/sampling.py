@@ -10,6 +10,11 @@ process, and a resumed run regenerates the epoch and starts at the saved positio
 - ``"patient_balanced"``: one epoch = one pass over the patients; each patient contributes one of its samples,
   drawn at random (a patient with several scans may give any of their pairs); a global batch holds distinct
   patients.
+- ``"answer_balanced"`` (stage 1): as many samples per epoch as "pairs", but within each question every answer
+  status (present / absent, read from the reference answer by the rules reader: ``answer_strata``) gets an
+  equal share of that question's draws: a rare status is drawn with replacement, a common one without. A
+  decoder trained on report-derived answers, where "No ..." dominates, otherwise learns the prior and ignores
+  the image.
 
 The last global batch of an epoch may be short. When it has fewer samples than processes (some process would
 get none, and DDP needs every process in every step) it is merged into the batch before it.
@@ -41,14 +46,56 @@ def shard(batch: Sequence[int], rank: int, world: int) -> list[int]:
     return list(batch[start : start + base + (1 if rank < extra else 0)])
 
 
+def _balanced(by_status: dict[str, list[int]], rng: np.random.Generator) -> list[int]:
+    """One question's draws for an epoch: its sample count split equally over its statuses (the remainder to
+    the first ones), each status drawn without replacement when it has enough samples, else with."""
+    total, statuses = sum(len(v) for v in by_status.values()), sorted(by_status)
+    base, extra = divmod(total, len(statuses))
+    picks = []
+    for position, status in enumerate(statuses):
+        indices, size = by_status[status], base + (1 if position < extra else 0)
+        picks += rng.choice(indices, size=size, replace=size > len(indices)).tolist()
+    return picks
+
+
+def answer_strata(samples, questions: str) -> list[tuple[str, str]]:
+    """(question_id, status of the reference answer) per sample (``Sample``s with question_id and answer):
+    the status as the rules reader of vlsurv.metrics_clinical reads the answer; 'prompt_only' without one."""
+    from vlsurv.metrics_clinical import read_statuses
+    from vlsurv.prompts import load_questions
+
+    answered = [s for s in samples if s.answer is not None]
+    statuses = iter(
+        read_statuses(
+            [s.question_id for s in answered], [s.answer for s in answered], load_questions(questions)
+        )
+    )
+    return [(s.question_id, "prompt_only" if s.answer is None else next(statuses)) for s in samples]
+
+
 class BatchPlan:
     """Deterministic global batches of ``global_batch_size`` over samples grouped by ``patients``."""
 
     def __init__(
-        self, patients: Sequence[str], global_batch_size: int, mode: str, seed: int, world: int
+        self,
+        patients: Sequence[str],
+        global_batch_size: int,
+        mode: str,
+        seed: int,
+        world: int,
+        strata: Sequence[tuple[str, str]] | None = None,
     ) -> None:
+        """``strata``: (question_id, answer status) per sample, needed by "answer_balanced"."""
         if mode not in SAMPLINGS:
             raise SamplingError(f"sampling: expected one of {list(SAMPLINGS)}, got {mode!r}")
+        if mode == "answer_balanced" and (strata is None or len(strata) != len(patients)):
+            raise SamplingError(
+                f"sampling='answer_balanced': expected a (question_id, status) stratum per sample "
+                f"({len(patients)}), got {'none' if strata is None else len(strata)}"
+            )
+        self.strata: dict[str, dict[str, list[int]]] = {}
+        for index, (question_id, status) in enumerate(strata or ()):
+            self.strata.setdefault(question_id, {}).setdefault(status, []).append(index)
         self.mode = mode
         self.seed = seed
         self.world = world
@@ -71,6 +118,9 @@ class BatchPlan:
         rng = _generator(self.seed, epoch)
         if self.mode == "pairs":
             order = rng.permutation(self.num_samples).tolist()
+        elif self.mode == "answer_balanced":
+            picks = [index for by_status in self.strata.values() for index in _balanced(by_status, rng)]
+            order = [picks[i] for i in rng.permutation(len(picks))]
         else:
             picks = [group[int(rng.integers(len(group)))] for group in self.groups]
             order = [picks[i] for i in rng.permutation(len(picks))]

@@ -1,12 +1,13 @@
 """Building a run from a ``TrainConfig``: the model for the stage, the datasets, DeepHit cuts, optimizer,
 schedule.
 
-Stage 1: a fresh model; trained: projector + LoRA (``set_stage(1)``); a ``standardize`` projector input norm
-is fitted on the training scans' tokens first. Stage 2: the projector from ``data.stage1_dir`` (frozen) and
-its LoRA adapter when the folder has one (else a fresh LoRA); trained: LoRA + residual adapter + head
-(``set_stage(2)``). A DeepHit head gets its cuts from ``deephit_cuts`` when given, else from the event times
-of the training split's scans; the trainer gives them to the model (saved with it) and to the training
-dataset, which labels each sample once (``set_deephit_cuts``).
+Stage 1: a fresh model, its projector optionally from a tte_pretrain run (``data.tte_projector``, vlsurv.tte);
+trained: projector + LoRA (``set_stage(1)``); a ``standardize`` projector input norm is fitted on the training
+scans' tokens first unless the loaded projector brought its statistics. Stage 2: the projector from
+``data.stage1_dir`` (frozen) and its LoRA adapter when the folder has one (else a fresh LoRA); trained: LoRA +
+residual adapter + head (``set_stage(2)``). A DeepHit head gets its cuts from ``deephit_cuts`` when given,
+else from the event times of the training split's scans; the trainer gives them to the model (saved with it)
+and to the training dataset, which labels each sample once (``set_deephit_cuts``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vlsurv.data.datasets import (
 )
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
+from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance, read_provenance
 from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
 from vlsurv.model.vlm import VisionLanguageSurvivalModel
@@ -92,10 +94,34 @@ def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
         )
 
 
+def image_encoder_record(config: TrainConfig, data: RunData) -> dict | None:
+    """The record of the encoder behind the training cache (``cache_provenance``), which the final model
+    folder keeps as ``image_encoder.json``; ConfigError when stage 2's cache was encoded otherwise than the
+    stage-1 model in ``data.stage1_dir`` was trained on."""
+    record = cache_provenance(data.train.feature_cache)
+    stage1 = Path(config.data.stage1_dir) if config.stage == 2 else None
+    if record is None or stage1 is None or not (stage1 / IMAGE_ENCODER_NAME).is_file():
+        return record
+    earlier = read_provenance(stage1)[0]["key"]
+    differ = [
+        f"{f} {record['key'][f]!r} (stage 1: {earlier[f]!r})"
+        for f in earlier
+        if record["key"][f] != earlier[f]
+    ]
+    if differ:
+        raise ConfigError(
+            f"data.cache {config.data.cache}: encoded with {'; '.join(differ)}; expected the encoder and "
+            f"preprocessing of the stage-1 model in data.stage1_dir {stage1}"
+        )
+    return record
+
+
 def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
     """The model of ``config.stage`` with its trainable parts set (call after seeding)."""
     if config.stage == 1:
         model = VisionLanguageSurvivalModel(config.model)
+        if config.data.tte_projector:  # a time-to-event pretrained projector (vlsurv.tte)
+            model.load_projector(config.data.tte_projector)
     else:
         projector, adapter = stage1_paths(config)
         model = VisionLanguageSurvivalModel(config.model)
@@ -140,7 +166,7 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
     """Stage 1 with ``projector_input_norm: standardize``: token statistics of the training scans (each
     once)."""
     standardizer = standardizer_of(model.multi_modal_projector)
-    if standardizer is None:
+    if standardizer is None or bool(standardizer.fitted):  # fitted: loaded with a pretrained projector
         return
     scan_ids = sorted({sample.scan_id for sample in data.train.samples})
     standardizer.fit(torch.stack([data.train.feature_cache.get(scan_id) for scan_id in scan_ids]))

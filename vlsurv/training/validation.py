@@ -8,6 +8,10 @@
   risk = mean question risk. Reference answers play no part in it. None with a ``c_index_note`` when it is
   undefined (no event, constant risk) or under FSDP, whose sharded parameters the scoring path cannot use
   (score ``final/`` with predict);
+- ``clinical_macro_f1`` (``eval.clinical_scans`` > 0): the macro F1 of vlsurv.metrics_clinical on a fixed val
+  subset, the first ``eval.clinical_scans`` val scans x every question: greedy answers (stage 2: the scoring
+  pass's own) read back to present / absent by the rules reader and compared with the reference answers'
+  status; logged with each question's F1 (``val/clinical_f1/<question_id>``). Skipped under FSDP;
 - ``samples``: ``eval.sample_answers`` greedy answers of the first val prompts, as {scan_id, question_id,
   answer} (generated text only; reference answers and reports are never logged): in stage 2 the scoring pass's
   own answers. Skipped under FSDP.
@@ -40,10 +44,14 @@ class ValidationResult:
     c_index: float | None
     c_index_note: str = ""
     samples: list[dict] = field(default_factory=list)
+    clinical_macro_f1: float | None = None
+    clinical_f1: dict[str, float | None] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Scalars for the trackers (undefined values left out)."""
         values = {"val/lm_loss": self.lm_loss, "val/c_index": self.c_index}
+        values["val/clinical_macro_f1"] = self.clinical_macro_f1
+        values.update({f"val/clinical_f1/{qid}": f1 for qid, f1 in self.clinical_f1.items()})
         return {key: value for key, value in values.items() if value is not None}
 
 
@@ -188,6 +196,68 @@ def sample_answers(
     ]
 
 
+def clinical_subset(dataset: SampleDataset, scans: int) -> list[int]:
+    """Indices of the samples of the first ``scans`` val scans (sample order): the fixed clinical subset."""
+    chosen = list(dict.fromkeys(s.scan_id for s in dataset.samples))[:scans]
+    return [i for i, s in enumerate(dataset.samples) if s.scan_id in set(chosen)]
+
+
+@torch.no_grad()
+def subset_answers(
+    unwrapped: VisionLanguageSurvivalModel,
+    dataset: SampleDataset,
+    indices: list[int],
+    batch_size: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[dict]:
+    """Greedy answers to the samples at ``indices``: [{scan_id, question_id, answer}]."""
+    processor, answers = unwrapped.processor, []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset.samples[i] for i in indices[start : start + batch_size]]
+        encoded = []
+        for s in samples:
+            item = processor.encode(s.clinical, s.question)
+            item["image_tokens"] = dataset.feature_cache.get(s.scan_id)
+            encoded.append(item)
+        batch = send_to_device(processor.collate(encoded, padding_side="left"), device)
+        new_tokens = unwrapped.generate(
+            batch["input_ids"], batch["attention_mask"], batch["image_tokens"], max_new_tokens=max_new_tokens
+        )
+        texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        answers += [
+            {"scan_id": s.scan_id, "question_id": s.question_id, "answer": text.strip()}
+            for s, text in zip(samples, texts)
+        ]
+    return answers
+
+
+def clinical_scores(dataset: SampleDataset, answers: list[dict], questions: str) -> tuple[float | None, dict]:
+    """(macro F1, {question_id: F1}) of ``answers`` against the val samples' reference answers (rules
+    reader); (None, {}) when no answer has a present / absent reference or the macro F1 is undefined."""
+    import pandas as pd
+
+    from vlsurv.metrics_clinical import clinical_accuracy
+    from vlsurv.prompts import load_questions
+
+    references = [
+        {"scan_id": s.scan_id, "question_id": s.question_id, "answer": s.answer}
+        for s in dataset.samples
+        if s.answer is not None
+    ]
+    if not answers or not references:
+        return None, {}
+    try:
+        result = clinical_accuracy(
+            pd.DataFrame(answers), pd.DataFrame(references), load_questions(questions), bootstrap=1
+        )["against_report"]
+    except MetricError:
+        return None, {}
+    if result is None:
+        return None, {}
+    return result["macro_f1"], {qid: q["f1"] for qid, q in result["per_question"].items()}
+
+
 def scoring_options(model: VisionLanguageSurvivalModel, max_new_tokens: int) -> dict:
     """The settings the C-index is scored with (recorded with the selected model, read back by predict)."""
     return {"pool": model.config.pool, "generate": True, "max_new_tokens": max_new_tokens, "do_sample": False}
@@ -202,8 +272,13 @@ def validate(
     with_risk: bool,
     answers: int,
     max_new_tokens: int,
+    clinical_scans: int = 0,
+    questions: str = "lung",
 ) -> ValidationResult:
-    """Run validation on every process; the returned ``ValidationResult`` is the same on each."""
+    """Run validation on every process; the returned ``ValidationResult`` is the same on each.
+
+    ``clinical_scans`` > 0: the clinical macro F1 on the first that many val scans (question set
+    ``questions``)."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -212,7 +287,7 @@ def validate(
     total_tokens = sum(part[1] for part in gathered)
     lm_loss = sum(part[0] for part in gathered) / total_tokens if total_tokens else None
     fsdp = accelerator.distributed_type == DistributedType.FSDP
-    c_index, note, samples = None, "", []
+    c_index, note, samples, clinical_answers = None, "", [], []
     if with_risk and fsdp:
         note = (
             "not scored under FSDP: the prediction path needs unsharded parameters; run vlsurv predict "
@@ -227,7 +302,27 @@ def validate(
         records = sorted(gather_object(records), key=lambda r: r["scan_id"])
         c_index, note = _c_index(dataset, records)
         samples = _first_answers(dataset, records, answers) if accelerator.is_main_process else []
-    elif answers and accelerator.is_main_process and not fsdp:
-        samples = sample_answers(unwrapped, dataset, answers, max_new_tokens, accelerator.device)
+        if clinical_scans:
+            subset = {dataset.samples[i].scan_id for i in clinical_subset(dataset, clinical_scans)}
+            clinical_answers = [
+                a for a in _first_answers(dataset, records, len(dataset)) if a["scan_id"] in subset
+            ]
+    else:
+        if answers and accelerator.is_main_process and not fsdp:
+            samples = sample_answers(unwrapped, dataset, answers, max_new_tokens, accelerator.device)
+        if clinical_scans and not fsdp:
+            subset = clinical_subset(dataset, clinical_scans)[
+                accelerator.process_index :: accelerator.num_processes
+            ]
+            mine = subset_answers(unwrapped, dataset, subset, batch_size, max_new_tokens, accelerator.device)
+            clinical_answers = [a for part in gather_object([mine]) for a in part]
+    macro_f1, per_question = clinical_scores(dataset, clinical_answers, questions)
     model.train(was_training)
-    return ValidationResult(lm_loss=lm_loss, c_index=c_index, c_index_note=note, samples=samples)
+    return ValidationResult(
+        lm_loss=lm_loss,
+        c_index=c_index,
+        c_index_note=note,
+        samples=samples,
+        clinical_macro_f1=macro_f1,
+        clinical_f1=per_question,
+    )

@@ -4,6 +4,8 @@
 - ``reports``: ``write_report(findings, rng)``, a report stating exactly those findings.
 - ``cohort``: ``build_cohort_table(n, seed)``, findings, clinical fields, report, survival time and split of
   every patient (no images), and ``oracle_summary`` (the oracle C-indices).
+- ``events``: ``build_events_table(findings, table, seed)``, a MEDS-like EHR (events + scan times) whose
+  codes' hazards depend on the same image findings as survival, plus noise codes.
 - ``write``: ``make_cohort(n, seed, out_dir)``, the table plus one NIfTI per patient on disk, and ``main``
   (``vlsurv synth``).
 """
@@ -24,6 +26,7 @@ from vlsurv.data.synthetic.cohort import (
     sample_clinical,
     sample_findings,
 )
+from vlsurv.data.synthetic.events import EVENT_CODES, build_events_table
 from vlsurv.data.synthetic.reports import LOBE_NAMES, write_report
 from vlsurv.data.synthetic.write import DEFAULT_SHAPE, main, make_cohort, resolve_grid
 
@@ -31,6 +34,7 @@ __all__ = [
     "CLINICAL_COEFFICIENTS",
     "CLINICAL_COLUMNS",
     "DEFAULT_SHAPE",
+    "EVENT_CODES",
     "IMAGE_COEFFICIENTS",
     "LOBES",
     "LOBE_NAMES",
@@ -42,6 +46,7 @@ __all__ = [
     "SyntheticCohortError",
     "Tissue",
     "build_cohort_table",
+    "build_events_table",
     "clinical_cox_c_index",
     "main",
     "make_cohort",

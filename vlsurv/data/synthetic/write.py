@@ -26,6 +26,7 @@ from vlsurv.data.synthetic.cohort import (
     oracle_summary,
     patient_rng,
 )
+from vlsurv.data.synthetic.events import build_events_table
 
 DEFAULT_SHAPE = (128, 128, 64)
 
@@ -76,7 +77,9 @@ def make_cohort(
 
     Writes ``images/<scan_id>.nii.gz`` (int16 HU, shape ``shape``, RAS affine), ``manifest.csv``
     (manifest columns + age, sex, smoking, stage, t_stage, n_stage, m_stage), ``findings.csv``
-    (scan_id, the six question flags and detail columns) and ``oracle.json``.
+    (scan_id, the six question flags and detail columns), ``oracle.json`` and the synthetic EHR
+    (``events.build_events_table``): ``events.csv`` (patient_id, time, code) and ``scans.csv`` (scan_id,
+    patient_id, time, split), times in days.
     """
     grid = resolve_grid(shape, spacing)
     all_findings, table = build_cohort_table(n, seed, model)
@@ -116,6 +119,9 @@ def make_cohort(
         "spacing_mm": list(grid.spacing),
     }
     (out_dir / "oracle.json").write_text(json.dumps(summary, indent=2) + "\n")
+    events, scans = build_events_table(all_findings, table, seed)
+    events.to_csv(out_dir / "events.csv", index=False)
+    scans.to_csv(out_dir / "scans.csv", index=False)
     return manifest_path
 
 

@@ -1,0 +1,165 @@
+"""Inputs of the baselines: the CoxPH covariate design, clinical-sentence embeddings and pooled image tokens.
+
+- ``covariate_design(train, rows, template)`` -> (N, P) float frame: the clinical template's columns, numbers
+  as they are, stage codes such as ``T2`` / ``N1`` / ``M0`` as their number, other categories one-hot
+  against a reference level: the first of the template's listed words (``never`` smoker), else the most
+  frequent train level; constant train columns dropped.
+- ``text_features(sentences, encoder)`` -> (N, H): masked mean of a local HF encoder's last hidden state.
+- ``image_features(cache, scan_ids)`` -> (N, C): the cached tokens (T, C) of each scan, averaged over T.
+- ``split_fingerprint(manifest)``: a hash of every (scan_id, split), so runs on different splits are told
+  apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vlsurv.data.clinical import FieldSpec, is_missing, load_template
+from vlsurv.errors import InputError
+
+STAGE_CODE = re.compile(r"^([A-Za-z]*)(\d+)$")
+MODALITIES = ("text", "image", "both")
+
+
+class BaselineError(InputError):
+    """A baseline input that cannot be used (the message names the file, option or modality)."""
+
+
+def covariate_columns(manifest: pd.DataFrame, template: str | Path) -> list[tuple[str, FieldSpec]]:
+    """(column, field) for the first manifest column of each field of the clinical template (fields without
+    one are skipped)."""
+    spec = load_template(template)
+    found = [
+        (column, field)
+        for field in spec.fields.values()
+        for column in [next((c for c in field.columns if c in manifest.columns), None)]
+        if column is not None
+    ]
+    if not found:
+        expected = sorted({c for field in spec.fields.values() for c in field.columns})
+        raise BaselineError(
+            f"CoxPH: the manifest has none of the clinical columns of template {template!r}; expected "
+            f"some of {expected}, found {list(manifest.columns)}"
+        )
+    return found
+
+
+def _levels(values: pd.Series, field: FieldSpec) -> tuple[pd.Series, list[str]]:
+    """Category words of ``values`` (the template's canonical word where it lists spellings, "missing" for a
+    missing value) and the template's word order."""
+    canonical = {spelling: word for word, spellings in field.values for spelling in (word, *spellings)}
+    text = values.where(~values.map(is_missing), "missing").astype(str).str.strip()
+    return text.map(lambda v: canonical.get(v.lower(), v)), [word for word, _ in field.values]
+
+
+def _encode_column(train: pd.Series, rows: pd.Series, field: FieldSpec) -> pd.DataFrame:
+    """One column -> numeric design columns for ``rows``, with the encoding learnt on ``train``."""
+    name = str(train.name)
+    present = train[~train.map(is_missing)].astype(str).str.strip()
+    numbers = pd.to_numeric(present, errors="coerce")
+    if len(present) and numbers.notna().all():
+        median = float(numbers.median())
+        values = pd.to_numeric(rows.where(~rows.map(is_missing)), errors="coerce").fillna(median)
+        return pd.DataFrame({name: values.astype(float)}, index=rows.index)
+    codes = present.str.extract(STAGE_CODE)
+    if len(present) and codes[1].notna().all() and codes[0].nunique() == 1:
+        parsed = rows.astype(str).str.strip().str.extract(STAGE_CODE)[1].astype(float)
+        return pd.DataFrame({name: parsed.fillna(float(codes[1].astype(float).median()))}, index=rows.index)
+    levels, order = _levels(rows, field)
+    counts = levels.loc[train.index].value_counts()
+    listed = [word for word in order if word in counts.index]
+    reference = listed[0] if listed else sorted(counts[counts == counts.max()].index)[0]
+    kept = sorted(set(counts.index) - {reference})
+    return pd.DataFrame(
+        {f"{name}={level}": (levels == level).astype(float) for level in kept}, index=rows.index
+    )
+
+
+def covariate_design(train: pd.DataFrame, rows: pd.DataFrame, template: str | Path) -> pd.DataFrame:
+    """(N, P) design of ``rows`` with the encoding learnt on ``train`` (see the module docstring)."""
+    extra = rows.drop(index=rows.index.intersection(train.index))
+    both = pd.concat([train.astype(object), extra.astype(object)]) if len(extra) else train
+    columns = covariate_columns(train, template)
+    parts = [_encode_column(both.loc[train.index, c], both[c], field) for c, field in columns]
+    design = pd.concat(parts, axis=1)
+    varying = design.loc[train.index].std() > 0
+    return design.loc[rows.index, varying[varying].index]
+
+
+def resolve_text_encoder(path: str | Path | None) -> Path:
+    """``path`` (default: the packaged all-MiniLM-L6-v2) checked to be a local Hugging Face model folder."""
+    from vlsurv.metrics_text import default_bertscore_model
+
+    folder = default_bertscore_model() if path is None else Path(path).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise BaselineError(
+            f"text_encoder: {folder} does not exist or is not a local Hugging Face model folder (expected a "
+            "directory with config.json, tokenizer and weights, e.g. Merlin's Clinical-Longformer)"
+        )
+    return folder
+
+
+def text_features(sentences: list[str], encoder: str | Path | None, batch_size: int = 32) -> np.ndarray:
+    """(N, H) masked mean over tokens of the encoder's last hidden state (sentence-transformers pooling)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = resolve_text_encoder(encoder)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    limit = min(int(getattr(tokenizer, "model_max_length", 512)), 4096)
+    pooled = []
+    with torch.no_grad():
+        for start in range(0, len(sentences), batch_size):
+            batch = tokenizer(
+                sentences[start : start + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=limit,
+                return_tensors="pt",
+            )
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+    return torch.cat(pooled).numpy().astype(np.float64)
+
+
+def image_features(cache: str | Path | None, scan_ids: list[str], modality: str) -> np.ndarray:
+    """(N, C) mean over the T cached tokens of each scan; BaselineError when the cache lacks them."""
+    if cache is None:
+        raise BaselineError(f"modality {modality!r} needs the image features: pass --cache (a feature cache)")
+    from vlsurv.encoders.cache import FeatureCache
+
+    root = Path(cache)
+    if not (root / "index.json").is_file():
+        raise BaselineError(
+            f"modality {modality!r} needs the image features, but {root} is not a feature cache (no "
+            "index.json; run `vlsurv encode` first)"
+        )
+    store = FeatureCache(root)
+    absent = [s for s in scan_ids if s not in store]
+    if absent:
+        raise BaselineError(
+            f"modality {modality!r}: the feature cache {root} lacks {len(absent)} of the manifest's "
+            f"{len(scan_ids)} scans (first: {absent[:3]}); encode them with `vlsurv encode` or drop the "
+            "modality"
+        )
+    return np.stack([store.get(s).mean(0).numpy() for s in scan_ids]).astype(np.float64)
+
+
+def standardize(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Every array z-scored with ``train``'s column mean and sd (sd 0 -> 1)."""
+    mean, sd = train.mean(0), train.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    return [(a - mean) / sd for a in (train, *others)]
+
+
+def split_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 (16 hex digits) of the sorted ``scan_id:split`` lines of a manifest."""
+    lines = sorted(f"{s}:{p}" for s, p in zip(manifest["scan_id"].astype(str), manifest["split"].astype(str)))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
