@@ -175,25 +175,10 @@ def sample_answers(
     max_new_tokens: int,
     device: torch.device,
 ) -> list[dict]:
-    """Greedy answers to the first ``count`` validation prompts: [{scan_id, question_id, answer}]."""
-    samples = dataset.samples[:count]
-    if not samples:
-        return []
-    processor = unwrapped.processor
-    encoded = []
-    for s in samples:
-        item = processor.encode(s.clinical, s.question)
-        item["image_tokens"] = dataset.feature_cache.get(s.scan_id)
-        encoded.append(item)
-    batch = send_to_device(processor.collate(encoded, padding_side="left"), device)
-    new_tokens = unwrapped.generate(
-        batch["input_ids"], batch["attention_mask"], batch["image_tokens"], max_new_tokens=max_new_tokens
-    )
-    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    return [
-        {"scan_id": s.scan_id, "question_id": s.question_id, "answer": text.strip()}
-        for s, text in zip(samples, texts)
-    ]
+    """Greedy answers to the first ``count`` validation prompts, in one batch: [{scan_id, question_id,
+    answer}]."""
+    indices = list(range(min(count, len(dataset.samples))))
+    return subset_answers(unwrapped, dataset, indices, max(len(indices), 1), max_new_tokens, device)
 
 
 def clinical_subset(dataset: SampleDataset, scans: int) -> list[int]:
