@@ -188,3 +188,56 @@ def test_accelerate_launch_on_two_processes_trains_and_resumes(tmp_path):
         steps == list(range(1, len(steps) + 1)) and len(steps) == first * 5 // 3
     )  # continued, none repeated
     assert (run / "final" / "projector.safetensors").is_file()
+
+
+def _write_cache(root, tokens) -> None:
+    """``tokens`` (a cache stand-in) as a feature-cache folder in the layout of vlsurv.encoders.cache."""
+    from safetensors.torch import save_file
+
+    root.mkdir()
+    key = {
+        "encoder": "simulated",
+        "token_mode": "mean_depth",
+        "checkpoint_sha256": "random-init:0",
+        "preprocess_hash": "simulated",
+        "dtype": "float32",
+    }
+    values = {s: tokens.get(s).contiguous() for s in tokens.scan_ids}
+    save_file(values, str(root / "shard-00000.safetensors"), metadata=key)
+    scans = {
+        s: {"shard": "shard-00000.safetensors", "shape": list(v.shape), **key} for s, v in values.items()
+    }
+    (root / "index.json").write_text(json.dumps({"version": 1, "scans": scans}))
+
+
+def test_baselines_take_tte_pretrained_features_and_the_table_flags_them(tmp_path):
+    from vlsurv.baselines.run import BaselinesConfig, run_baselines
+    from vlsurv.baselines.table import main as table_main
+
+    config, tokens = small_run(tmp_path, "run", "optim.max_steps=2", "checkpoint.every_n_steps=0")
+    final = train_tte(config, cache=tokens)
+    _write_cache(tmp_path / "cache", tokens)
+    _, table = build_cohort_table(60, 1)
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    common = {
+        "manifest": str(tmp_path / "manifest.csv"),
+        "cache": str(tmp_path / "cache"),
+        "methods": ["deepsurv"],
+        "modalities": ["image"],
+        "seeds": [0],
+        "max_epochs": 3,
+        "bootstrap": 20,
+    }
+    plain = run_baselines(BaselinesConfig(out=str(tmp_path / "plain"), **common))
+    pretrained = run_baselines(BaselinesConfig(out=str(tmp_path / "tte"), tte_model=str(final), **common))
+    assert (plain["rows"][0]["features"], plain["rows"][0]["pretrain"]) == (64, False)
+    assert (pretrained["rows"][0]["features"], pretrained["rows"][0]["pretrain"]) == (8, True)
+    runs = ["--runs", str(tmp_path / "plain"), str(tmp_path / "tte"), "--out", str(tmp_path / "table")]
+    assert table_main(runs) == 0
+    rows = pd.read_csv(tmp_path / "table" / "table.csv")
+    assert len(rows) == 2 and set(rows["pretrain"]) == {True, False}
+    assert "✓" in (tmp_path / "table" / "table.md").read_text()
+    with pytest.raises(
+        ModelLoadError, match=r"no tte\.json; expected the `final` folder of a tte_pretrain run"
+    ):
+        run_baselines(BaselinesConfig(out=str(tmp_path / "bad"), tte_model=str(tmp_path), **common))

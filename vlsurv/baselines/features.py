@@ -129,8 +129,12 @@ def text_features(sentences: list[str], encoder: str | Path | None, batch_size: 
     return torch.cat(pooled).numpy().astype(np.float64)
 
 
-def image_features(cache: str | Path | None, scan_ids: list[str], modality: str) -> np.ndarray:
-    """(N, C) mean over the T cached tokens of each scan; BaselineError when the cache lacks them."""
+def image_features(
+    cache: str | Path | None, scan_ids: list[str], modality: str, tte_model: str | Path | None = None
+) -> np.ndarray:
+    """(N, C) mean over the T cached tokens of each scan, or with ``tte_model`` (the ``final`` folder of a
+    tte_pretrain run) its TTE-pretrained features (N, d) of those tokens; BaselineError when the cache lacks
+    them."""
     if cache is None:
         raise BaselineError(f"modality {modality!r} needs the image features: pass --cache (a feature cache)")
     from vlsurv.encoders.cache import FeatureCache
@@ -149,6 +153,10 @@ def image_features(cache: str | Path | None, scan_ids: list[str], modality: str)
             f"{len(scan_ids)} scans (first: {absent[:3]}); encode them with `vlsurv encode` or drop the "
             "modality"
         )
+    if tte_model is not None:
+        from vlsurv.tte.transfer import tte_pretrained_features  # torch; only when asked for
+
+        return tte_pretrained_features(tte_model, store, scan_ids).to_numpy(np.float64)
     return np.stack([store.get(s).mean(0).numpy() for s in scan_ids]).astype(np.float64)
 
 

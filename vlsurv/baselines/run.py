@@ -49,6 +49,9 @@ class BaselinesConfig:
     """Baselines to run: coxph, deepsurv, deephit."""
     modalities: list[str] = field(default_factory=lambda: ["text", "image", "both"])
     """Inputs of DeepSurv and DeepHit: text, image, both (CoxPH always uses the clinical covariates)."""
+    tte_model: str | None = None
+    """Final folder of a tte_pretrain run (vlsurv.tte): the image input becomes its pretrained features of the
+    cached tokens, and those rows are flagged pre-train in `vlsurv table`."""
     text_encoder: str | None = None
     """Local HF encoder folder of the clinical sentence (e.g. Clinical-Longformer); null = packaged MiniLM."""
     clinical_template: str = "lung"
@@ -122,7 +125,7 @@ def _modality_features(table: pd.DataFrame, cfg: BaselinesConfig) -> dict[str, n
     if needs_text:
         F.resolve_text_encoder(cfg.text_encoder)
     scan_ids = table["scan_id"].astype(str).tolist()
-    image = F.image_features(cfg.cache, scan_ids, image_modality) if image_modality else None
+    image = F.image_features(cfg.cache, scan_ids, image_modality, cfg.tte_model) if image_modality else None
     text = None
     if needs_text:
         sentences = [clinical_sentence(row, cfg.clinical_template) for row in table.to_dict("records")]
@@ -162,7 +165,7 @@ def _record(
         "clinical": modality in ("clinical", "text", "both"),
         "ct_image": modality in ("image", "both"),
         "report": False,
-        "pretrain": False,
+        "pretrain": cfg.tte_model is not None and modality in ("image", "both"),
         "c_index": first.estimate,
         "c_index_ci": first.as_list(),
         "c_index_seeds": values,

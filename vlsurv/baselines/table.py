@@ -110,7 +110,7 @@ def _baseline_runs(folder: Path) -> list[Run]:
                 folder,
                 row["method"],
                 row["input"],
-                False,
+                row.get("pretrain", False),
                 False,
                 row["clinical"],
                 row["ct_image"],
