@@ -21,7 +21,6 @@ import json
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from vlsurv.data.clinical import clinical_sentence
@@ -29,11 +28,11 @@ from vlsurv.data.datasets import SampleDataset, read_vqa, scan_question_samples
 from vlsurv.data.manifest import load_manifest
 from vlsurv.data.synthetic import SurvivalModel, make_cohort
 from vlsurv.data.transforms import PreprocessConfig
-from vlsurv.demo import decoder_texts, extract_vqa
+from vlsurv.demo import extract_vqa
 from vlsurv.encoders.cache import FeatureCache, encode_manifest
 from vlsurv.encoders.merlin import MerlinImageEncoder
 from vlsurv.metrics import concordance_index
-from vlsurv.model.tiny import build_tiny_decoder
+from vlsurv.model.tiny import build_tiny_decoder, cohort_texts
 from vlsurv.prompts import load_questions
 from vlsurv.training.config import load_train_config
 from vlsurv.training.loop import Trainer
@@ -56,7 +55,7 @@ def prepare(out: Path, patients: int, censor_mean_days: float, followup_days: fl
     vqa = extract_vqa(manifest, out / "qa")
     decoder = build_tiny_decoder(
         out / "decoder",
-        decoder_texts(pd.read_csv(manifest), vqa),
+        cohort_texts(manifest, vqa),
         num_layers=2,
         hidden_size=128,
         seed=0,

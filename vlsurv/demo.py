@@ -36,7 +36,6 @@ from vlsurv.config import (
     config_from_args,
     save_config,
 )
-from vlsurv.data.clinical import clinical_sentence
 from vlsurv.data.synthetic import make_cohort
 from vlsurv.errors import InputError
 from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
@@ -122,21 +121,6 @@ def extract_vqa(manifest: Path, out: Path) -> Path:
     return vqa
 
 
-def decoder_texts(manifest: pd.DataFrame, vqa: Path) -> list[str]:
-    """Text the tiny tokenizer and decoder learn from: clinical sentences, reports, and question-answer pairs.
-
-    RadLlama was trained on radiology text and instructions; the training split's question-answer pairs (text
-    only, no image) give the tiny decoder the same start, so stage 1 has to teach it to read the image.
-    """
-    from vlsurv.data.datasets import read_vqa  # torch; see run_demo
-
-    train = manifest[manifest["split"] == "train"]
-    train_scans = set(train["scan_id"].astype(str))
-    texts = [f"{r['question']} {r['answer']}" for r in read_vqa(vqa) if r["scan_id"] in train_scans]
-    texts += [clinical_sentence(row, "lung") for row in manifest.to_dict("records")]
-    return texts + train["report"].tolist()
-
-
 def _train(stage_config: str, overrides: list[str]):
     from vlsurv.training.config import load_train_config
     from vlsurv.training.loop import train  # torch, transformers, MONAI; see run_demo
@@ -169,7 +153,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from vlsurv.encoders.cache import FeatureCache, encode_manifest
     from vlsurv.encoders.merlin import MerlinImageEncoder
     from vlsurv.encoders.pretrain import EncoderPretrainConfig, pretrain_on_manifest, save_encoder
-    from vlsurv.model.tiny import build_tiny_decoder
+    from vlsurv.model.tiny import build_tiny_decoder, cohort_texts
     from vlsurv.predict import PredictConfig, predict
 
     out = Path(cfg.out)
@@ -187,7 +171,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     decoder = build_tiny_decoder(
         out / "decoder",
-        decoder_texts(manifest, vqa),
+        cohort_texts(manifest_path, vqa),
         num_layers=cfg.decoder_layers,
         hidden_size=cfg.decoder_hidden,
         seed=cfg.seed,

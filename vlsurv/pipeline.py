@@ -25,7 +25,7 @@ import torch
 from vlsurv.data.clinical import sentence_function
 from vlsurv.data.ct import CTVolume
 from vlsurv.data.transforms import PreprocessConfig, preprocess_ct
-from vlsurv.encoders.cache import STORAGE_DTYPES, CacheError
+from vlsurv.encoders.cache import encode_volumes
 from vlsurv.encoders.merlin import MerlinImageEncoder
 from vlsurv.encoders.provenance import check_encoder_matches, load_recorded_encoder, read_provenance
 from vlsurv.inference import ScanPrediction, load_model, predict_scans, resolve_device
@@ -54,7 +54,7 @@ class SurvivalPipeline:
         self.device = self.model.language_model.get_input_embeddings().weight.device
         self.encoder = encoder.to(self.device).eval()
         self.preprocess = preprocess
-        self.token_dtype = STORAGE_DTYPES[token_dtype]
+        self.token_dtype = token_dtype
         self.questions = load_questions(self.config.questions)
 
     @classmethod
@@ -93,11 +93,9 @@ class SurvivalPipeline:
     @torch.inference_mode()
     def encode(self, image: str | Path | CTVolume) -> torch.Tensor:
         """Image tokens (T, C) float32 on the CPU, rounded through the cache's storage dtype."""
-        volume = preprocess_ct(image, self.preprocess)[None].to(self.device)
-        tokens = self.encoder(volume)[0].to(device="cpu")
-        if not torch.isfinite(tokens).all():
-            raise CacheError(f"{_name(image)}: the encoder's tokens are not finite (NaN or inf)")
-        return tokens.to(self.token_dtype).float()
+        name = _name(image)
+        volume = preprocess_ct(image, self.preprocess)[None]
+        return encode_volumes(self.encoder, volume, [name], self.token_dtype)[name].float()
 
     def __call__(
         self,

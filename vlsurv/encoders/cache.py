@@ -51,7 +51,7 @@ from vlsurv.encoders.parallel import (
     write_part_index,
     write_progress,
 )
-from vlsurv.encoders.scans import EncodeStats, ScanBatch, scan_loader, scans_of
+from vlsurv.encoders.scans import EncodeStats, scan_loader, scans_of
 from vlsurv.errors import InputError
 from vlsurv.files import atomic_write
 from vlsurv.progress import progress_bar
@@ -155,7 +155,9 @@ def encode_manifest(
                 failures.append({"scan_id": scan.scan_id, "image": scan.image, "error": reason})
             if batch.volumes is not None:
                 started = time.perf_counter()
-                tokens.update(_encode_batch(encoder, batch, dtype, bf16))
+                tokens.update(
+                    encode_volumes(encoder, batch.volumes, [x.scan_id for x in batch.scans], dtype, bf16)
+                )
                 stats.encode_s += time.perf_counter() - started
             chunk_left -= len(batch.items)
             if chunk_left == 0:
@@ -196,24 +198,25 @@ def _start_run(root: Path, encoder: MerlinImageEncoder, preprocess: PreprocessCo
     save_config(preprocess, root / "preprocess.yaml")
 
 
-def _encode_batch(
-    encoder: MerlinImageEncoder, batch: ScanBatch, dtype: str, bf16: bool
+def encode_volumes(
+    encoder: MerlinImageEncoder, volumes: torch.Tensor, scan_ids: list[str], dtype: str, bf16: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Tokens {scan_id: (T, C) in ``dtype``} of a batch's volumes (B, 1, H, W, D); refuses non-finite ones."""
+    """Tokens {scan_id: (T, C) in ``dtype``} of volumes (B, 1, H, W, D) on the CPU; refuses non-finite ones
+    (also after the cast to ``dtype``)."""
     device = encoder.conv1.weight.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        raw = encoder(batch.volumes.to(device, non_blocking=True)).to(device="cpu", dtype=torch.float32)
+        raw = encoder(volumes.to(device, non_blocking=True)).to(device="cpu", dtype=torch.float32)
     encoded = raw.to(STORAGE_DTYPES[dtype])
     tokens = {}
-    for scan, raw_value, value in zip(batch.scans, raw, encoded):
+    for scan_id, raw_value, value in zip(scan_ids, raw, encoded):
         if not torch.isfinite(raw_value).all():
-            raise CacheError(f"scan_id {scan.scan_id!r}: the encoder's tokens are not finite (NaN or inf)")
+            raise CacheError(f"scan_id {scan_id!r}: the encoder's tokens are not finite (NaN or inf)")
         if not torch.isfinite(value).all():
             raise CacheError(
-                f"scan_id {scan.scan_id!r}: tokens are not finite in {dtype} (max |value| "
+                f"scan_id {scan_id!r}: tokens are not finite in {dtype} (max |value| "
                 f"{raw_value.abs().max().item():.3g} exceeds its range); store float32 or bfloat16"
             )
-        tokens[scan.scan_id] = value.clone(memory_format=torch.contiguous_format)
+        tokens[scan_id] = value.clone(memory_format=torch.contiguous_format)
     return tokens
 
 
