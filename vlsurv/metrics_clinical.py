@@ -278,7 +278,9 @@ def clinical_accuracy(
             .astype(str)
             .drop_duplicates(["scan_id", "question_id"])
         )
-        refs = refs.rename(columns={"answer": "reference"})
+        refs = refs.rename(columns={"answer": "reference"}).merge(  # read back only the answered ones
+            answers[["scan_id", "question_id"]].drop_duplicates(), on=["scan_id", "question_id"]
+        )
         refs["reference_status"] = read_statuses(
             refs["question_id"].tolist(), refs["reference"].tolist(), questions, backend
         )
