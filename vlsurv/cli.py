@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "horizon": ("vlsurv.horizon.cli:main", "fine-tune a 3D CNN for death within 1/3/5 years; AUROC table"),
     "baselines": ("vlsurv.baselines.run:main", "CoxPH, DeepSurv, DeepHit on text, image, both (Table 2)"),
     "table": ("vlsurv.baselines.table:main", "the Table-2 comparison of baseline and VLM runs"),
+    "tte-evaluate": (
+        "vlsurv.tte.evaluate_cli:main",
+        "per-task C-index, AUROC and calibration of a tte_pretrain run on a split",
+    ),
 }
 
 

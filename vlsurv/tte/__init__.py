@@ -8,7 +8,9 @@
   ``train_tte``).
 - ``transfer``: ``load_tte_head``, ``tte_pretrained_features`` (features for the baselines),
   ``predict_log_hazard``.
-- ``evaluation``: ``task_metrics`` (per-task C-index and AUROC at horizons), ``task_calibration``.
+- ``evaluation``: ``task_metrics`` (per-task C-index and AUROC at horizons), ``task_calibration``;
+  ``evaluate_cli``: the ``vlsurv tte-evaluate`` command over a split.
+- ``images``: the stage on volumes (``data.images``), the encoder's last stage trained with the head.
 
 The loss is ``vlsurv.losses.piecewise_exponential_loss``.
 """

@@ -1,8 +1,10 @@
 """``TTEPretrainConfig``: the typed config of the ``tte_pretrain`` stage (scripts/train.py, vlsurv train).
 
 A YAML with ``stage: tte_pretrain`` is routed here instead of ``TrainConfig`` (``is_tte_config``). The head
-trains on the feature cache's tokens; ``model.projector`` and ``model.projector_input_norm`` match stage 1's
-``model.projector`` options so that the pretrained projector can start stage 1 (``data.tte_projector``).
+trains on the feature cache's tokens, or with ``data.images`` on the tokens of an image encoder run on the
+scans' volumes, whose last stage trains with the head when ``model.train_last_block`` (vlsurv.tte.images).
+``model.projector`` and ``model.projector_input_norm`` match stage 1's ``model.projector`` options so that the
+pretrained projector can start stage 1 (``data.tte_projector``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Literal
 
 import yaml
 
-from vlsurv.config import bounded, check_fields, load_config
+from vlsurv.config import ConfigError, bounded, check_fields, invalid, load_config
 from vlsurv.model.projector import ProjectorKind, ProjectorNorm
 from vlsurv.training.config import CheckpointConfig, MixedPrecision
 
@@ -22,7 +24,8 @@ TTE_STAGE = "tte_pretrain"
 
 @dataclass
 class TTEDataConfig:
-    """The EHR events, the scan times and the feature cache of the scans."""
+    """The EHR events, the scan times and the feature cache of the scans (or, with ``images``, their volumes
+    and the encoder)."""
 
     events: str = ""
     """Events table (parquet or CSV) with columns patient_id, time, code (MEDS-like)."""
@@ -34,9 +37,27 @@ class TTEDataConfig:
     """Scans trained on when the scans table has a split column (else all scans)."""
     val_split: str = "val"
     """Scans validated on when the scans table has a split column (else none)."""
+    images: bool = False
+    """Read the scans' volumes (data.manifest) and run the image encoder in the loop instead of data.cache."""
+    manifest: str = ""
+    """With images: the cohort manifest (scan_id, image) holding every scan of the scans table."""
+    encoder: Literal["full", "tiny"] = "full"
+    """With images: the encoder preset, as `vlsurv encode --encoder` (full = Merlin's ResNet-152)."""
+    encoder_config: str | None = None
+    """With images: a YAML EncoderConfig (replaces data.encoder)."""
+    encoder_checkpoint: str | None = None
+    """With images: the encoder checkpoint (.pt or .safetensors); null = the config's seeded random init."""
+    preprocess_config: str | None = None
+    """With images: a YAML PreprocessConfig (null = Merlin's preprocessing)."""
+    num_workers: int = bounded(0, ge=0)
+    """With images: DataLoader processes that load and preprocess the volumes."""
 
     def __post_init__(self) -> None:
         check_fields(self, "data")
+        if self.images and not self.manifest:
+            raise invalid(
+                "data", "manifest", "expected the cohort manifest (scan_id, image) when data.images is true"
+            )
 
 
 @dataclass
@@ -70,6 +91,8 @@ class TTEModelConfig:
     """Projector output width: the decoder's hidden size when stage 1 is to start from it."""
     final_dim: int = bounded(512, ge=1)
     """Width of the per-bin features that the shared task layer reads (MOTOR's final_layer_size)."""
+    train_last_block: bool = False
+    """With data.images: train the encoder's last stage (layer4) with the head; the rest stays frozen."""
 
     def __post_init__(self) -> None:
         check_fields(self, "model")
@@ -77,10 +100,16 @@ class TTEModelConfig:
 
 @dataclass
 class TTEOptimConfig:
-    """AdamW at a constant learning rate."""
+    """AdamW with a learning-rate schedule stepped per optimizer step: ``warmup_steps`` of linear warmup from
+    0, then constant, linear decay to 0 or cosine decay to 0 at the run's last step (transformers' schedules).
+    A ``warmup_steps`` not below the run's planned steps is an error (vlsurv.tte.training.planned_warmup)."""
 
     lr: float = bounded(1e-4, ge=0.0, what="a learning rate")
-    """Learning rate."""
+    """Peak learning rate."""
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning rate after warmup: constant, linear decay to 0, or cosine decay to 0 at the last step."""
+    warmup_steps: int = bounded(0, ge=0)
+    """Optimizer steps of linear warmup from 0 to optim.lr."""
     weight_decay: float = bounded(0.0, ge=0.0)
     """AdamW weight decay."""
     batch_size: int = bounded(64, ge=1)
@@ -123,6 +152,11 @@ class TTEPretrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.model.train_last_block and not self.data.images:
+            raise ConfigError(
+                "model.train_last_block: needs data.images=true (cached tokens have passed the last block "
+                "already); expected false or data.images=true with data.manifest"
+            )
 
 
 def is_tte_config(path: str | Path, overrides: list[str] | None = None) -> bool:

@@ -5,14 +5,18 @@
 Data: ``prepare_data`` reads the events and scans (vlsurv.tte.events), selects the tasks on the training
 scans, labels training and validation scans, sets the bins and base rates from the training labels. Each
 batch's labels (B, K) become ``log_time`` / ``is_event`` (B, bins, K) on the device (``TimeBins.targets``),
-and the loss is ``vlsurv.losses.piecewise_exponential_loss``.
+and the loss is ``vlsurv.losses.piecewise_exponential_loss``. With ``data.images`` the batches are volumes
+and the encoder runs in the loop (vlsurv.tte.images). The learning rate follows ``optim.schedule`` after
+``optim.warmup_steps`` (``lr_factor``), stepped once per optimizer step by a ``LambdaLR`` that accelerate
+saves and restores with the checkpoints.
 
 Run folder: ``config.yaml``, ``train_log.jsonl`` (one line per step), ``validation.jsonl``,
 ``checkpoints/step-*/`` (``accelerator.save_state``: model.safetensors, optimizer, RNG; and
 ``trainer_state.json``, as vlsurv.training.checkpoints), ``final/``: ``projector.safetensors`` (loadable as
 stage 1's projector), ``head.safetensors`` (the whole head) and ``tte.json`` (tasks, bin edges, base rates,
-the model config). Batches: one seeded permutation of the training scans per epoch, so a resumed run
-continues with the batches it would have seen.
+the model config; with ``data.images`` also the fine-tuned encoder, vlsurv.tte.images). Each line of
+``train_log.jsonl`` records the step's loss and learning rate. Batches: one seeded permutation of the training
+scans per epoch, so a resumed run continues with the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +35,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vlsurv.config import save_config, to_dict
+from vlsurv.config import ConfigError, save_config, to_dict
 from vlsurv.encoders.cache import CachedTokenDataset, FeatureCache
 from vlsurv.jsonl import to_line
 from vlsurv.losses import piecewise_exponential_loss
@@ -41,6 +46,16 @@ from vlsurv.training.checkpoints import CheckpointManager, read_state
 from vlsurv.tte.config import TTEPretrainConfig
 from vlsurv.tte.events import SCAN_COLUMNS, TTEInputError, load_events, read_table
 from vlsurv.tte.head import TTEHead
+from vlsurv.tte.images import (
+    ImageTTEModel,
+    LabelledVolumes,
+    build_image_encoder,
+    check_token_shape,
+    encoder_tokens,
+    frozen_weights_dropper,
+    manifest_scans,
+    save_image_encoder,
+)
 from vlsurv.tte.labels import TaskSelection, TimeBins, TTELabels, base_rates, build_labels, select_tasks
 
 FINAL_DIR, HEAD_NAME, INFO_NAME = "final", "head.safetensors", "tte.json"
@@ -59,7 +74,7 @@ class TTEData:
 
 
 class LabelledTokens(Dataset):
-    """Items {"image_tokens": (T, C), "time": (K,) float32, "event": (K,) bool} of the labelled scans."""
+    """Items {"inputs": tokens (T, C), "time": (K,) float32, "event": (K,) bool} of the labelled scans."""
 
     def __init__(self, cache: FeatureCache, labels: TTELabels) -> None:
         self.tokens = CachedTokenDataset(cache, labels.scan_ids)
@@ -70,7 +85,7 @@ class LabelledTokens(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         return {
-            "image_tokens": self.tokens[item]["image_tokens"],
+            "inputs": self.tokens[item]["image_tokens"],
             "time": torch.from_numpy(self.labels.time[item]),
             "event": torch.from_numpy(self.labels.event[item]),
         }
@@ -107,9 +122,42 @@ def prepare_data(config: TTEPretrainConfig) -> TTEData:
 
 
 def batch_loss(model: torch.nn.Module, bins: TimeBins, batch: dict) -> torch.Tensor:
-    """The piecewise-exponential loss of one batch {"image_tokens", "time", "event"}."""
+    """The piecewise-exponential loss of one batch {"inputs" (tokens or volumes), "time", "event"}."""
     log_time, is_event = bins.targets(batch["time"], batch["event"])
-    return piecewise_exponential_loss(model(batch["image_tokens"]), log_time, is_event)
+    return piecewise_exponential_loss(model(batch["inputs"]), log_time, is_event)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimizer ``step`` (0-based) of a ``total``-step run: ``step / warmup``
+    during ``warmup``, then 1 (constant), a linear decay to 0 at ``total`` (linear) or a half cosine to 0
+    (cosine); the formulas of transformers' ``get_*_schedule_with_warmup``, whose module is not imported
+    here because it loads peft and bitsandbytes (about 7 s)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def planned_warmup(config: TTEPretrainConfig, total: int, steps_per_epoch: int) -> int:
+    """``optim.warmup_steps``; ConfigError when it is not below the run's ``total`` planned optimizer steps
+    (the learning rate would never leave warmup)."""
+    optim = config.optim
+    if optim.warmup_steps and optim.warmup_steps >= total:
+        plan = (
+            f"optim.max_steps = {optim.max_steps}"
+            if optim.max_steps
+            else f"optim.epochs = {optim.epochs} x {steps_per_epoch} batches per epoch"
+        )
+        raise ConfigError(
+            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {total} planned optimizer "
+            f"steps ({plan}): the learning rate would never leave warmup; expected optim.warmup_steps < "
+            f"{total}"
+        )
+    return optim.warmup_steps
 
 
 class TTETrainer:
@@ -123,24 +171,27 @@ class TTETrainer:
             cpu=launched > 1 and not torch.cuda.is_available(),
             mixed_precision=config.mixed_precision,
             project_config=ProjectConfiguration(project_dir=config.output_dir),
+            step_scheduler_with_optimizer=False,
         )
         set_seed(config.seed)
         self.data = prepare_data(config)
-        cache = FeatureCache(config.data.cache) if cache is None else cache
-        self.train_set = LabelledTokens(cache, self.data.train)
-        self.val_set = None if self.data.val is None else LabelledTokens(cache, self.data.val)
-        model = TTEHead(config.model, self.data.bins.num_bins, len(self.data.tasks.codes))
-        model.set_base_rates(self.data.rates)
-        standardizer = standardizer_of(model.projector)
-        if standardizer is not None:
-            standardizer.fit(torch.stack([cache.get(s) for s in self.data.train.scan_ids]))
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
-        )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        head = TTEHead(config.model, self.data.bins.num_bins, len(self.data.tasks.codes))
+        head.set_base_rates(self.data.rates)
+        model = self.image_model(head) if config.data.images else self.token_model(head, cache)
         world_batch = config.optim.batch_size * self.accelerator.num_processes
         self.steps_per_epoch = math.ceil(len(self.train_set) / world_batch)
         self.total_steps = config.optim.max_steps or config.optim.epochs * self.steps_per_epoch
+        warmup = planned_warmup(config, self.total_steps, self.steps_per_epoch)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=config.optim.lr,
+            weight_decay=config.optim.weight_decay,
+        )
+        factor = partial(lr_factor, warmup=warmup, total=self.total_steps, schedule=config.optim.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if config.data.images:
+            self.accelerator.register_save_state_pre_hook(frozen_weights_dropper(self.model))
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints",
             config.checkpoint.keep_last,
@@ -149,12 +200,47 @@ class TTETrainer:
         )
         self.step = 0
 
+    def token_model(self, head: TTEHead, cache: FeatureCache | None) -> TTEHead:
+        """The head on cached tokens; sets the datasets and fits a ``standardize`` input norm on the training
+        scans' tokens."""
+        cache = FeatureCache(self.config.data.cache) if cache is None else cache
+        self.train_set = LabelledTokens(cache, self.data.train)
+        self.val_set = None if self.data.val is None else LabelledTokens(cache, self.data.val)
+        standardizer = standardizer_of(head.projector)
+        if standardizer is not None:
+            standardizer.fit(torch.stack([cache.get(s) for s in self.data.train.scan_ids]))
+        return head
+
+    def image_model(self, head: TTEHead) -> ImageTTEModel:
+        """Encoder + head on the volumes (``data.images``); sets the datasets, checks the encoder's token
+        shape against the head and fits a ``standardize`` input norm on the training scans' initial tokens."""
+        data = self.config.data
+        encoder, self.preprocess = build_image_encoder(data)
+        model = ImageTTEModel(encoder, head, self.config.model.train_last_block).to(self.accelerator.device)
+        train_scans = manifest_scans(data.manifest, self.data.train.scan_ids)
+        self.train_set = LabelledVolumes(train_scans, self.preprocess, self.data.train)
+        self.val_set = None
+        if self.data.val is not None:
+            val_scans = manifest_scans(data.manifest, self.data.val.scan_ids)
+            self.val_set = LabelledVolumes(val_scans, self.preprocess, self.data.val)
+        standardizer = standardizer_of(head.projector)
+        subset = self.train_set if standardizer is not None else Subset(self.train_set, [0])
+        tokens = encoder_tokens(model, subset, self.config.optim.batch_size)
+        check_token_shape(tokens, self.config.model, encoder)
+        if standardizer is not None:
+            standardizer.fit(tokens.cpu())
+        return model
+
     def epoch_loader(self, epoch: int, skip: int):
         """This process's batches of ``epoch`` (a permutation seeded by seed and epoch), the first ``skip``
         global batches left out."""
         generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.train_set), generator=generator).tolist()
-        loader = DataLoader(Subset(self.train_set, order), batch_size=self.config.optim.batch_size)
+        loader = DataLoader(
+            Subset(self.train_set, order),
+            batch_size=self.config.optim.batch_size,
+            num_workers=self.config.data.num_workers if self.config.data.images else 0,
+        )
         acc = self.accelerator
         loader = prepare_data_loader(
             loader, acc.device, acc.num_processes, acc.process_index, put_on_device=True
@@ -193,7 +279,7 @@ class TTETrainer:
         acc.wait_for_everyone()
         if resume is not None:
             path = self.checkpoints.resolve(resume)
-            acc.load_state(str(path))
+            acc.load_state(str(path), strict=not self.config.data.images)
             self.step = int(read_state(path)["step"])
             acc.print(f"resumed from {path} at step {self.step}")
 
@@ -215,12 +301,14 @@ class TTETrainer:
                     acc.backward(loss)
                     if self.config.optim.max_grad_norm > 0:
                         acc.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
+                    lr = self.scheduler.get_last_lr()[0]
                     self.optimizer.step()
+                    self.scheduler.step()
                     self.optimizer.zero_grad()
                     self.step += 1
                     bar.update(1)
                     if acc.is_main_process:
-                        line = {"step": self.step, "epoch": epoch, "loss": float(loss.detach())}
+                        line = {"step": self.step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr}
                         with (self.run_dir / "train_log.jsonl").open("a") as handle:
                             handle.write(to_line(line))
                     if every and self.step % every == 0:
@@ -240,20 +328,25 @@ class TTETrainer:
             and selected["metric"] is not None
             and self.checkpoints.metric_of(best[1]) < selected["metric"]
         ):
-            acc.load_state(str(best[1]))
+            acc.load_state(str(best[1]), strict=not self.config.data.images)
             selected = {"step": best[0], "metric": self.checkpoints.metric_of(best[1])}
         final = self.run_dir / FINAL_DIR
         if acc.is_main_process:
             final.mkdir(parents=True, exist_ok=True)
-            head = acc.unwrap_model(self.model)
+            model = acc.unwrap_model(self.model)
+            head = model.head if self.config.data.images else model
             save_module(head.projector, final / PROJECTOR_NAME)
             save_module(head, final / HEAD_NAME)
+            if self.config.data.images:
+                token_shape = [self.config.model.num_image_tokens, self.config.model.image_token_dim]
+                save_image_encoder(final, model.encoder, self.preprocess, token_shape)
             info = {
                 "tasks": self.data.tasks.codes.tolist(),
                 "task_event_fraction": self.data.tasks.event_fraction.tolist(),
                 "bin_edges": self.data.bins.edges[:-1].tolist(),
                 "base_rates": self.data.rates.tolist(),
                 "model": to_dict(self.config.model),
+                "images": self.config.data.images,
                 "selected": selected,
             }
             (final / INFO_NAME).write_text(json.dumps(info, indent=2))
@@ -266,5 +359,6 @@ def train_tte(
 ) -> Path:
     """Run the ``tte_pretrain`` stage of ``config`` (resuming from ``resume``: "latest" or a checkpoint
     folder) on the tokens of ``cache`` (default: ``FeatureCache(data.cache)``; anything with ``get(scan_id)``
-    -> (T, C), ``scan_ids``, ``root`` and ``in``); returns the ``final`` folder."""
+    -> (T, C), ``scan_ids``, ``root`` and ``in``; unused with ``data.images``); returns the ``final``
+    folder."""
     return TTETrainer(config, cache).fit(resume)
