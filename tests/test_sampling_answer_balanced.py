@@ -1,14 +1,20 @@
-"""Answer-balanced stage-1 sampling: each question's present and absent answers drawn equally, epoch length
-kept, strata read from the reference answers by the rules reader."""
+"""Answer-balanced stage-1 sampling and answer-status weights of L_LM: each question's present and absent
+answers drawn (or weighted) equally, epoch length kept, strata read from the reference answers by the rules
+reader."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
 import pytest
+import torch
 
 from vlsurv.data.datasets import Sample
-from vlsurv.training.sampling import BatchPlan, SamplingError, answer_strata
+from vlsurv.model.processor import IGNORE_INDEX
+from vlsurv.training.answer_status import AnswerStatusError, answer_strata, answer_weights
+from vlsurv.training.objective import token_nll
+from vlsurv.training.sampling import BatchPlan, SamplingError
 
 
 def _strata() -> list[tuple[str, str]]:
@@ -67,3 +73,56 @@ def test_answer_balanced_needs_a_stratum_per_sample():
         BatchPlan(["a", "b", "c"], 2, "answer_balanced", seed=0, world=1)
     with pytest.raises(SamplingError, match=r"stratum per sample \(3\), got 1"):
         BatchPlan(["a", "b", "c"], 2, "answer_balanced", seed=0, world=1, strata=[("bone", "absent")])
+
+
+def test_answer_weights_give_each_status_of_a_question_equal_total_weight():
+    strata = _strata()
+    weights = answer_weights(strata, 1.0)
+    assert weights.shape == (100,) and weights.dtype == np.float32
+    assert weights.mean() == pytest.approx(1.0)
+    totals = Counter()
+    for stratum, weight in zip(strata, weights):
+        totals[stratum] += float(weight)
+    assert totals[("bone", "present")] == pytest.approx(totals[("bone", "absent")], rel=1e-5)
+    assert totals[("pleura", "present")] == pytest.approx(totals[("pleura", "absent")], rel=1e-5)
+    # each question keeps its share of the total weight (60 : 40)
+    bone = totals[("bone", "present")] + totals[("bone", "absent")]
+    assert bone / weights.sum() == pytest.approx(0.6, rel=1e-5)
+    # a rare present bone answer weighs 9x a common absent one (54 / 6)
+    assert weights[0] / weights[10] == pytest.approx(9.0, rel=1e-5)
+
+
+def test_answer_weights_power_interpolates_from_the_plain_mean():
+    strata = _strata()
+    np.testing.assert_allclose(answer_weights(strata, 0.0), 1.0)
+    half = answer_weights(strata, 0.5)
+    assert half[0] / half[10] == pytest.approx(3.0, rel=1e-5)  # sqrt(9)
+    with pytest.raises(AnswerStatusError, match=r"answer_balance: expected a power in \[0, 1\], got 1.5"):
+        answer_weights(strata, 1.5)
+
+
+def test_weighted_token_nll_is_the_weighted_token_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 2:5] = torch.tensor([1, 2, 3])
+    labels[1, 4:6] = torch.tensor([4, 5])
+    labels[2, 1:6] = torch.tensor([6, 7, 8, 9, 10])
+    weights = torch.tensor([2.0, 0.5, 1.0])
+    total, count = token_nll(logits, labels, weights)
+    per_row = []
+    for b in range(3):
+        picks = [
+            -torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]]
+            for t in range(1, 6)
+            if labels[b, t] != IGNORE_INDEX
+        ]
+        per_row.append((torch.stack(picks).sum(), len(picks)))
+    expected = sum(w * s for w, (s, _) in zip(weights, per_row)) / sum(
+        w * n for w, (_, n) in zip(weights, per_row)
+    )
+    assert float(total / count) == pytest.approx(float(expected), rel=1e-6)
+    plain_total, plain_count = token_nll(logits, labels)
+    assert int(plain_count) == 10
+    ones_total, ones_count = token_nll(logits, labels, torch.ones(3))
+    assert float(ones_total) == pytest.approx(float(plain_total)) and float(ones_count) == 10.0

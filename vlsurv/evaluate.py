@@ -46,6 +46,7 @@ from vlsurv import metrics_clinical, metrics_text
 from vlsurv.config import add_config_arguments, bounded, check_fields, config_from_args, save_config
 from vlsurv.evaluation_inputs import EvaluationError, EvaluationInputs, load_inputs
 from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
+from vlsurv.training.answer_status import strip_status
 
 
 @dataclass
@@ -153,7 +154,8 @@ def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.nda
 
 
 def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
-    """Mean BERTScore of a seeded sample of (generated answer, report-derived answer) pairs."""
+    """Mean BERTScore of a seeded sample of (generated answer, report-derived answer) pairs (the generated
+    answer without a status_first opening, vlsurv.training.answer_status.strip_status)."""
     answers, vqa = inputs.answers, inputs.vqa
     pairs = answers[answers.scan_id.isin(set(inputs.rows.scan_id))].merge(
         vqa[["scan_id", "question_id", "answer"]], on=["scan_id", "question_id"], suffixes=("", "_reference")
@@ -162,7 +164,9 @@ def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
         raise EvaluationError("no (scan_id, question_id) of the evaluated answers is in the VQA file")
     picked = np.random.default_rng(cfg.seed).choice(len(pairs), min(cfg.bertscore_samples, len(pairs)), False)
     sample = pairs.iloc[np.sort(picked)]
-    candidates, references = sample.answer.astype(str).tolist(), sample.answer_reference.astype(str).tolist()
+    # a status_first model's "Present: " / "Absent: " opening is not in the reference text
+    candidates = [strip_status(text) for text in sample.answer.astype(str)]
+    references = sample.answer_reference.astype(str).tolist()
     score = metrics_text.bertscore(candidates, references, cfg.bertscore_model, cfg.bertscore_layers)
     return {
         "bertscore_f1": float(score.f1.mean()),

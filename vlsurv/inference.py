@@ -77,7 +77,15 @@ def predict_scans(
 ) -> list[ScanPrediction]:
     """The prompt ensemble (``score_shared_prefix``) over S scans x Q questions, one ScanPrediction per
     scan."""
-    result = score_shared_prefix(model, scans, [q.text for q in questions], pool, options, generator)
+    result = score_shared_prefix(
+        model,
+        scans,
+        [q.text for q in questions],
+        pool,
+        options,
+        generator,
+        status_bias=model.status_bias_for([q.id for q in questions]),
+    )
     times = curves = None
     if result.survival_curves is not None:
         cuts = model.require_cuts()

@@ -194,6 +194,7 @@ class SampleDataset(Dataset):
         self.feature_cache = feature_cache
         self.processor = processor
         self.deephit_labels: dict[str, torch.Tensor] | None = None
+        self.answer_weights: torch.Tensor | None = None
 
     def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
@@ -207,6 +208,15 @@ class SampleDataset(Dataset):
             "censored_credit": labels.censored_credit,
         }
 
+    def set_answer_weights(self, weights: Sequence[float]) -> None:
+        """Per-sample LM-loss weights (N,) (vlsurv.training.sampling.answer_weights); items then carry
+        ``answer_weight``."""
+        if len(weights) != len(self.samples):
+            raise DatasetError(
+                f"answer weights: got {len(weights)} for {len(self.samples)} samples; expected one per sample"
+            )
+        self.answer_weights = torch.as_tensor(weights, dtype=torch.float32)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -218,6 +228,8 @@ class SampleDataset(Dataset):
         item["event"] = torch.tensor(sample.event, dtype=torch.long)
         for key, column in (self.deephit_labels or {}).items():
             item[key] = column[index]
+        if self.answer_weights is not None:
+            item["answer_weight"] = self.answer_weights[index]
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id

@@ -58,11 +58,14 @@ class DecodeOptions:
 @dataclass
 class EnsembleOutput:
     """risks (S, Q) float32; answers S lists of Q strings ("" without generation); curves (S, Q, K) or
-    None."""
+    None; status_margin (S, Q) float32 or None: for a ``status_first`` model with generation, the first answer
+    token's logit of "Present" minus that of "Absent", the status bias included (> 0: the answer opens
+    "Present:")."""
 
     risks: torch.Tensor
     answers: list[list[str]]
     survival_curves: torch.Tensor | None
+    status_margin: torch.Tensor | None = None
 
 
 def split_prompts(model: VisionLanguageSurvivalModel, clinical: str, questions: Sequence[str]):
@@ -118,15 +121,28 @@ def _generate_on_cache(
     logits: torch.Tensor,
     options: DecodeOptions,
     generator: torch.Generator | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode up to max_new_tokens per row on ``cache``; -> (tokens (N, n), hidden sum (N, d), count (N,))."""
+    decision: tuple[int, int, int] | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Decode up to max_new_tokens per row on ``cache``; -> (tokens (N, n), hidden sum (N, d), count (N,),
+    status margin (N,) or None).
+
+    ``decision`` (step k, "Present" id, "Absent" id; ``VisionLanguageSurvivalModel.status_decision``): at
+    answer token k, ``bias`` (N,) is added to the "Present" logit, and the margin is its logit minus the
+    "Absent" one (None when decoding stops before step k)."""
     lm, pad, eos = model.language_model, model.processor.pad_token_id, model.processor.eos_token_id
     n = logits.shape[0]
     finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
     hidden_sum = torch.zeros(n, model.hidden_size, device=logits.device)
     count = torch.zeros(n, device=logits.device)
-    tokens, cache_kwarg = [], {_cache_argument(lm): cache}
-    for _ in range(options.max_new_tokens):
+    tokens, cache_kwarg, margin = [], {_cache_argument(lm): cache}, None
+    for step in range(options.max_new_tokens):
+        if decision is not None and step == decision[0]:
+            present, absent = decision[1:]
+            logits = logits.float().index_add(
+                -1, torch.tensor([present], device=logits.device), bias[:, None]
+            )
+            margin = logits[:, present] - logits[:, absent]
         active = ~finished
         token = torch.where(
             active,
@@ -150,7 +166,7 @@ def _generate_on_cache(
         if bool(finished.all()):
             break
         logits = out.logits[:, -1]
-    return torch.stack(tokens, dim=1), hidden_sum, count
+    return torch.stack(tokens, dim=1), hidden_sum, count, margin
 
 
 def _survival(
@@ -191,8 +207,12 @@ def score_shared_prefix(
     pool: str = "prompt",
     options: DecodeOptions | None = None,
     generator: torch.Generator | None = None,
+    status_bias: Sequence[float] | None = None,
 ) -> EnsembleOutput:
-    """Risks of S scans x Q questions with one prefix pass per scan and a KV cache repeated Q times."""
+    """Risks of S scans x Q questions with one prefix pass per scan and a KV cache repeated Q times.
+
+    ``status_bias`` (Q,): for a ``status_first`` model, added to the logit of the "Present" opening at the
+    first answer token (``VisionLanguageSurvivalModel.status_bias_for``); default none."""
     # transformers loads with a model, not when `vlsurv predict --help` imports this module
     from transformers import DynamicCache
 
@@ -242,18 +262,22 @@ def score_shared_prefix(
     count += suffix_mask.sum(-1)
 
     answers = [[""] * n_questions for _ in scans]
+    margin = None
     if options.generate:
         rows = torch.arange(suffix_ids.shape[0], device=device)
         logits = out.logits[rows, suffix_mask.sum(-1) - 1]
-        tokens, answer_sum, answer_count = _generate_on_cache(
-            model, cache, mask, count.long(), logits, options, generator
+        decision = model.status_decision()
+        bias = torch.tensor(list(status_bias or [0.0] * n_questions), device=device).repeat(n_scans)
+        tokens, answer_sum, answer_count, margin = _generate_on_cache(
+            model, cache, mask, count.long(), logits, options, generator, decision, bias
         )
+        margin = None if margin is None else margin.reshape(n_scans, n_questions)
         flat = _decode_answers(model, tokens.tolist())
         answers = [flat[i * n_questions : (i + 1) * n_questions] for i in range(n_scans)]
         if pool == "all":
             hidden_sum, count = hidden_sum + answer_sum, count + answer_count
     risks, curves = _survival(model, hidden_sum / count[:, None], (n_scans, n_questions))
-    return EnsembleOutput(risks=risks, answers=answers, survival_curves=curves)
+    return EnsembleOutput(risks=risks, answers=answers, survival_curves=curves, status_margin=margin)
 
 
 @torch.no_grad()

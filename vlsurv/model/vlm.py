@@ -15,6 +15,7 @@ bf16/fp16), in training, validation and predict alike.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -24,7 +25,7 @@ from torch import nn
 
 from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.errors import InputError
-from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
+from vlsurv.model.processor import IMAGE_TOKEN, STATUS_WORDS, VLMProcessor
 from vlsurv.model.projector import ProjectorKind, ProjectorNorm, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
@@ -52,6 +53,7 @@ Quantization = Literal["none", "4bit", "8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES
 Pool = Literal["all", "prompt"]
 POOLS: tuple[str, ...] = get_args(Pool)
+AnswerFormat = Literal["as_extracted", "status_first"]
 
 
 class ModelConfigError(ConfigError):
@@ -110,6 +112,14 @@ class ModelConfig:
     """Tokens an answer keeps (a longer answer is cut, its EOS kept); null = no cap."""
     max_seq_len: int | None = bounded(1024, ge=1)
     """Tokens of prompt + answer + EOS; null = no cap."""
+    answer_format: AnswerFormat = "as_extracted"
+    """Training answers as the VQA file gives them, or "status_first": each opens with its status read by the
+    rules reader ("Present: ..." / "Absent: ...", vlsurv.training.answer_status), so that the model's first
+    answer token is one present / absent decision; its generated answers open the same way."""
+    status_bias: dict[str, float] = field(default_factory=dict)
+    """status_first: per question id, the offset added to the "Present" opening's logit at the first answer
+    token (the decision threshold); fitted on the validation scans when training ends
+    (vlsurv.training.status_calibration), 0 for a question not listed."""
 
     def __post_init__(self) -> None:
         check_fields(self, "model", ModelConfigError)
@@ -202,6 +212,25 @@ class VisionLanguageSurvivalModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.multi_modal_projector.parameters()).device
+
+    def status_decision(self) -> tuple[int, int, int] | None:
+        """(step k, token id of "Present", token id of "Absent") for a ``status_first`` model, else None: k is
+        the answer token at which the tokenizer's " Present:" and " Absent:" first differ (0 unless both
+        start with a shared token, such as a lone space), and the two ids are their tokens there."""
+        if self.config.answer_format != "status_first":
+            return None
+        present, absent = (self.processor.answer_ids(STATUS_WORDS[s]) for s in ("present", "absent"))
+        step = next((i for i, (p, a) in enumerate(zip(present, absent)) if p != a), None)
+        if step is None:
+            raise ModelConfigError(
+                f"answer_format status_first: the tokenizer gives 'Present:' and 'Absent:' the same tokens "
+                f"{present}; expected them to differ"
+            )
+        return step, present[step], absent[step]
+
+    def status_bias_for(self, question_ids: Sequence[str]) -> list[float]:
+        """``config.status_bias`` of each question id (0 where not fitted)."""
+        return [float(self.config.status_bias.get(question_id, 0.0)) for question_id in question_ids]
 
     def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Attach the training-set cuts of a DeepHit model (saved with it)."""

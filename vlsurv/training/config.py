@@ -141,6 +141,11 @@ class LossConfig:
     """Rows the coupled terms span: one micro-batch, the accumulation window, or a memory of past rows."""
     memory_batches: int = bounded(7, ge=1)
     """Earlier micro-batches kept (detached) when risk_set is "memory"."""
+    answer_balance: float = bounded(0.0, ge=0.0, le=1.0, what="a power")
+    """L_LM of both stages: power p of the per-(question, answer status) weight (N_q / (S_q n_qs))^p of each
+    training answer (vlsurv.training.sampling.answer_weights). 0 = plain token mean; 1 = a question's present
+    and absent answers weigh the same in total, so the decoder cannot lower the loss by answering from the
+    prior of report-derived answers, where "No ..." dominates."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")
@@ -161,6 +166,10 @@ class EvalConfig:
     clinical_scans: int = bounded(0, ge=0)
     """Val scans (the first ones, every question) whose greedy answers give the clinical macro F1
     (vlsurv.metrics_clinical, logged as val/clinical_macro_f1); 0 = not computed."""
+    status_calibration: Literal["none", "max_f1"] = "max_f1"
+    """model.answer_format status_first: "max_f1" fits each question's present / absent threshold on the val
+    scans when training ends (vlsurv.training.status_calibration, saved as model.status_bias); "none" keeps
+    the greedy threshold."""
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")

@@ -30,6 +30,7 @@ from vlsurv.config import ConfigError, save_config, to_dict
 from vlsurv.encoders.provenance import write_provenance
 from vlsurv.jsonl import to_line
 from vlsurv.progress import progress_bar
+from vlsurv.training.answer_status import answer_weights
 from vlsurv.training.checkpoints import (
     CheckpointManager,
     keep_changing_weights,
@@ -40,7 +41,7 @@ from vlsurv.training.checkpoints import (
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.objective import step_loss
 from vlsurv.training.risk_sets import RiskMemory, WindowCache, cache_window, set_rng_state, window_step_loss
-from vlsurv.training.sampling import BatchPlan, answer_strata
+from vlsurv.training.sampling import BatchPlan
 from vlsurv.training.setup import (
     build_model,
     build_optimizer,
@@ -53,6 +54,7 @@ from vlsurv.training.setup import (
     total_steps,
     warmup_steps,
 )
+from vlsurv.training.status_calibration import fit_status_bias
 from vlsurv.training.validation import ValidationResult, scoring_options, validate
 
 FINAL_DIR = "final"
@@ -99,9 +101,9 @@ class Trainer:
                 marginal = cuts.marginal_log_probabilities(self.data.train_time, self.data.train_event)
                 model.survival_branch.start_at_marginal(marginal)
         world = self.accelerator.num_processes
-        strata = None
-        if config.sampling == "answer_balanced":
-            strata = answer_strata(self.data.train.samples, config.data.questions)
+        strata = self.data.train_strata
+        if config.loss.answer_balance > 0:
+            self.data.train.set_answer_weights(answer_weights(strata, config.loss.answer_balance))
         self.plan = BatchPlan(
             self.data.train.patients(),
             config.optim.batch_size * world,
@@ -380,6 +382,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         selection = self.select_final()
+        unwrapped = acc.unwrap_model(self.model)
+        if unwrapped.config.answer_format == "status_first" and self.config.eval.status_calibration != "none":
+            calibration = fit_status_bias(unwrapped, self.data.val, acc, self.config.eval.batch_size)
+            selection["status_calibration"] = calibration
+            acc.print(f"status thresholds fitted on {calibration['val_scans']} val scans: {calibration}")
         final = save_final(acc, self.model, self.run_dir / FINAL_DIR)
         if acc.is_main_process:
             write_selection(final, selection)

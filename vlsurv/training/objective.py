@@ -1,7 +1,8 @@
 """The per-step training loss of both stages, computed over the global batch (see
 vlsurv.training.distributed).
 
-Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch.
+Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch (each row's tokens weighted by
+its ``answer_weight`` when ``loss.answer_balance`` > 0; vlsurv.training.sampling.answer_weights).
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
 - DeepSurv: L_surv = Cox partial likelihood (``loss.ties``), L_disp = continuous dispersion on time;
 - DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'
@@ -41,23 +42,34 @@ class StepLoss:
     rows: SurvivalRows | None = None
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, V) logits, (B, L) labels -> (sum of next-token NLL over labelled tokens, their count)."""
+def token_nll(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, V) logits, (B, L) labels -> (sum of next-token NLL over labelled tokens, their count).
+
+    ``weights`` (B,), the batch's ``answer_weight`` (``loss.answer_balance``): every token of row b counts
+    w_b times in both the sum and the count, so sum / count is the w-weighted token mean.
+    """
     shifted_logits = logits[:, :-1].float()
     shifted_labels = labels[:, 1:].to(shifted_logits.device)
-    total = F.cross_entropy(
+    nll = F.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         shifted_labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, (shifted_labels != IGNORE_INDEX).sum()
+        reduction="none",
+    ).view(shifted_labels.shape)
+    labelled = (shifted_labels != IGNORE_INDEX).to(nll.dtype)
+    if weights is None:
+        return nll.sum(), labelled.sum().long()
+    per_token = weights.to(device=nll.device, dtype=nll.dtype).unsqueeze(1) * labelled
+    return (nll * per_token).sum(), per_token.sum()
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """0-d global token-mean L_LM whose gradient is this process's share (local NLL sum / global token count):
-    the value is the global one, the rest of the global sum is added as a constant."""
-    nll_sum, count = token_nll(logits, labels)
+    the value is the global one, the rest of the global sum is added as a constant. ``weights`` (B,): see
+    ``token_nll``."""
+    nll_sum, count = token_nll(logits, labels, weights)
     global_count = global_sum(count.to(torch.float32)).clamp(min=1.0)
     share = nll_sum / global_count
     return share + (global_sum(nll_sum) / global_count - share.detach())
@@ -192,7 +204,7 @@ def step_loss(
     ``StepLoss.rows`` holds this micro-batch's gathered rows, detached (stage 2), for the memory.
     """
     _, size = world()
-    lm = lm_loss(output.logits, batch["labels"])
+    lm = lm_loss(output.logits, batch["labels"], batch.get("answer_weight"))
     if stage == 1:
         value = float(lm.detach())
         return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})

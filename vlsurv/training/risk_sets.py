@@ -91,7 +91,7 @@ def cache_window(forward: Callable[[dict], object], batches: list[dict], config:
         for batch in batches:
             states.append(rng_state())
             output = forward(batch)
-            nll, count = token_nll(output.logits, batch["labels"])
+            nll, count = token_nll(output.logits, batch["labels"], batch.get("answer_weight"))
             nll_total = nll_total + global_sum(nll).cpu()
             token_count = token_count + global_sum(count.to(torch.float32)).cpu()
             rows = local_rows(output, batch)
@@ -121,7 +121,7 @@ def window_step_loss(output, batch: dict, cache: WindowCache, index: int) -> Ste
     accumulation (which divides each micro-batch's loss by A) the caller multiplies by A.
     """
     _, size = world()
-    nll, _ = token_nll(output.logits, batch["labels"])
+    nll, _ = token_nll(output.logits, batch["labels"], batch.get("answer_weight"))
     rows = local_rows(output, batch)
     head, z_surv, z_pooled = cache.gradients[index]
     surrogate = (head * rows.head).sum() + (z_surv * rows.z_surv).sum() + (z_pooled * rows.z_pooled).sum()

@@ -11,7 +11,8 @@ process, and a resumed run regenerates the epoch and starts at the saved positio
   drawn at random (a patient with several scans may give any of their pairs); a global batch holds distinct
   patients.
 - ``"answer_balanced"`` (stage 1): as many samples per epoch as "pairs", but within each question every answer
-  status (present / absent, read from the reference answer by the rules reader: ``answer_strata``) gets an
+  status (present / absent, read from the reference answer by the rules reader:
+  ``vlsurv.training.answer_status.answer_strata``) gets an
   equal share of that question's draws: a rare status is drawn with replacement, a common one without. A
   decoder trained on report-derived answers, where "No ..." dominates, otherwise learns the prior and ignores
   the image.
@@ -56,21 +57,6 @@ def _balanced(by_status: dict[str, list[int]], rng: np.random.Generator) -> list
         indices, size = by_status[status], base + (1 if position < extra else 0)
         picks += rng.choice(indices, size=size, replace=size > len(indices)).tolist()
     return picks
-
-
-def answer_strata(samples, questions: str) -> list[tuple[str, str]]:
-    """(question_id, status of the reference answer) per sample (``Sample``s with question_id and answer):
-    the status as the rules reader of vlsurv.metrics_clinical reads the answer; 'prompt_only' without one."""
-    from vlsurv.metrics_clinical import read_statuses
-    from vlsurv.prompts import load_questions
-
-    answered = [s for s in samples if s.answer is not None]
-    statuses = iter(
-        read_statuses(
-            [s.question_id for s in answered], [s.answer for s in answered], load_questions(questions)
-        )
-    )
-    return [(s.question_id, "prompt_only" if s.answer is None else next(statuses)) for s in samples]
 
 
 class BatchPlan:

@@ -34,8 +34,9 @@ from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance, rea
 from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
 from vlsurv.model.vlm import VisionLanguageSurvivalModel
-from vlsurv.model.vlm_io import ADAPTER_DIR, PROJECTOR_NAME
+from vlsurv.model.vlm_io import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME
 from vlsurv.prompts import load_questions
+from vlsurv.training.answer_status import answer_strata, with_status
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.sampling import BatchPlan
 
@@ -48,6 +49,9 @@ class RunData:
     val: SampleDataset
     train_time: list[float]
     train_event: list[int]
+    train_strata: list[tuple[str, str]] | None = None
+    """(question_id, reference answer status) per training sample, when a run option needs it
+    (vlsurv.training.answer_status)."""
 
 
 def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
@@ -58,11 +62,26 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
         raise ConfigError(
             f"data.stage1_dir {folder}: no {PROJECTOR_NAME}; expected the `final` folder of a stage-1 run"
         )
+    check_answer_format_matches(config, folder)
     adapter = folder / ADAPTER_DIR
     if not adapter.is_dir():
         return projector, None
     check_lora_matches(config, adapter)
     return projector, adapter
+
+
+def check_answer_format_matches(config: TrainConfig, folder: Path) -> None:
+    """ConfigError when the stage-1 model answered in another ``model.answer_format`` than stage 2 is set to
+    train (stage 2 would teach the adapter a second answer format on top of the first)."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        return  # a bare projector + adapter folder: nothing says how it answered
+    saved = json.loads(path.read_text()).get("answer_format", "as_extracted")
+    if saved != config.model.answer_format:
+        raise ConfigError(
+            f"data.stage1_dir: the stage-1 model {path} answers with answer_format {saved!r}; stage 2 has "
+            f"model.answer_format={config.model.answer_format!r}; expected the same format in both stages"
+        )
 
 
 def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
@@ -154,11 +173,19 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
         manifest, vqa, questions, config.data.val_split, cache, clinical, survival, where
     )
     train_scans = {s.scan_id: (s.time, s.event) for s in train}
+    strata = None
+    status_first = config.model.answer_format == "status_first"
+    if status_first or config.sampling == "answer_balanced" or config.loss.answer_balance > 0:
+        strata = answer_strata(train, config.data.questions)
+    if status_first:
+        train = with_status(train, strata)
+        val = with_status(val, answer_strata(val, config.data.questions))
     return RunData(
         train=SampleDataset(train, cache, processor),
         val=SampleDataset(val, cache, processor),
         train_time=[t for t, _ in train_scans.values()],
         train_event=[e for _, e in train_scans.values()],
+        train_strata=strata,
     )
 
 

@@ -102,7 +102,7 @@ def _lm_totals(
     return nll_total, tokens
 
 
-def _scans_and_questions(dataset: SampleDataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def scans_and_questions(dataset: SampleDataset) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """[(scan_id, clinical sentence)] in sample order and the question set [(question_id, text)] in its
     order."""
     scans: dict[str, str] = {}
@@ -121,9 +121,10 @@ def score_scans(
     options: DecodeOptions,
     scans_per_batch: int,
 ) -> list[dict]:
-    """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers}] (risk = mean
-    of the question risks; answers = one per question, in the question set's order)."""
-    scans, questions = _scans_and_questions(dataset)
+    """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers,
+    status_margin}] (risk = mean of the question risks; answers = one per question, in the question set's
+    order; status_margin: one per question for a status_first model, else None)."""
+    scans, questions = scans_and_questions(dataset)
     mine = scans[accelerator.process_index :: accelerator.num_processes]
     texts = [text for _, text in questions]
     records = []
@@ -133,9 +134,19 @@ def score_scans(
             for sid, clinical in mine[start : start + scans_per_batch]
         ]
         with accelerator.autocast():
-            result = score_shared_prefix(unwrapped, batch, texts, unwrapped.config.pool, options)
-        for scan, risk, answers in zip(batch, result.risks.mean(1).tolist(), result.answers):
-            records.append({"scan_id": scan.scan_id, "risk": risk, "answers": answers})
+            result = score_shared_prefix(
+                unwrapped,
+                batch,
+                texts,
+                unwrapped.config.pool,
+                options,
+                status_bias=unwrapped.status_bias_for([qid for qid, _ in questions]),
+            )
+        margins = result.status_margin.tolist() if result.status_margin is not None else [None] * len(batch)
+        for scan, risk, answers, margin in zip(batch, result.risks.mean(1).tolist(), result.answers, margins):
+            records.append(
+                {"scan_id": scan.scan_id, "risk": risk, "answers": answers, "status_margin": margin}
+            )
     return records
 
 
@@ -154,7 +165,7 @@ def _c_index(dataset: SampleDataset, records: list[dict]) -> tuple[float | None,
 
 def _first_answers(dataset: SampleDataset, records: list[dict], count: int) -> list[dict]:
     """The scoring pass's answers to the first ``count`` val prompts, in sample order."""
-    _, questions = _scans_and_questions(dataset)
+    _, questions = scans_and_questions(dataset)
     by_scan = {r["scan_id"]: r["answers"] for r in records}
     position = {qid: i for i, (qid, _) in enumerate(questions)}
     return [
@@ -282,7 +293,7 @@ def validate(
         options = DecodeOptions(
             **{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"}
         )
-        _, questions = _scans_and_questions(dataset)
+        _, questions = scans_and_questions(dataset)
         records = score_scans(unwrapped, dataset, accelerator, options, max(1, batch_size // len(questions)))
         records = sorted(gather_object(records), key=lambda r: r["scan_id"])
         c_index, note = _c_index(dataset, records)

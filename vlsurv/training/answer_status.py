@@ -1,0 +1,88 @@
+"""What the status of each reference answer (present / absent, read by the rules reader) changes in training.
+
+Report-derived answers are skewed twice over: most are negative ("No pleural effusion."), and the negatives
+share one opening word while the positives open with many ("There is ...", "Large ...", "Bilateral ...").
+A decoder that reads the image well can still answer "No ..." to every scan, since at the first answer token
+"No" holds most of the probability unless the image moves it a long way. Two options address this, each with
+the strata of ``answer_strata``:
+
+- ``loss.answer_balance`` (``answer_weights``): L_LM weights that give a question's present and absent
+  answers equal total weight (or a power in between), so the loss no longer teaches the prior;
+- ``model.answer_format: status_first`` (``with_status``): every training answer opens with its status,
+  "Present: There is a large right pleural effusion." / "Absent: No pleural effusion.", so the decoder's
+  first decision is one binary choice that the image settles, and the description follows from it. The
+  rules reader reads such an answer as it reads the description (the prefix names no finding); evaluation
+  drops the prefix before comparing texts (``strip_status``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from vlsurv.errors import InputError
+from vlsurv.model.processor import STATUS_WORDS
+
+_STATUS_OPENING = re.compile(r"^\s*(?:Present|Absent):\s*")
+
+
+class AnswerStatusError(InputError):
+    """Strata or weights that cannot be computed from what was given."""
+
+
+def answer_strata(samples, questions: str) -> list[tuple[str, str]]:
+    """(question_id, status of the reference answer) per sample (``Sample``s with question_id and answer):
+    the status as the rules reader of vlsurv.metrics_clinical reads the answer; 'prompt_only' without one."""
+    from vlsurv.metrics_clinical import read_statuses
+    from vlsurv.prompts import load_questions
+
+    answered = [s for s in samples if s.answer is not None]
+    statuses = iter(
+        read_statuses(
+            [s.question_id for s in answered], [s.answer for s in answered], load_questions(questions)
+        )
+    )
+    return [(s.question_id, "prompt_only" if s.answer is None else next(statuses)) for s in samples]
+
+
+def answer_weights(strata: Sequence[tuple[str, str]], power: float) -> np.ndarray:
+    """(N,) float32 LM-loss weight per sample from its (question_id, answer status) stratum.
+
+    Within question q with :math:`N_q` samples over :math:`S_q` statuses, a sample of status s weighs
+    :math:`w = (N_q / (S_q n_{q,s}))^p`, then all weights are scaled to mean 1. ``power`` p = 0 gives 1
+    everywhere (the plain token mean); p = 1 gives each status of a question the same total weight, so the
+    answer prior the loss teaches is 50 / 50; between them the prior is softened. The rows of a prompt-only
+    sample (no answer, no label) weigh nothing either way.
+    """
+    if not 0.0 <= power <= 1.0:
+        raise AnswerStatusError(f"loss.answer_balance: expected a power in [0, 1], got {power}")
+    counts: dict[str, dict[str, int]] = {}
+    for question_id, status in strata:
+        by_status = counts.setdefault(question_id, {})
+        by_status[status] = by_status.get(status, 0) + 1
+    weights = np.array(
+        [(sum(counts[q].values()) / (len(counts[q]) * counts[q][status])) ** power for q, status in strata],
+        dtype=np.float64,
+    )
+    return (weights / weights.mean()).astype(np.float32) if len(weights) else weights.astype(np.float32)
+
+
+def with_status(samples: Sequence, strata: Sequence[tuple[str, str]]) -> list:
+    """``Sample``s whose answer opens with its status word (``STATUS_WORDS``); answers of other statuses and
+    prompt-only samples unchanged."""
+    if len(samples) != len(strata):
+        raise AnswerStatusError(f"status-first answers: {len(strata)} strata for {len(samples)} samples")
+    return [
+        dataclasses.replace(sample, answer=f"{STATUS_WORDS[status]} {sample.answer}")
+        if sample.answer is not None and status in STATUS_WORDS
+        else sample
+        for sample, (_, status) in zip(samples, strata)
+    ]
+
+
+def strip_status(text: str) -> str:
+    """The answer without a leading status word ("Present: X" -> "X"); other text unchanged."""
+    return _STATUS_OPENING.sub("", text, count=1)
