@@ -19,8 +19,8 @@ from vlsurv.encoders.cache import FeatureCache
 from vlsurv.metrics_clinical import read_statuses
 from vlsurv.model import VisionLanguageSurvivalModel
 from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
-from vlsurv.prompts import load_questions
-from vlsurv.training.answer_status import AnswerStatusError, answer_strata, strip_status, with_status
+from vlsurv.prompts import load_questions, strip_status
+from vlsurv.training.answer_status import AnswerStatusError, answer_strata, with_status
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.loop import Trainer
 from vlsurv.training.setup import stage1_paths
@@ -99,6 +99,16 @@ def test_the_fitted_bias_gives_the_best_f1_rule(seed):
     assert f1_score(present, margin + bias > 0) == pytest.approx(f1)
     assert not np.any(np.isclose(margin + bias, 0.0))  # the cut lies between scores, not on one
     assert bias > 0  # the greedy rule (margin > 0) answers "Absent" to nearly every scan
+
+
+def test_a_score_without_signal_is_not_fitted_to_present_for_everyone():
+    present = np.zeros(100, bool)
+    present[-17:] = True
+    margin = -np.linspace(0.0, 5.0, 100)  # the present answers score lowest: only "all present" finds them
+    uncapped, trivial = max_f1_bias(margin, present, present_cap=100.0)
+    assert (margin + uncapped > 0).all() and trivial == pytest.approx(2 * 0.17 / 1.17)
+    bias, _ = max_f1_bias(margin, present)
+    assert 1 <= (margin + bias > 0).sum() <= 34
 
 
 def test_a_question_with_one_status_on_val_keeps_the_greedy_rule():

@@ -59,7 +59,10 @@ def test_two_processes_merge_into_the_one_process_cache(one_process, tmp_path):
     assert re.search(r"6/6 \[.*(scan/s|s/scan)\]$", bars[-1]) and sum("6/6" in line for line in bars) == 1
     merged = tokens_of(out)
     assert list(merged) == list(reference)
-    assert all(torch.equal(merged[s], reference[s]) for s in reference)
+    # equal up to float rounding: the processes' conv kernels may split their sums otherwise than the one
+    # process does (9e-8 on tokens of size 0.3 on one machine, bit-equal on another)
+    for scan_id in reference:
+        torch.testing.assert_close(merged[scan_id], reference[scan_id], rtol=1e-5, atol=1e-6)
     index = json.loads((out / "index.json").read_text())["scans"]
     first_process = {index[f"s{i}"]["shard"] for i in range(3)}  # shards 0, 2, 4; the second one's 1, 3, 5
     assert first_process == {f"shard-{n:05d}.safetensors" for n in (0, 2, 4)}
@@ -90,5 +93,7 @@ def test_a_dead_process_leaves_whole_shards_that_another_process_count_reuses(on
     assert counts["skipped"] >= 1 and counts["encoded"] + counts["skipped"] == N_SCANS
     assert json.loads((out / "index.json").read_text())["scans"]["s3"]["shard"] == done["s3"]["shard"]
     resumed = tokens_of(out)
-    assert list(resumed) == list(reference) and all(torch.equal(resumed[s], reference[s]) for s in reference)
+    assert list(resumed) == list(reference)
+    for scan_id in reference:
+        torch.testing.assert_close(resumed[scan_id], reference[scan_id], rtol=1e-5, atol=1e-6)
     assert not list(out.glob(".*.tmp")) and not list(out.glob("index-part-*"))

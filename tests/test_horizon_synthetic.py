@@ -24,7 +24,7 @@ def test_tiny_resnet_on_the_image_beats_chance_at_three_years(tmp_path, capsys):
     argv = [
         "--manifest", str(manifest), "--out", str(out), "--horizons", "1095", "--model", "resnet18",
         "--size", "tiny", "--spacing", "12", "12", "12", "--spatial-size", "32", "32", "32", "--cpu",
-        "--epochs", "6", "--batch-size", "8", "--lr", "1e-3", "--no-augment", "--bootstrap", "200",
+        "--epochs", "10", "--batch-size", "8", "--lr", "1e-3", "--no-augment", "--bootstrap", "200",
         "--compare", f"clinical stage={stage}",
     ]  # fmt: skip
     assert main(argv) == 0
@@ -35,4 +35,6 @@ def test_tiny_resnet_on_the_image_beats_chance_at_three_years(tmp_path, capsys):
         assert cnn[key] == clinical[key]
     test = table[table.split == "test"]
     assert cnn["excluded"] == int(((test.event == 0) & (test.time < 1095)).sum()) > 0
-    assert cnn["ci_low"] > 0.5, cnn  # measured: 0.763 [0.636, 0.889]
+    # measured 0.734 [0.595, 0.876]; 6 epochs gave 0.763 on one machine and 0.513 on another (float rounding
+    # of its kernels), so the run is long enough to learn the signal on both
+    assert cnn["ci_low"] > 0.5, cnn

@@ -77,7 +77,7 @@ class DemoConfig:
     """Epochs of stage 1 (VQA)."""
     stage2_epochs: int = 10
     """Epochs of stage 2 (joint survival)."""
-    token_mode: Literal["mean_depth", "mean_width", "all"] = "mean_depth"
+    token_mode: Literal["mean_depth", "mean_width", "all"] = "mean_width"
     """Image tokens of the tiny encoder (vlsurv.encoders.merlin): "mean_width" keeps depth and side (upper vs
     lower lobe, small findings are not averaged over the whole depth)."""
     encoder_pretrain_epochs: int = bounded(0, ge=0)
@@ -86,6 +86,12 @@ class DemoConfig:
     stage1_sampling: Literal["pairs", "answer_balanced"] = "pairs"
     """Stage-1 batches: every VQA pair once ("pairs") or each question's present and absent answers drawn
     equally ("answer_balanced", so that the decoder cannot answer from the prior)."""
+    answer_format: Literal["as_extracted", "status_first"] = "status_first"
+    """Training answers of both stages (model.answer_format): "status_first" opens each with "Present:" /
+    "Absent:" and fits each question's threshold on val (eval.status_calibration)."""
+    answer_balance: float = bounded(1.0, ge=0.0, le=1.0, what="a power")
+    """loss.answer_balance of both stages: 1 = a question's present and absent answers weigh the same in
+    L_LM; 0 = the plain token mean."""
     train_overrides: list[str] = field(default_factory=list)
     """Training overrides (key=value) for both stages."""
     bootstrap: int = 500
@@ -205,6 +211,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"model.num_image_tokens={tokens}",
         f"seed={cfg.seed}",
         f"progress={str(cfg.progress).lower()}",
+        f"model.answer_format={cfg.answer_format}",
+        f"loss.answer_balance={cfg.answer_balance}",
     ]
     stage1 = _train(
         "stage1.yaml",

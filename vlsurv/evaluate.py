@@ -45,8 +45,8 @@ from vlsurv import metrics as M
 from vlsurv import metrics_clinical, metrics_text
 from vlsurv.config import add_config_arguments, bounded, check_fields, config_from_args, save_config
 from vlsurv.evaluation_inputs import EvaluationError, EvaluationInputs, load_inputs
+from vlsurv.prompts import strip_status
 from vlsurv.report import example_scans, plot_calibration, plot_kaplan_meier, write_report
-from vlsurv.training.answer_status import strip_status
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _risk_at_horizons(rows, train_rows, curves, horizons, notes) -> tuple[np.nda
 
 def _bertscore(cfg: EvaluationConfig, inputs: EvaluationInputs) -> dict:
     """Mean BERTScore of a seeded sample of (generated answer, report-derived answer) pairs (the generated
-    answer without a status_first opening, vlsurv.training.answer_status.strip_status)."""
+    answer without a status_first opening, vlsurv.prompts.strip_status)."""
     answers, vqa = inputs.answers, inputs.vqa
     pairs = answers[answers.scan_id.isin(set(inputs.rows.scan_id))].merge(
         vqa[["scan_id", "question_id", "answer"]], on=["scan_id", "question_id"], suffixes=("", "_reference")

@@ -121,3 +121,13 @@ def read_template(relative_path: str | Path) -> str:
         available = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
         raise PromptError(f"template {path} not found; files in {folder}: {available}")
     return path.read_text(encoding="utf-8")
+
+
+#: The opening of a ``status_first`` answer (``model.answer_format``) per reference status.
+STATUS_WORDS = {"present": "Present:", "absent": "Absent:"}
+_STATUS_OPENING = re.compile(r"^\s*(?:Present|Absent):\s*")
+
+
+def strip_status(text: str) -> str:
+    """The answer without a leading status word ("Present: X" -> "X"); other text unchanged."""
+    return _STATUS_OPENING.sub("", text, count=1)

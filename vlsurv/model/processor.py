@@ -29,8 +29,6 @@ IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "model/plain.txt"
 PADDING_SIDES = ("right", "left")
-#: The opening of a ``status_first`` answer per reference status (vlsurv.training.answer_status).
-STATUS_WORDS = {"present": "Present:", "absent": "Absent:"}
 
 
 class ProcessorError(InputError):

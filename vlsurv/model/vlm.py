@@ -25,7 +25,7 @@ from torch import nn
 
 from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.errors import InputError
-from vlsurv.model.processor import IMAGE_TOKEN, STATUS_WORDS, VLMProcessor
+from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
 from vlsurv.model.projector import ProjectorKind, ProjectorNorm, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
@@ -48,6 +48,7 @@ from vlsurv.model.vlm_io import (
     require_dir,
     save_model,
 )
+from vlsurv.prompts import STATUS_WORDS
 
 Quantization = Literal["none", "4bit", "8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES

@@ -12,21 +12,18 @@ the strata of ``answer_strata``:
   "Present: There is a large right pleural effusion." / "Absent: No pleural effusion.", so the decoder's
   first decision is one binary choice that the image settles, and the description follows from it. The
   rules reader reads such an answer as it reads the description (the prefix names no finding); evaluation
-  drops the prefix before comparing texts (``strip_status``).
+  drops the prefix before comparing texts (``vlsurv.prompts.strip_status``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 
 import numpy as np
 
 from vlsurv.errors import InputError
-from vlsurv.model.processor import STATUS_WORDS
-
-_STATUS_OPENING = re.compile(r"^\s*(?:Present|Absent):\s*")
+from vlsurv.prompts import STATUS_WORDS
 
 
 class AnswerStatusError(InputError):
@@ -81,8 +78,3 @@ def with_status(samples: Sequence, strata: Sequence[tuple[str, str]]) -> list:
         else sample
         for sample, (_, status) in zip(samples, strata)
     ]
-
-
-def strip_status(text: str) -> str:
-    """The answer without a leading status word ("Present: X" -> "X"); other text unchanged."""
-    return _STATUS_OPENING.sub("", text, count=1)

@@ -170,6 +170,9 @@ class EvalConfig:
     """model.answer_format status_first: "max_f1" fits each question's present / absent threshold on the val
     scans when training ends (vlsurv.training.status_calibration, saved as model.status_bias); "none" keeps
     the greedy threshold."""
+    status_present_cap: float = bounded(2.0, ge=1.0)
+    """status_calibration: the fitted threshold answers "present" on at most this multiple of the val
+    references' present count (a question without signal is not fitted to "present for everyone")."""
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")

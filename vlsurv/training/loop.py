@@ -384,7 +384,13 @@ class Trainer:
         selection = self.select_final()
         unwrapped = acc.unwrap_model(self.model)
         if unwrapped.config.answer_format == "status_first" and self.config.eval.status_calibration != "none":
-            calibration = fit_status_bias(unwrapped, self.data.val, acc, self.config.eval.batch_size)
+            calibration = fit_status_bias(
+                unwrapped,
+                self.data.val,
+                acc,
+                self.config.eval.batch_size,
+                self.config.eval.status_present_cap,
+            )
             selection["status_calibration"] = calibration
             acc.print(f"status thresholds fitted on {calibration['val_scans']} val scans: {calibration}")
         final = save_final(acc, self.model, self.run_dir / FINAL_DIR)
