@@ -13,7 +13,8 @@ from test_tte_training import small_run
 
 from vlsurv.config import ConfigError
 from vlsurv.errors import InputError
-from vlsurv.tte.training import lr_factor, train_tte
+from vlsurv.training.schedule import lr_factor
+from vlsurv.tte.training import train_tte
 
 
 def logged(run_dir, key: str) -> list[float]:

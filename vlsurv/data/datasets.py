@@ -209,7 +209,7 @@ class SampleDataset(Dataset):
         }
 
     def set_answer_weights(self, weights: Sequence[float]) -> None:
-        """Per-sample LM-loss weights (N,) (vlsurv.training.sampling.answer_weights); items then carry
+        """Per-sample LM-loss weights (N,) (vlsurv.training.answer_status.answer_weights); items then carry
         ``answer_weight``."""
         if len(weights) != len(self.samples):
             raise DatasetError(

@@ -143,9 +143,9 @@ class LossConfig:
     """Earlier micro-batches kept (detached) when risk_set is "memory"."""
     answer_balance: float = bounded(0.0, ge=0.0, le=1.0, what="a power")
     """L_LM of both stages: power p of the per-(question, answer status) weight (N_q / (S_q n_qs))^p of each
-    training answer (vlsurv.training.sampling.answer_weights). 0 = plain token mean; 1 = a question's present
-    and absent answers weigh the same in total, so the decoder cannot lower the loss by answering from the
-    prior of report-derived answers, where "No ..." dominates."""
+    training answer (vlsurv.training.answer_status.answer_weights). 0 = plain token mean; 1 = a question's
+    present and absent answers weigh the same in total, so the decoder cannot lower the loss by answering
+    from the prior of report-derived answers, where "No ..." dominates."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")

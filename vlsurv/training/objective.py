@@ -2,7 +2,7 @@
 vlsurv.training.distributed).
 
 Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch (each row's tokens weighted by
-its ``answer_weight`` when ``loss.answer_balance`` > 0; vlsurv.training.sampling.answer_weights).
+its ``answer_weight`` when ``loss.answer_balance`` > 0; vlsurv.training.answer_status.answer_weights).
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
 - DeepSurv: L_surv = Cox partial likelihood (``loss.ties``), L_disp = continuous dispersion on time;
 - DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'

@@ -39,6 +39,7 @@ from vlsurv.prompts import load_questions
 from vlsurv.training.answer_status import answer_strata, with_status
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.sampling import BatchPlan
+from vlsurv.training.schedule import check_warmup, lr_scheduler
 
 
 @dataclass
@@ -252,34 +253,25 @@ def warmup_steps(config: TrainConfig, steps: int, batches_per_epoch: int) -> int
     optim = config.optim
     if optim.warmup_ratio is not None:
         return math.floor(optim.warmup_ratio * steps)
-    if optim.warmup_steps >= steps:
-        plan = (
-            f"optim.max_steps = {optim.max_steps}"
-            if optim.max_steps > 0
-            else f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / "
-            "optim.grad_accum = "
-            f"{optim.grad_accum}"
-        )
-        raise ConfigError(
-            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {steps} planned "
-            "optimizer steps "
-            f"({plan}): the learning rate would never leave warmup; lower optim.warmup_steps or set "
-            "optim.warmup_steps=null optim.warmup_ratio=<fraction in [0, 1)>"
-        )
+    plan = (
+        f"optim.max_steps = {optim.max_steps}"
+        if optim.max_steps > 0
+        else f"optim.epochs = {optim.epochs} x {batches_per_epoch} batches per epoch / optim.grad_accum = "
+        f"{optim.grad_accum}"
+    )
+    check_warmup(
+        optim.warmup_steps,
+        steps,
+        plan,
+        "lower optim.warmup_steps or set optim.warmup_steps=null optim.warmup_ratio=<fraction in [0, 1)>",
+    )
     return optim.warmup_steps
 
 
 def build_scheduler(optimizer, config: TrainConfig, steps: int, warmup: int):
-    """transformers' cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer
-    step; the cosine reaches 0 after ``steps`` steps."""
-    # transformers.optimization imports peft, and peft imports bitsandbytes. Imported here, after the model is
-    # built, peft is already loaded (inside vlm_io's _peft_scope), so bitsandbytes stays unloaded unless k-bit
-    # weights are asked for.
-    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
-
-    if config.optim.scheduler == "cosine":
-        return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
-    return get_constant_schedule_with_warmup(optimizer, warmup)
+    """The cosine (or constant) schedule with ``warmup`` linear warmup steps, stepped per optimizer step
+    (vlsurv.training.schedule); the cosine reaches 0 after ``steps`` steps."""
+    return lr_scheduler(optimizer, warmup, steps, config.optim.scheduler)
 
 
 def flat_hparams(data, prefix: str = "") -> dict:

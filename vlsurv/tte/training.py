@@ -7,8 +7,8 @@ scans, labels training and validation scans, sets the bins and base rates from t
 batch's labels (B, K) become ``log_time`` / ``is_event`` (B, bins, K) on the device (``TimeBins.targets``),
 and the loss is ``vlsurv.losses.piecewise_exponential_loss``. With ``data.images`` the batches are volumes
 and the encoder runs in the loop (vlsurv.tte.images). The learning rate follows ``optim.schedule`` after
-``optim.warmup_steps`` (``lr_factor``), stepped once per optimizer step by a ``LambdaLR`` that accelerate
-saves and restores with the checkpoints.
+``optim.warmup_steps`` (vlsurv.training.schedule), stepped once per optimizer step by a ``LambdaLR`` that
+accelerate saves and restores with the checkpoints.
 
 Run folder: ``config.yaml``, ``train_log.jsonl`` (one line per step), ``validation.jsonl``,
 ``checkpoints/step-*/`` (``accelerator.save_state``: model.safetensors, optimizer, RNG; and
@@ -25,7 +25,6 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,7 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from vlsurv.config import ConfigError, save_config, to_dict
+from vlsurv.config import save_config, to_dict
 from vlsurv.encoders.cache import CachedTokenDataset, FeatureCache
 from vlsurv.jsonl import to_line
 from vlsurv.losses import piecewise_exponential_loss
@@ -43,6 +42,7 @@ from vlsurv.model.projector import standardizer_of
 from vlsurv.model.vlm_io import PROJECTOR_NAME, save_module
 from vlsurv.progress import progress_bar
 from vlsurv.training.checkpoints import CheckpointManager, read_state
+from vlsurv.training.schedule import check_warmup, lr_scheduler
 from vlsurv.tte.config import TTEPretrainConfig
 from vlsurv.tte.events import SCAN_COLUMNS, TTEInputError, load_events, read_table
 from vlsurv.tte.head import TTEHead
@@ -127,36 +127,17 @@ def batch_loss(model: torch.nn.Module, bins: TimeBins, batch: dict) -> torch.Ten
     return piecewise_exponential_loss(model(batch["inputs"]), log_time, is_event)
 
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Learning-rate multiplier at optimizer ``step`` (0-based) of a ``total``-step run: ``step / warmup``
-    during ``warmup``, then 1 (constant), a linear decay to 0 at ``total`` (linear) or a half cosine to 0
-    (cosine); the formulas of transformers' ``get_*_schedule_with_warmup``, whose module is not imported
-    here because it loads peft and bitsandbytes (about 7 s)."""
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def planned_warmup(config: TTEPretrainConfig, total: int, steps_per_epoch: int) -> int:
     """``optim.warmup_steps``; ConfigError when it is not below the run's ``total`` planned optimizer steps
     (the learning rate would never leave warmup)."""
     optim = config.optim
-    if optim.warmup_steps and optim.warmup_steps >= total:
+    if optim.warmup_steps:
         plan = (
             f"optim.max_steps = {optim.max_steps}"
             if optim.max_steps
             else f"optim.epochs = {optim.epochs} x {steps_per_epoch} batches per epoch"
         )
-        raise ConfigError(
-            f"optim.warmup_steps = {optim.warmup_steps} is not below the run's {total} planned optimizer "
-            f"steps ({plan}): the learning rate would never leave warmup; expected optim.warmup_steps < "
-            f"{total}"
-        )
+        check_warmup(optim.warmup_steps, total, plan, f"expected optim.warmup_steps < {total}")
     return optim.warmup_steps
 
 
@@ -187,8 +168,7 @@ class TTETrainer:
             lr=config.optim.lr,
             weight_decay=config.optim.weight_decay,
         )
-        factor = partial(lr_factor, warmup=warmup, total=self.total_steps, schedule=config.optim.schedule)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = lr_scheduler(optimizer, warmup, self.total_steps, config.optim.schedule)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         if config.data.images:
             self.accelerator.register_save_state_pre_hook(frozen_weights_dropper(self.model))
