@@ -16,15 +16,22 @@ from sklearn.metrics import f1_score
 from vlsurv.config import ConfigError, load_config
 from vlsurv.data.datasets import Sample
 from vlsurv.encoders.cache import FeatureCache
-from vlsurv.metrics_clinical import read_statuses
+from vlsurv.metrics_clinical import named_location, read_statuses
 from vlsurv.model import VisionLanguageSurvivalModel
 from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
-from vlsurv.prompts import load_questions, strip_status
+from vlsurv.prompts import load_questions, opening_status, status_opening_of, strip_status
 from vlsurv.training.answer_status import AnswerStatusError, answer_strata, with_status
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.loop import Trainer
+from vlsurv.training.objective import lm_token_weights
 from vlsurv.training.setup import stage1_paths
 from vlsurv.training.status_calibration import max_f1_bias, reference_present
+
+
+def _stage1(tiny_decoder_dir, tmp_path, *overrides: str):
+    """The tiny inputs and a stage-1 config on them with ``overrides``."""
+    inputs = build_tiny_inputs(tmp_path / "inputs")
+    return inputs, tiny_config("stage1", inputs, tiny_decoder_dir, tmp_path / "run", *overrides)
 
 
 def _sample(question_id: str, answer: str | None) -> Sample:
@@ -78,10 +85,53 @@ def test_the_rules_reader_reads_a_status_first_answer_by_its_description():
         ("No pleural effusion.", "No pleural effusion."),
         ("The mass is present: 3 cm.", "The mass is present: 3 cm."),
         ("Present", "Present"),
+        ("Present, tumor, right lower lobe: A 3 cm mass.", "A 3 cm mass."),
+        ("Absent, lymph nodes: No lymphadenopathy.", "No lymphadenopathy."),
+        ("Present, left: Small left effusion: 12 mm.", "Small left effusion: 12 mm."),
+        ("Presently, no effusion.", "Presently, no effusion."),
     ],
 )
 def test_strip_status_drops_only_a_leading_status_word(text, expected):
     assert strip_status(text) == expected
+
+
+def test_findings_first_openings_name_the_location_the_answer_gives():
+    samples = [
+        _sample("tumor", "30 mm right middle lobe mass, consistent with primary lung carcinoma."),
+        _sample("tumor", "A lobulated mass measuring 1.4 cm, consistent with the known primary."),
+        _sample("tumor", "Masses in the right upper lobe and the left lower lobe."),
+        _sample("pleura", "Small dependent left pleural effusion (depth 19 mm)."),
+        _sample("pleura", "Bilateral pleural effusions, larger on the right."),
+        _sample("pleura", "No right pleural effusion."),
+        _sample("lymph_nodes", "Right paratracheal lymphadenopathy."),
+    ]
+    strata = answer_strata(samples, "lung")
+    openings = [s.answer.split(":")[0] for s in with_status(samples, strata, locations=True)]
+    assert openings == [
+        "Present, tumor, right middle lobe",
+        "Present, tumor",  # no lobe named
+        "Present, tumor",  # two lobes: no single location
+        "Present, pleura, left",
+        "Present, pleura, bilateral",
+        "Absent, pleura",  # an absent answer names no location
+        "Present, lymph nodes",  # nodes: no location detail is scored
+    ]
+    plain = [s.answer.split(":")[0] for s in with_status(samples, strata)]
+    assert plain == ["Present"] * 5 + ["Absent", "Present"]
+    assert [status_opening_of(s.answer) for s in with_status(samples[:1], strata[:1], locations=True)] == [
+        "Present, tumor, right middle lobe:"
+    ]
+    for sample, opened in zip(samples, with_status(samples, strata, locations=True)):
+        assert strip_status(opened.answer) == sample.answer
+        assert (
+            opening_status(opened.answer)
+            == {"Present": "present", "Absent": "absent"}[opened.answer[:7].strip(":, ")]
+        )
+        assert reference_present(opened.answer) == (opening_status(opened.answer) == "present")
+    assert [named_location("tumor", "RUL nodule"), named_location("bone", "right 6th rib")] == [
+        "right upper lobe",
+        "",
+    ]
 
 
 def _brute_force_best_f1(margin: np.ndarray, present: np.ndarray) -> float:
@@ -129,12 +179,9 @@ def test_reference_status_is_read_from_the_opening():
 def test_a_status_first_run_opens_every_answer_with_a_status_and_fits_its_thresholds(
     tiny_decoder_dir, tmp_path
 ):
-    inputs = build_tiny_inputs(tmp_path / "inputs")
-    config = tiny_config(
-        "stage1",
-        inputs,
+    inputs, config = _stage1(
         tiny_decoder_dir,
-        tmp_path / "run",
+        tmp_path,
         "optim.epochs=15",
         "optim.lr_lora=1e-2",
         "model.answer_format=status_first",
@@ -186,12 +233,61 @@ def test_stage2_refuses_a_stage1_model_of_another_answer_format(tmp_path):
     with pytest.raises(
         ConfigError,
         match=r"stage-1 model .*config.json answers with answer_format 'status_first'; stage 2 has "
-        r"model.answer_format='as_extracted'; expected the same format in both stages",
+        r"model.answer_format='as_extracted'; expected the same answer_format in both stages",
     ):
         stage1_paths(config)
-    assert (
-        stage1_paths(
-            dataclasses.replace(config, model=dataclasses.replace(config.model, answer_format="status_first"))
-        )[1]
-        is None
+    same_format = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, answer_format="status_first")
     )
+    assert stage1_paths(same_format)[1] is None
+    (stage1 / "config.json").write_text(
+        json.dumps({"answer_format": "status_first", "image_positions": "learned"})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"stage-1 model .*config.json has a projector with image_positions 'learned'; stage 2 has "
+        r"model.image_positions='none'; expected the same image_positions in both stages",
+    ):
+        stage1_paths(same_format)
+
+
+@pytest.mark.parametrize("answer_format", ["status_first", "findings_first"])
+def test_status_weight_marks_each_training_answers_opening(tiny_decoder_dir, tmp_path, answer_format):
+    _, config = _stage1(
+        tiny_decoder_dir, tmp_path, f"model.answer_format={answer_format}", "loss.status_weight=5"
+    )
+    trainer = Trainer(config)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    step, present_id, absent_id = model.status_decision()
+    dataset = trainer.data.train
+    processor = dataset.processor
+    seen = set()
+    for index, (_, status) in enumerate(trainer.data.train_strata):
+        item = dataset[index]
+        start, end = int(item["status_position"]), int(item["status_end"])
+        expected = {"present": present_id, "absent": absent_id}.get(status)
+        if expected is None:
+            assert (start, end, float(item["status_weight"])) == (0, 0, 1.0)
+            continue
+        assert int(item["labels"][start]) == expected and float(item["status_weight"]) == 5.0
+        answer = dataset.samples[index].answer
+        opening = processor.tokenizer.decode(item["labels"][start - step : end])
+        assert opening.strip() == answer.split(":")[0] + ":"  # the whole opening, location included
+        seen.add((status, "," in answer.split(":")[0]))
+    named = answer_format == "findings_first"  # "Absent, pleura:" / "Present, tumor, right upper lobe:"
+    assert seen == {("present", named), ("absent", named)}
+    batch = dataset.collate([dataset[i] for i in range(4)])
+    weights = lm_token_weights(batch)
+    assert weights.shape == batch["labels"].shape
+    assert torch.equal((weights == 5.0).sum(1), batch["status_end"] - batch["status_position"])
+
+
+def test_status_weight_needs_status_first_answers():
+    with pytest.raises(
+        ConfigError,
+        match=r"loss.status_weight: 3.0 weights the token where 'Present:' and 'Absent:' differ, but "
+        r"model.answer_format is 'as_extracted'; expected status_first or findings_first, or status_weight 1",
+    ):
+        load_config(TrainConfig, None, ["loss.status_weight=3"])
+    with pytest.raises(ConfigError, match=r"loss.status_weight"):
+        load_config(TrainConfig, None, ["loss.status_weight=0.5", "model.answer_format=status_first"])

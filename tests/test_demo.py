@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vlsurv.config import ConfigError
 from vlsurv.demo import DemoConfig, main, run_demo
 
 pytestmark = pytest.mark.slow
+STAGES = ("stage1", "stage2")
 
 REQUIRED = (
     "c_index",
@@ -71,6 +75,11 @@ def test_demo_model_learned_the_risk_and_the_answers(small_demo):
     for question_id, words in topic.items():
         said = answers[answers["question_id"] == question_id]["answer"].str.lower()
         assert said.str.contains("|".join(words)).mean() > 0.8, question_id
+    # stage 2 (optim.lr_lora 0 in the demo) trains the survival branch and keeps stage 1's answers
+    adapter = Path("final") / "adapter" / "adapter_model.safetensors"
+    adapters = [load_file(out / stage / adapter) for stage in STAGES]
+    assert set(adapters[0]) == set(adapters[1])
+    assert all(torch.equal(adapters[0][name], adapters[1][name]) for name in adapters[0])
 
 
 def test_demo_scores_what_the_answers_say(small_demo):
@@ -84,13 +93,13 @@ def test_demo_scores_what_the_answers_say(small_demo):
     assert low <= truth["macro_f1"] <= high
     report = summary["clinical_accuracy"]["against_report"]
     assert set(report["per_question"]) == questions and report["not_in_reference"] == 0
-    # Measured at seed 0 (README): macro F1 0.46; tumor 0.91, nodes 0.45, pleura 0.65, metastases 0.33,
-    # vessels 0.40, bone 0.00 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
-    # metastases, vessels and bone). Each bound sits below its measurement, above what "No ..." to every
-    # scan gives.
+    # Measured at seed 0 (README): macro F1 0.56; tumor 0.95, nodes 0.46, pleura 0.68, metastases 0.55,
+    # vessels 0.70, bone 0.00 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
+    # metastases, vessels and bone; with a stage-2 LoRA that serves the survival loss too: 0.35 to 0.46).
+    # Each bound sits below its measurement, above what "No ..." to every scan gives.
     f1 = {question_id: scores["f1"] or 0.0 for question_id, scores in truth["per_question"].items()}
-    assert truth["macro_f1"] > 0.35
-    minimum = {"tumor": 0.8, "lymph_nodes": 0.25, "pleura": 0.45, "metastases": 0.15, "vessels": 0.2}
+    assert truth["macro_f1"] > 0.45
+    minimum = {"tumor": 0.85, "lymph_nodes": 0.3, "pleura": 0.5, "metastases": 0.3, "vessels": 0.45}
     assert all(f1[q] > bound for q, bound in minimum.items()), f1
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True)["answer"]
     assert answers.str.match(r"(Present|Absent): ").mean() > 0.95
@@ -113,5 +122,9 @@ def test_bad_demo_options_are_named(tmp_path):
         DemoConfig(n_patients=10)
     with pytest.raises(ConfigError, match=r"^head: expected one of \['deepsurv', 'deephit'\], got 'cox'"):
         DemoConfig(head="cox")
+    with pytest.raises(ConfigError, match=r"^status_weight: expected a weight >= 1, got 0.5"):
+        DemoConfig(status_weight=0.5)
+    with pytest.raises(ConfigError, match=r"^stage2_lr_lora: expected a learning rate >= 0, got -1.0"):
+        DemoConfig(stage2_lr_lora=-1.0)
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--n-patients", "5"])

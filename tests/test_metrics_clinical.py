@@ -151,6 +151,36 @@ def test_an_answer_that_never_says_present_scores_zero_though_it_reads_alike():
     assert scores["recall"] == 0.0 and scores["f1"] == 0.0 and scores["precision"] is None
 
 
+def test_an_answer_is_read_by_what_it_says_not_by_its_opening():
+    """A findings_first opening names the finding ("Absent, lymph nodes:"), which the rules reader alone
+    would read as a mention of lymph nodes; the description after it decides, details included."""
+    generated = _answers(
+        [
+            ("s0", "lymph_nodes", "Absent, lymph nodes: No lymphadenopathy."),
+            ("s1", "lymph_nodes", "Present, lymph nodes: Right paratracheal lymphadenopathy."),
+            ("s2", "tumor", "Present, tumor, left upper lobe: A 3 cm mass in the right upper lobe."),
+            ("s3", "tumor", "Absent, tumor: No pulmonary mass."),
+            ("s4", "pleura", "Present: Small left pleural effusion."),
+        ]
+    )
+    reference = _answers(
+        [
+            ("s0", "lymph_nodes", "Absent, lymph nodes: No mediastinal or hilar lymphadenopathy."),
+            ("s1", "lymph_nodes", "Subcarinal lymphadenopathy."),
+            ("s2", "tumor", "A 3 cm mass in the left upper lobe."),
+            ("s3", "tumor", "No focal pulmonary mass is identified."),
+            ("s4", "pleura", "Small left pleural effusion (depth 12 mm)."),
+        ]
+    )
+    result = clinical_accuracy(generated, reference, QUESTIONS, bootstrap=20)
+    assert result["answer_statuses"]["lymph_nodes"] == {"present": 1, "absent": 1, "not_mentioned": 0}
+    assert result["answer_statuses"]["tumor"] == {"present": 1, "absent": 1, "not_mentioned": 0}
+    per_question = result["against_report"]["per_question"]
+    assert per_question["lymph_nodes"]["f1"] == 1.0 and per_question["tumor"]["f1"] == 1.0
+    assert result["details"]["tumor_lobe"]["correct"] == 0  # the sentence says right upper lobe
+    assert result["details"]["pleura_side"]["correct"] == 1
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ClinicalAccuracyError, match=r"question_id 'spleen': not in the question set"):
         read_statuses(["spleen"], ["No splenomegaly."], QUESTIONS)

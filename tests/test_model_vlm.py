@@ -321,3 +321,31 @@ def test_load_adapter_puts_a_saved_lora_into_a_model_built_from_its_config(
         more_modules.load_adapter(tmp_path / "saved" / "adapter")
     with pytest.raises(ModelLoadError, match=r"LoRA adapter .*nowhere: directory does not exist"):
         fresh.load_adapter(tmp_path / "nowhere")
+
+
+def test_learned_image_positions_start_at_zero_train_in_stage1_and_are_saved(tiny_model_config, tmp_path):
+    config = dataclasses.replace(tiny_model_config, image_positions="learned")
+    torch.manual_seed(0)
+    model = VisionLanguageSurvivalModel(config)
+    plain = VisionLanguageSurvivalModel(tiny_model_config)
+    plain.multi_modal_projector.load_state_dict(model.multi_modal_projector[0].state_dict())
+    same = torch.randn(1, TINY_IMAGE_DIM).expand(TINY_IMAGE_TOKENS, -1)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(same), plain.get_image_features(same))
+        fresh = model.get_image_features(same)[0]
+    assert torch.equal(fresh, fresh[:1].expand_as(fresh))  # one content everywhere: no place told apart yet
+    before = snapshot(model)
+    train_step(model, 1)
+    after = dict(model.named_parameters())
+    moved = "multi_modal_projector.1.embedding"
+    assert not torch.equal(before[moved], after[moved])
+    with torch.no_grad():
+        trained = model.get_image_features(same)[0]
+    assert not torch.allclose(trained, trained[:1].expand_as(trained))  # places now differ
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.image_positions == "learned"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.get_image_features(same), model.get_image_features(same))
+    with pytest.raises(ValueError, match="model.image_positions: expected one of"):
+        dataclasses.replace(tiny_model_config, image_positions="sinusoidal")

@@ -13,7 +13,7 @@ import torch
 from vlsurv.data.datasets import Sample
 from vlsurv.model.processor import IGNORE_INDEX
 from vlsurv.training.answer_status import AnswerStatusError, answer_strata, answer_weights
-from vlsurv.training.objective import token_nll
+from vlsurv.training.objective import lm_token_weights, token_nll
 from vlsurv.training.sampling import BatchPlan, SamplingError
 
 
@@ -126,3 +126,36 @@ def test_weighted_token_nll_is_the_weighted_token_mean():
     assert int(plain_count) == 10
     ones_total, ones_count = token_nll(logits, labels, torch.ones(3))
     assert float(ones_total) == pytest.approx(float(plain_total)) and float(ones_count) == 10.0
+
+
+def test_status_weight_multiplies_only_the_opening_span():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 7, 11)
+    labels = torch.full((2, 7), IGNORE_INDEX)
+    labels[0, 2:6] = torch.tensor([1, 2, 3, 4])
+    labels[1, 4:7] = torch.tensor([5, 6, 7])
+    batch = {
+        "labels": labels,
+        "answer_weight": torch.tensor([2.0, 0.5]),
+        "status_position": torch.tensor([3, 5]),
+        "status_end": torch.tensor([5, 6]),
+        "status_weight": torch.tensor([4.0, 4.0]),
+    }
+    weights = lm_token_weights(batch)
+    expected = torch.tensor([[2.0, 2, 2, 8, 8, 2, 2], [0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 0.5]])
+    torch.testing.assert_close(weights, expected)
+    total, count = token_nll(logits, labels, weights)
+    nll = {
+        (b, t): float(-torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]])
+        for b in range(2)
+        for t in range(1, 7)
+        if labels[b, t] != IGNORE_INDEX
+    }
+    weighted = sum(float(expected[b, t]) * v for (b, t), v in nll.items())
+    assert float(total) == pytest.approx(weighted, rel=1e-6)
+    assert float(count) == pytest.approx(sum(float(expected[b, t]) for b, t in nll))
+    assert lm_token_weights({"labels": labels}) is None
+    rows_only = {"labels": labels, "answer_weight": batch["answer_weight"]}
+    torch.testing.assert_close(lm_token_weights(rows_only), batch["answer_weight"])
+    empty = dict(batch, status_position=torch.tensor([0, 0]), status_end=torch.tensor([0, 0]))
+    torch.testing.assert_close(lm_token_weights(empty), batch["answer_weight"].unsqueeze(1).expand(2, 7))

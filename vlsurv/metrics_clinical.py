@@ -13,9 +13,11 @@ question with
 - where a cohort has it, the ground truth: a table of scan_id and one 0/1 column per question id (the
   synthetic cohort's ``findings.csv``).
 
-An answer counts as positive when its status is ``present`` (a hedged mention reads as present, as the
-rules decide). Per question: precision, recall, F1 (scikit-learn; undefined -> None) and prevalence;
-macro F1 = mean over the questions with a defined F1, with a percentile bootstrap CI over scans
+An answer that opens with its status (``model.answer_format`` status_first / findings_first: "Present,
+tumor, right upper lobe: ...") is read without the opening, which is the model's decision and not what the
+answer says. An answer counts as positive when its status is ``present`` (a hedged mention reads as
+present, as the rules decide). Per question: precision, recall, F1 (scikit-learn; undefined -> None) and
+prevalence; macro F1 = mean over the questions with a defined F1, with a percentile bootstrap CI over scans
 (``vlsurv.metrics.bootstrap_ci``, clustered by patient when patient ids are given).
 
 Details a radiologist reads, scored on the true-positive answers whose reference gives them: the tumour's
@@ -34,6 +36,7 @@ import pandas as pd
 
 from vlsurv.errors import InputError
 from vlsurv.metrics import MetricError, bootstrap_ci
+from vlsurv.prompts import strip_status
 
 STATUSES = ("present", "absent", "not_mentioned")
 LOBE_QUESTION, SIDE_QUESTION = "tumor", "pleura"
@@ -43,6 +46,13 @@ _LOBES = {
     "RLL": r"right\s+lower\s+lobe|RLL",
     "LUL": r"left\s+upper\s+lobe|LUL|lingula\w*",
     "LLL": r"left\s+lower\s+lobe|LLL",
+}
+_LOBE_WORDS = {
+    "RUL": "right upper lobe",
+    "RML": "right middle lobe",
+    "RLL": "right lower lobe",
+    "LUL": "left upper lobe",
+    "LLL": "left lower lobe",
 }
 _LOBE_PATTERNS = {code: re.compile(rf"(?<!\w)(?:{p})(?!\w)", re.I) for code, p in _LOBES.items()}
 _BILATERAL = re.compile(r"\b(?:bilateral(?:ly)?|both\s+sides)\b", re.I)
@@ -65,6 +75,18 @@ def named_side(text: str) -> str | None:
         return "bilateral"
     sides = {match.lower() for match in _SIDE.findall(text)}
     return "bilateral" if len(sides) == 2 else next(iter(sides), None)
+
+
+def named_location(question_id: str, text: str) -> str:
+    """The location the detail scores read, in words: the tumour's lobe ("right lower lobe") when ``text``
+    names exactly one, the effusion's side ("right", "left", "bilateral"); "" for other questions or when
+    ``text`` names none."""
+    if question_id == LOBE_QUESTION:
+        lobes = named_lobes(text)
+        return _LOBE_WORDS[next(iter(lobes))] if len(lobes) == 1 else ""
+    if question_id == SIDE_QUESTION:
+        return named_side(text) or ""
+    return ""
 
 
 def largest_size_mm(text: str) -> float | None:
@@ -252,6 +274,8 @@ def clinical_accuracy(
     if answers.empty:
         raise ClinicalAccuracyError("answers: no generated answer to score")
     answers = answers[["scan_id", "question_id", "answer"]].astype(str).reset_index(drop=True)
+    # a status opening ("Present, tumor, right upper lobe:") is the model's decision, not what the answer says
+    answers["answer"] = answers["answer"].map(strip_status)
     answers["status"] = read_statuses(
         answers["question_id"].tolist(), answers["answer"].tolist(), questions, backend
     )
@@ -278,6 +302,7 @@ def clinical_accuracy(
             .astype(str)
             .drop_duplicates(["scan_id", "question_id"])
         )
+        refs["answer"] = refs["answer"].map(strip_status)  # validation's references open with their status
         refs = refs.rename(columns={"answer": "reference"}).merge(  # read back only the answered ones
             answers[["scan_id", "question_id"]].drop_duplicates(), on=["scan_id", "question_id"]
         )

@@ -125,9 +125,31 @@ def read_template(relative_path: str | Path) -> str:
 
 #: The opening of a ``status_first`` answer (``model.answer_format``) per reference status.
 STATUS_WORDS = {"present": "Present:", "absent": "Absent:"}
-_STATUS_OPENING = re.compile(r"^\s*(?:Present|Absent):\s*")
+_STATUS_OPENING = re.compile(r"^\s*(Present|Absent)(?:,[^:]*)?:\s*")
+
+
+def status_opening(status: str, *details: str) -> str:
+    """The opening of an answer that opens with its status: "Present:" / "Absent:", or with details
+    (``findings_first``: the finding, then its location) "Present, tumor, right lower lobe:"."""
+    word = STATUS_WORDS[status]
+    named = [detail for detail in details if detail]
+    return f"{word[:-1]}, {', '.join(named)}:" if named else word
+
+
+def opening_status(text: str) -> str | None:
+    """ "present" / "absent" for an answer with a status opening ("Present: ...", "Absent: ...",
+    "Present, right: ..."), else None."""
+    match = _STATUS_OPENING.match(text)
+    return match.group(1).lower() if match else None
+
+
+def status_opening_of(text: str) -> str:
+    """The status opening an answer starts with ("Present, right:"), "" when it has none."""
+    match = _STATUS_OPENING.match(text)
+    return match.group(0).strip() if match else ""
 
 
 def strip_status(text: str) -> str:
-    """The answer without a leading status word ("Present: X" -> "X"); other text unchanged."""
+    """The answer without its status opening ("Present: X" and "Present, right: X" -> "X"); other text
+    unchanged."""
     return _STATUS_OPENING.sub("", text, count=1)

@@ -33,6 +33,8 @@ from torch.utils.data import Dataset
 
 from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
+from vlsurv.model.processor import IGNORE_INDEX
+from vlsurv.prompts import status_opening_of
 
 if TYPE_CHECKING:
     from vlsurv.model.survival import DeepHitCuts
@@ -195,6 +197,8 @@ class SampleDataset(Dataset):
         self.processor = processor
         self.deephit_labels: dict[str, torch.Tensor] | None = None
         self.answer_weights: torch.Tensor | None = None
+        self.status_weight: tuple[int, float] | None = None
+        self.opening_ids: dict[str, list[int]] = {}
 
     def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
@@ -217,6 +221,36 @@ class SampleDataset(Dataset):
             )
         self.answer_weights = torch.as_tensor(weights, dtype=torch.float32)
 
+    def set_status_weight(self, step: int, weight: float) -> None:
+        """``loss.status_weight`` of a model whose answers open with their status, where "Present:" /
+        "Absent:" first differ at answer token ``step`` (``VisionLanguageSurvivalModel.status_decision``):
+        items then carry ``status_position`` and ``status_end``, the label indices of the opening's tokens
+        from that decision token to the opening's end (the status, and the location of a findings_first
+        opening), and ``status_weight``."""
+        self.status_weight = (step, float(weight))
+
+    def _status_span(self, labels: torch.Tensor, answer: str | None) -> dict[str, torch.Tensor]:
+        """``status_position``, ``status_end`` and ``status_weight`` of one item (``set_status_weight``); an
+        item without an answer or an opening gets the empty span [0, 0)."""
+        step, weight = self.status_weight
+        opening = status_opening_of(answer or "")
+        positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        if not opening or len(positions) <= step:
+            empty = torch.tensor(0)
+            return {"status_position": empty, "status_end": empty, "status_weight": torch.tensor(1.0)}
+        answer_ids = labels[positions].tolist()
+        if opening not in self.opening_ids:  # a few distinct openings: tokenized once each
+            self.opening_ids[opening] = self.processor.answer_ids(opening)[:-1]  # without EOS
+        opening_ids = self.opening_ids[opening]
+        differ = (i for i, (a, b) in enumerate(zip(answer_ids, opening_ids)) if a != b)
+        shared = next(differ, min(len(answer_ids), len(opening_ids)))
+        start = positions[step]
+        return {
+            "status_position": torch.tensor(start),
+            "status_end": torch.tensor(positions[0] + max(shared, step + 1)),
+            "status_weight": torch.tensor(weight),
+        }
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -230,6 +264,8 @@ class SampleDataset(Dataset):
             item[key] = column[index]
         if self.answer_weights is not None:
             item["answer_weight"] = self.answer_weights[index]
+        if self.status_weight is not None:
+            item.update(self._status_span(item["labels"], sample.answer))
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id

@@ -9,6 +9,11 @@
   the scan-to-scan part the projector must read can be a few percent of it. Standardising with the
   training split's statistics (``TokenStandardizer.fit``, done at the start of stage 1 and saved with the
   projector) puts that part at unit scale.
+
+``positions`` "learned" adds a trainable (T, d_model) embedding to the projected tokens
+(``LearnedPositions``). A CNN's tokens say what is at a place, hardly where the place is; the decoder sees
+the T tokens in a row and, through RoPE, only their relative order. With the embedding, "left lower zone" is
+part of a token's content, so a side or a lobe can be read by one attention step.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from vlsurv.errors import InputError
 
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 ProjectorNorm = Literal["none", "layernorm", "standardize"]
+ImagePositions = Literal["none", "learned"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
 PROJECTOR_NORMS: tuple[str, ...] = get_args(ProjectorNorm)
 
@@ -76,11 +82,33 @@ class TokenStandardizer(nn.Module):
         return (tokens - self.mean.to(tokens.dtype)) / self.std.to(tokens.dtype)
 
 
+class LearnedPositions(nn.Module):
+    """(B, T, d) -> (B, T, d) plus a trainable (T, d) embedding of each token's place; zero at the start, so a
+    fresh projector begins as one without it."""
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.zeros(num_tokens, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens + self.embedding.to(tokens.dtype)
+
+
 def build_projector(
-    kind: str, in_dim: int, out_dim: int, input_norm: str = "none", num_tokens: int = 1
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    input_norm: str = "none",
+    num_tokens: int = 1,
+    positions: str = "none",
 ) -> nn.Module:
     """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim`` (``num_tokens`` for
-    standardize)."""
+    standardize and learned positions)."""
+    if positions == "learned":
+        projector = build_projector(kind, in_dim, out_dim, input_norm, num_tokens)
+        return nn.Sequential(projector, LearnedPositions(num_tokens, out_dim))
+    if positions != "none":
+        raise ProjectorError(f"image_positions: expected one of ('none', 'learned'), got {positions!r}")
     if kind == "linear":
         projector: nn.Module = nn.Linear(in_dim, out_dim)
     elif kind == "mlp2x_gelu":

@@ -26,7 +26,7 @@ from torch import nn
 from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
-from vlsurv.model.projector import ProjectorKind, ProjectorNorm, build_projector
+from vlsurv.model.projector import ImagePositions, ProjectorKind, ProjectorNorm, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
     SurvivalBranch,
@@ -54,7 +54,9 @@ Quantization = Literal["none", "4bit", "8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES
 Pool = Literal["all", "prompt"]
 POOLS: tuple[str, ...] = get_args(Pool)
-AnswerFormat = Literal["as_extracted", "status_first"]
+AnswerFormat = Literal["as_extracted", "status_first", "findings_first"]
+#: Answer formats whose answers open with "Present" / "Absent" (``ModelConfig.opens_with_status``).
+STATUS_FORMATS = ("status_first", "findings_first")
 
 
 class ModelConfigError(ConfigError):
@@ -93,6 +95,10 @@ class ModelConfig:
     """Multi-modal projector: the paper's linear map or LLaVA-1.5's two-layer GELU MLP."""
     projector_input_norm: ProjectorNorm = "none"
     """Normalisation of the image tokens in front of the projector."""
+    image_positions: ImagePositions = "none"
+    """"learned": a trainable embedding of each image token's place added after the projector
+    (vlsurv.model.projector.LearnedPositions), so that the decoder can read where a finding is (side, lobe)
+    and not only what it is; "none": the paper's projector."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA on the decoder."""
     quantization: Quantization = "none"
@@ -116,11 +122,18 @@ class ModelConfig:
     answer_format: AnswerFormat = "as_extracted"
     """Training answers as the VQA file gives them, or "status_first": each opens with its status read by the
     rules reader ("Present: ..." / "Absent: ...", vlsurv.training.answer_status), so that the model's first
-    answer token is one present / absent decision; its generated answers open the same way."""
+    answer token is one present / absent decision; its generated answers open the same way. "findings_first":
+    status_first whose openings also name the finding and, when present, the tumour's lobe or the effusion's
+    side that the answer gives ("Present, tumor, right lower lobe: ...", "Absent, lymph nodes: ...")."""
     status_bias: dict[str, float] = field(default_factory=dict)
     """status_first: per question id, the offset added to the "Present" opening's logit at the first answer
     token (the decision threshold); fitted on the validation scans when training ends
     (vlsurv.training.status_calibration), 0 for a question not listed."""
+
+    @property
+    def opens_with_status(self) -> bool:
+        """Answers open with "Present" / "Absent" (``answer_format`` status_first or findings_first)."""
+        return self.answer_format in STATUS_FORMATS
 
     def __post_init__(self) -> None:
         check_fields(self, "model", ModelConfigError)
@@ -187,6 +200,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             d_model,
             config.projector_input_norm,
             config.num_image_tokens,
+            config.image_positions,
         )
         self.survival_branch = SurvivalBranch(d_model, config.survival)
         self.vision_tower = vision_tower
@@ -218,7 +232,7 @@ class VisionLanguageSurvivalModel(nn.Module):
         """(step k, token id of "Present", token id of "Absent") for a ``status_first`` model, else None: k is
         the answer token at which the tokenizer's " Present:" and " Absent:" first differ (0 unless both
         start with a shared token, such as a lone space), and the two ids are their tokens there."""
-        if self.config.answer_format != "status_first":
+        if not self.config.opens_with_status:
             return None
         present, absent = (self.processor.answer_ids(STATUS_WORDS[s]) for s in ("present", "absent"))
         step = next((i for i, (p, a) in enumerate(zip(present, absent)) if p != a), None)

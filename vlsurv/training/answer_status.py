@@ -11,8 +11,13 @@ the strata of ``answer_strata``:
 - ``model.answer_format: status_first`` (``with_status``): every training answer opens with its status,
   "Present: There is a large right pleural effusion." / "Absent: No pleural effusion.", so the decoder's
   first decision is one binary choice that the image settles, and the description follows from it. The
-  rules reader reads such an answer as it reads the description (the prefix names no finding); evaluation
-  drops the prefix before comparing texts (``vlsurv.prompts.strip_status``).
+  clinical reader and BERTScore read the description only (``vlsurv.prompts.strip_status``);
+- ``model.answer_format: findings_first``: the opening also names the finding, and for a present one the
+  location the reference gives: "Present, pleura, right: There is a large right pleural effusion." /
+  "Absent, lymph nodes: No lymphadenopathy.". Right after the decision the decoder names what the question
+  asks about, so the description that follows has its topic a few tokens back rather than in the question;
+  a small decoder otherwise lets the commonest positive sentence of another question follow "Present:".
+  Then it names the side or lobe from the image, before greedy decoding settles on a wording.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlsurv.errors import InputError
-from vlsurv.prompts import STATUS_WORDS
+from vlsurv.prompts import STATUS_WORDS, status_opening
 
 
 class AnswerStatusError(InputError):
@@ -67,14 +72,25 @@ def answer_weights(strata: Sequence[tuple[str, str]], power: float) -> np.ndarra
     return (weights / weights.mean()).astype(np.float32) if len(weights) else weights.astype(np.float32)
 
 
-def with_status(samples: Sequence, strata: Sequence[tuple[str, str]]) -> list:
-    """``Sample``s whose answer opens with its status word (``STATUS_WORDS``); answers of other statuses and
-    prompt-only samples unchanged."""
+def with_status(samples: Sequence, strata: Sequence[tuple[str, str]], locations: bool = False) -> list:
+    """``Sample``s whose answer opens with its status (``vlsurv.prompts.status_opening``); answers of other
+    statuses and prompt-only samples unchanged. ``locations`` (``findings_first``): the opening also names
+    the finding (the question id in words) and, for a present answer, the location its text gives
+    (``vlsurv.metrics_clinical.named_location``: the tumour's lobe, the effusion's side), "Present, tumor,
+    right lower lobe: ..." / "Absent, lymph nodes: ..."."""
+    from vlsurv.metrics_clinical import named_location
+
     if len(samples) != len(strata):
         raise AnswerStatusError(f"status-first answers: {len(strata)} strata for {len(samples)} samples")
-    return [
-        dataclasses.replace(sample, answer=f"{STATUS_WORDS[status]} {sample.answer}")
-        if sample.answer is not None and status in STATUS_WORDS
-        else sample
-        for sample, (_, status) in zip(samples, strata)
-    ]
+    opened = []
+    for sample, (question_id, status) in zip(samples, strata):
+        if sample.answer is None or status not in STATUS_WORDS:
+            opened.append(sample)
+            continue
+        details = ()
+        if locations:  # findings_first: the finding, and where a present one is
+            where = named_location(question_id, sample.answer) if status == "present" else ""
+            details = (question_id.replace("_", " "), where)
+        answer = f"{status_opening(status, *details)} {sample.answer}"
+        opened.append(dataclasses.replace(sample, answer=answer))
+    return opened

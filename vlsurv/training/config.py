@@ -146,6 +146,12 @@ class LossConfig:
     training answer (vlsurv.training.answer_status.answer_weights). 0 = plain token mean; 1 = a question's
     present and absent answers weigh the same in total, so the decoder cannot lower the loss by answering
     from the prior of report-derived answers, where "No ..." dominates."""
+    status_weight: float = bounded(1.0, ge=1.0, what="a weight")
+    """L_LM of both stages, for answers that open with their status (``model.answer_format``): weight of the
+    opening's tokens from the decision on (the token where "Present:" and "Absent:" first differ, and the
+    location of a findings_first opening), relative to the other answer tokens (1 = the plain token mean).
+    The opening is a few tokens among ~20 of the answer, so in the plain mean the wording of the descriptions
+    outweighs what the image decides; weighting it up makes the image's share of the answer count."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")
@@ -245,6 +251,12 @@ class TrainConfig:
             )
         if self.deephit_cuts is not None:
             self.check_given_cuts()
+        if self.loss.status_weight != 1.0 and not self.model.opens_with_status:
+            raise ConfigError(
+                f"loss.status_weight: {self.loss.status_weight} weights the token where 'Present:' and "
+                f"'Absent:' differ, but model.answer_format is {self.model.answer_format!r}; expected "
+                "status_first or findings_first, or status_weight 1"
+            )
 
     def check_given_cuts(self) -> None:
         cuts = list(self.deephit_cuts or [])

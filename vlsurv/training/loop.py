@@ -104,6 +104,9 @@ class Trainer:
         strata = self.data.train_strata
         if config.loss.answer_balance > 0:
             self.data.train.set_answer_weights(answer_weights(strata, config.loss.answer_balance))
+        if config.loss.status_weight != 1.0:
+            step, _, _ = model.status_decision()
+            self.data.train.set_status_weight(step, config.loss.status_weight)
         self.plan = BatchPlan(
             self.data.train.patients(),
             config.optim.batch_size * world,
@@ -383,7 +386,7 @@ class Trainer:
         acc.wait_for_everyone()
         selection = self.select_final()
         unwrapped = acc.unwrap_model(self.model)
-        if unwrapped.config.answer_format == "status_first" and self.config.eval.status_calibration != "none":
+        if unwrapped.config.opens_with_status and self.config.eval.status_calibration != "none":
             calibration = fit_status_bias(
                 unwrapped,
                 self.data.val,

@@ -2,7 +2,9 @@
 vlsurv.training.distributed).
 
 Stage 1: L = L_LM, the mean token NLL of the answer tokens of the global batch (each row's tokens weighted by
-its ``answer_weight`` when ``loss.answer_balance`` > 0; vlsurv.training.answer_status.answer_weights).
+its ``answer_weight`` when ``loss.answer_balance`` > 0, vlsurv.training.answer_status.answer_weights, and the
+opening's tokens from the decision on by ``status_weight`` when ``loss.status_weight`` > 1;
+``lm_token_weights``).
 Stage 2: L = L_LM + alpha L_surv + lambda_d L_disp + lambda_a L_align (vlsurv.losses.objective), with
 - DeepSurv: L_surv = Cox partial likelihood (``loss.ties``), L_disp = continuous dispersion on time;
 - DeepHit: L_surv = DeepHit NLL (+ ``deephit_ranking_weight`` x ranking loss) on the labels of the cuts'
@@ -42,13 +44,34 @@ class StepLoss:
     rows: SurvivalRows | None = None
 
 
+def lm_token_weights(batch: dict) -> torch.Tensor | None:
+    """The L_LM weights of a batch for ``token_nll``: None (plain token mean), the (B,) ``answer_weight``
+    rows, or, when items carry ``status_position``, ``status_end`` and ``status_weight``
+    (``SampleDataset.set_status_weight``), a (B, L) weight per label position: the row's weight everywhere,
+    times ``status_weight`` on the opening's tokens from the decision token on, [status_position, status_end).
+    """
+    rows = batch.get("answer_weight")
+    positions = batch.get("status_position")
+    if positions is None:
+        return rows
+    device = positions.device  # the batch's device (accelerate may have moved it)
+    weights = torch.ones(batch["labels"].shape, dtype=torch.float32, device=device)
+    if rows is not None:
+        weights = weights * rows.to(device=device, dtype=torch.float32).unsqueeze(1)
+    index = torch.arange(weights.shape[1], device=device).unsqueeze(0)
+    opening = (index >= positions.unsqueeze(1)) & (index < batch["status_end"].to(device).unsqueeze(1))
+    weight = batch["status_weight"].to(device=device, dtype=torch.float32).unsqueeze(1)
+    return torch.where(opening, weights * weight, weights)
+
+
 def token_nll(
     logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, V) logits, (B, L) labels -> (sum of next-token NLL over labelled tokens, their count).
 
-    ``weights`` (B,), the batch's ``answer_weight`` (``loss.answer_balance``): every token of row b counts
-    w_b times in both the sum and the count, so sum / count is the w-weighted token mean.
+    ``weights`` (``lm_token_weights``): (B,) row weights, every token of row b counting w_b times, or (B, L)
+    weights of the label positions; each token counts with its weight in both the sum and the count, so
+    sum / count is the weighted token mean.
     """
     shifted_logits = logits[:, :-1].float()
     shifted_labels = labels[:, 1:].to(shifted_logits.device)
@@ -61,13 +84,14 @@ def token_nll(
     labelled = (shifted_labels != IGNORE_INDEX).to(nll.dtype)
     if weights is None:
         return nll.sum(), labelled.sum().long()
-    per_token = weights.to(device=nll.device, dtype=nll.dtype).unsqueeze(1) * labelled
+    weights = weights.to(device=nll.device, dtype=nll.dtype)
+    per_token = (weights[:, 1:] if weights.ndim == 2 else weights.unsqueeze(1)) * labelled
     return (nll * per_token).sum(), per_token.sum()
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """0-d global token-mean L_LM whose gradient is this process's share (local NLL sum / global token count):
-    the value is the global one, the rest of the global sum is added as a constant. ``weights`` (B,): see
+    the value is the global one, the rest of the global sum is added as a constant. ``weights``: see
     ``token_nll``."""
     nll_sum, count = token_nll(logits, labels, weights)
     global_count = global_sum(count.to(torch.float32)).clamp(min=1.0)
@@ -204,7 +228,7 @@ def step_loss(
     ``StepLoss.rows`` holds this micro-batch's gathered rows, detached (stage 2), for the memory.
     """
     _, size = world()
-    lm = lm_loss(output.logits, batch["labels"], batch.get("answer_weight"))
+    lm = lm_loss(output.logits, batch["labels"], lm_token_weights(batch))
     if stage == 1:
         value = float(lm.detach())
         return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})

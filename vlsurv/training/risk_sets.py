@@ -37,6 +37,7 @@ from vlsurv.training.objective import (
     StepLoss,
     SurvivalRows,
     gathered_rows,
+    lm_token_weights,
     local_rows,
     survival_part,
     survival_terms,
@@ -91,7 +92,7 @@ def cache_window(forward: Callable[[dict], object], batches: list[dict], config:
         for batch in batches:
             states.append(rng_state())
             output = forward(batch)
-            nll, count = token_nll(output.logits, batch["labels"], batch.get("answer_weight"))
+            nll, count = token_nll(output.logits, batch["labels"], lm_token_weights(batch))
             nll_total = nll_total + global_sum(nll).cpu()
             token_count = token_count + global_sum(count.to(torch.float32)).cpu()
             rows = local_rows(output, batch)
@@ -121,7 +122,7 @@ def window_step_loss(output, batch: dict, cache: WindowCache, index: int) -> Ste
     accumulation (which divides each micro-batch's loss by A) the caller multiplies by A.
     """
     _, size = world()
-    nll, _ = token_nll(output.logits, batch["labels"], batch.get("answer_weight"))
+    nll, _ = token_nll(output.logits, batch["labels"], lm_token_weights(batch))
     rows = local_rows(output, batch)
     head, z_surv, z_pooled = cache.gradients[index]
     surrogate = (head * rows.head).sum() + (z_surv * rows.z_surv).sum() + (z_pooled * rows.z_pooled).sum()

@@ -73,16 +73,22 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
 
 def check_answer_format_matches(config: TrainConfig, folder: Path) -> None:
     """ConfigError when the stage-1 model answered in another ``model.answer_format`` than stage 2 is set to
-    train (stage 2 would teach the adapter a second answer format on top of the first)."""
+    train (stage 2 would teach the adapter a second answer format on top of the first), or its projector has
+    other ``model.image_positions`` (its weights would not fit)."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         return  # a bare projector + adapter folder: nothing says how it answered
-    saved = json.loads(path.read_text()).get("answer_format", "as_extracted")
-    if saved != config.model.answer_format:
-        raise ConfigError(
-            f"data.stage1_dir: the stage-1 model {path} answers with answer_format {saved!r}; stage 2 has "
-            f"model.answer_format={config.model.answer_format!r}; expected the same format in both stages"
-        )
+    saved = json.loads(path.read_text())
+    for key, default, what in (
+        ("answer_format", "as_extracted", "answers with"),
+        ("image_positions", "none", "has a projector with"),
+    ):
+        value, wanted = saved.get(key, default), getattr(config.model, key)
+        if value != wanted:
+            raise ConfigError(
+                f"data.stage1_dir: the stage-1 model {path} {what} {key} {value!r}; stage 2 has "
+                f"model.{key}={wanted!r}; expected the same {key} in both stages"
+            )
 
 
 def check_lora_matches(config: TrainConfig, adapter: Path) -> None:
@@ -175,12 +181,13 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
     )
     train_scans = {s.scan_id: (s.time, s.event) for s in train}
     strata = None
-    status_first = config.model.answer_format == "status_first"
-    if status_first or config.sampling == "answer_balanced" or config.loss.answer_balance > 0:
+    opens_with_status = config.model.opens_with_status
+    if opens_with_status or config.sampling == "answer_balanced" or config.loss.answer_balance > 0:
         strata = answer_strata(train, config.data.questions)
-    if status_first:
-        train = with_status(train, strata)
-        val = with_status(val, answer_strata(val, config.data.questions))
+    if opens_with_status:
+        locations = config.model.answer_format == "findings_first"
+        train = with_status(train, strata, locations)
+        val = with_status(val, answer_strata(val, config.data.questions), locations)
     return RunData(
         train=SampleDataset(train, cache, processor),
         val=SampleDataset(val, cache, processor),

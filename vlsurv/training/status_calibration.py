@@ -24,7 +24,7 @@ from accelerate.utils import gather_object
 from vlsurv.data.datasets import SampleDataset
 from vlsurv.model.ensemble import DecodeOptions
 from vlsurv.model.vlm import VisionLanguageSurvivalModel
-from vlsurv.prompts import STATUS_WORDS
+from vlsurv.prompts import opening_status
 from vlsurv.training.validation import scans_and_questions, score_scans
 
 
@@ -53,13 +53,10 @@ def max_f1_bias(
 
 
 def reference_present(answer: str | None) -> bool | None:
-    """The status a ``status_first`` reference answer opens with: True, False, or None (no status word)."""
-    if answer is None:
-        return None
-    for status, word in STATUS_WORDS.items():
-        if answer.startswith(word):
-            return status == "present"
-    return None
+    """The status a reference answer opens with (``status_first``, ``findings_first``): True, False, or None
+    (no status opening)."""
+    status = None if answer is None else opening_status(answer)
+    return None if status is None else status == "present"
 
 
 def fit_status_bias(
