@@ -40,13 +40,6 @@ from vlsurv.prompts import strip_status
 
 STATUSES = ("present", "absent", "not_mentioned")
 LOBE_QUESTION, SIDE_QUESTION = "tumor", "pleura"
-_LOBES = {
-    "RUL": r"right\s+upper\s+lobe|RUL",
-    "RML": r"right\s+middle\s+lobe|RML",
-    "RLL": r"right\s+lower\s+lobe|RLL",
-    "LUL": r"left\s+upper\s+lobe|LUL|lingula\w*",
-    "LLL": r"left\s+lower\s+lobe|LLL",
-}
 _LOBE_WORDS = {
     "RUL": "right upper lobe",
     "RML": "right middle lobe",
@@ -54,7 +47,17 @@ _LOBE_WORDS = {
     "LUL": "left upper lobe",
     "LLL": "left lower lobe",
 }
-_LOBE_PATTERNS = {code: re.compile(rf"(?<!\w)(?:{p})(?!\w)", re.I) for code, p in _LOBES.items()}
+#: Other names of a lobe than its words and its code.
+_LOBE_ALIASES = {"LUL": (r"lingula\w*",)}
+
+
+def _lobe_pattern(code: str, words: str) -> re.Pattern:
+    """A lobe named by its words (any whitespace between them), its code or an alias, as whole words."""
+    names = "|".join((r"\s+".join(words.split()), code, *_LOBE_ALIASES.get(code, ())))
+    return re.compile(rf"(?<!\w)(?:{names})(?!\w)", re.I)
+
+
+_LOBE_PATTERNS = {code: _lobe_pattern(code, words) for code, words in _LOBE_WORDS.items()}
 _BILATERAL = re.compile(r"\b(?:bilateral(?:ly)?|both\s+sides)\b", re.I)
 _SIDE = re.compile(r"\b(right|left)\b", re.I)
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)(?:\s*x\s*(\d+(?:\.\d+)?)){0,2}\s*(mm|cm)\b", re.I)

@@ -30,6 +30,7 @@ ProjectorNorm = Literal["none", "layernorm", "standardize"]
 ImagePositions = Literal["none", "learned"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
 PROJECTOR_NORMS: tuple[str, ...] = get_args(ProjectorNorm)
+IMAGE_POSITIONS: tuple[str, ...] = get_args(ImagePositions)
 
 
 class ProjectorError(InputError):
@@ -108,7 +109,7 @@ def build_projector(
         projector = build_projector(kind, in_dim, out_dim, input_norm, num_tokens)
         return nn.Sequential(projector, LearnedPositions(num_tokens, out_dim))
     if positions != "none":
-        raise ProjectorError(f"image_positions: expected one of ('none', 'learned'), got {positions!r}")
+        raise ProjectorError(f"image_positions: expected one of {IMAGE_POSITIONS}, got {positions!r}")
     if kind == "linear":
         projector: nn.Module = nn.Linear(in_dim, out_dim)
     elif kind == "mlp2x_gelu":

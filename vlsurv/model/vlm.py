@@ -229,9 +229,10 @@ class VisionLanguageSurvivalModel(nn.Module):
         return next(self.multi_modal_projector.parameters()).device
 
     def status_decision(self) -> tuple[int, int, int] | None:
-        """(step k, token id of "Present", token id of "Absent") for a ``status_first`` model, else None: k is
-        the answer token at which the tokenizer's " Present:" and " Absent:" first differ (0 unless both
-        start with a shared token, such as a lone space), and the two ids are their tokens there."""
+        """(step k, token id of "Present", token id of "Absent") when answers open with their status
+        (``ModelConfig.opens_with_status``), else None: k is the answer token at which the tokenizer's
+        " Present:" and " Absent:" first differ (0 unless both start with a shared token, such as a lone
+        space), and the two ids are their tokens there."""
         if not self.config.opens_with_status:
             return None
         present, absent = (self.processor.answer_ids(STATUS_WORDS[s]) for s in ("present", "absent"))
