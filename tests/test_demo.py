@@ -59,8 +59,10 @@ def test_demo_model_learned_the_risk_and_the_answers(small_demo):
     out, summary = small_demo
     # The training scans: a model that learned nothing ranks them at C = 0.5 (sd about 0.03 at this size).
     assert summary["c_index_train"] > 0.65
-    # Held-out scans (32 patients, so noisy): clearly better than chance.
-    assert summary["c_index"] > 0.58
+    # Held-out scans (60 patients, so noisy: 95% CI about 0.17 wide): measured 0.724 at seed 0, 0.608 for the
+    # clinical-only CoxPH on the same split.
+    assert summary["c_index"] > 0.66
+    assert summary["c_index"] > summary["c_index_clinical_only"]
     assert summary["bertscore_f1"] > 0.4
     # Each question is answered about its own finding.
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True, dtype={"scan_id": str})
@@ -93,13 +95,14 @@ def test_demo_scores_what_the_answers_say(small_demo):
     assert low <= truth["macro_f1"] <= high
     report = summary["clinical_accuracy"]["against_report"]
     assert set(report["per_question"]) == questions and report["not_in_reference"] == 0
-    # Measured at seed 0 (README): macro F1 0.56; tumor 0.95, nodes 0.46, pleura 0.68, metastases 0.55,
-    # vessels 0.70, bone 0.00 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
-    # metastases, vessels and bone; with a stage-2 LoRA that serves the survival loss too: 0.35 to 0.46).
-    # Each bound sits below its measurement, above what "No ..." to every scan gives.
+    # Measured at seed 0 (README): macro F1 0.73; tumor 0.91, nodes 0.94, pleura 0.78, metastases 0.60,
+    # vessels 0.92, bone 0.22 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
+    # metastases, vessels and bone; with the decoder pretrained 150 steps instead of 600: 0.56, nodes 0.46).
+    # Each bound sits below its measurement, above what "No ..." to every scan gives; bone is not in the tiny
+    # encoder's tokens (README), so it has none.
     f1 = {question_id: scores["f1"] or 0.0 for question_id, scores in truth["per_question"].items()}
-    assert truth["macro_f1"] > 0.45
-    minimum = {"tumor": 0.85, "lymph_nodes": 0.3, "pleura": 0.5, "metastases": 0.3, "vessels": 0.45}
+    assert truth["macro_f1"] > 0.62
+    minimum = {"tumor": 0.85, "lymph_nodes": 0.75, "pleura": 0.65, "metastases": 0.45, "vessels": 0.7}
     assert all(f1[q] > bound for q, bound in minimum.items()), f1
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True)["answer"]
     assert answers.str.match(r"(Present|Absent): ").mean() > 0.95

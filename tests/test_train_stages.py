@@ -233,21 +233,28 @@ def _predict_c_index(model_dir: Path, inputs: dict, out: Path, split: str = "val
     return concordance_index(manifest["time"].tolist(), manifest["event"].tolist(), manifest["risk"].tolist())
 
 
-def test_stage2_validates_what_predict_deploys_and_final_holds_the_best_checkpoint(
-    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
-):
+def validated_stage2_config(stage1_run, inputs, decoder, out: Path, *overrides: str) -> TrainConfig:
+    """A 4-epoch stage 2 from the stage-1 run, validated at every step (answers of at most 6 tokens) into
+    ``out``/run."""
     _, _, stage1_final = stage1_run
-    config = tiny_config(
+    return tiny_config(
         "stage2_deepsurv",
-        tiny_inputs,
-        tiny_decoder_dir,
-        tmp_path / "run",
+        inputs,
+        decoder,
+        out / "run",
         f"data.stage1_dir={stage1_final}",
         "optim.epochs=4",
         "eval.every_n_steps=1",
         "eval.max_new_tokens=6",
         "checkpoint.keep_last=1",
+        *overrides,
     )
+
+
+def test_stage2_validates_what_predict_deploys_and_final_holds_the_best_checkpoint(
+    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    config = validated_stage2_config(stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path)
     trainer = Trainer(config)
     final = trainer.fit()
     validation = [
@@ -296,3 +303,55 @@ def test_answers_over_the_length_cap_are_counted_in_the_validation_log(
     answers = {json.loads(line)["answer"] for line in tiny_inputs["vqa"].read_text().splitlines()}
     logs = "".join(path.read_text() for path in tmp_path.glob("*.jsonl"))
     assert not any(answer in logs for answer in answers)
+
+
+def test_stage2_at_lr_lora_0_freezes_the_decoder_and_validates_from_its_first_pass(
+    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path, monkeypatch
+):
+    """lr_lora 0: LoRA gets no gradient (bit-identical, out of the optimizer); validation runs the decoder
+    once and afterwards the survival branch alone on the kept pooled states, with the risks predict gives."""
+    import vlsurv.training.validation as validation_module
+
+    _, _, stage1_final = stage1_run
+    config = validated_stage2_config(stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path, "optim.lr_lora=0")
+    trainer = Trainer(config)
+    assert [group["name"] for group in trainer.optimizer.param_groups] == ["survival"]
+    calls = []
+    scored = validation_module.score_shared_prefix
+    monkeypatch.setattr(
+        validation_module, "score_shared_prefix", lambda *a, **k: calls.append(1) or scored(*a, **k)
+    )
+    before = snapshot(trainer.model)
+    final = trainer.fit()
+    for name, p in trainer.model.named_parameters():  # final = the best step, which may be the first (lr 0)
+        trainable, old = before[name]
+        assert trainable == name.startswith("survival_branch"), name
+        assert trainable or torch.equal(old, p.detach()), f"frozen parameter {name} changed"
+    validation = [
+        json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()
+    ]
+    scans, questions = validation_module.scans_and_questions(trainer.data.val)
+    batches = -(-len(scans) // max(1, config.eval.batch_size // len(questions)))
+    assert len(validation) == trainer.total_steps > 2
+    assert len(calls) == batches  # the first validation's decoder passes, none afterwards
+    assert len({v["val/lm_loss"] for v in validation}) == 1
+    assert len({v["val/c_index"] for v in validation}) > 1
+    selection = json.loads((final / "selection.json").read_text())
+    assert _predict_c_index(final, tiny_inputs, tmp_path / "predict") == pytest.approx(
+        selection["value"], abs=1e-12
+    )
+    stage1_adapter = load_file(str(stage1_final / "adapter" / "adapter_model.safetensors"))
+    final_adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(stage1_adapter[k], final_adapter[k]) for k in stage1_adapter)
+
+
+def test_a_stage_whose_every_part_has_learning_rate_0_is_refused(tiny_inputs, tiny_decoder_dir, tmp_path):
+    config = tiny_config(
+        "stage1", tiny_inputs, tiny_decoder_dir, tmp_path, "optim.lr_projector=0", "optim.lr_lora=0"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"stage 1: every trainable part has learning rate 0 "
+        r"\(optim.lr_projector, optim.lr_lora\); nothing would train",
+    ):
+        Trainer(config)

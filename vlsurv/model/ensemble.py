@@ -60,12 +60,14 @@ class EnsembleOutput:
     """risks (S, Q) float32; answers S lists of Q strings ("" without generation); curves (S, Q, K) or
     None; status_margin (S, Q) float32 or None: for a ``status_first`` model with generation, the first answer
     token's logit of "Present" minus that of "Absent", the status bias included (> 0: the answer opens
-    "Present:")."""
+    "Present:"); pooled (S, Q, d) or None: the pooled hidden states the survival branch read
+    (``survival_outputs`` gives the risks again from them)."""
 
     risks: torch.Tensor
     answers: list[list[str]]
     survival_curves: torch.Tensor | None
     status_margin: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 def split_prompts(model: VisionLanguageSurvivalModel, clinical: str, questions: Sequence[str]):
@@ -169,9 +171,10 @@ def _generate_on_cache(
     return torch.stack(tokens, dim=1), hidden_sum, count, margin
 
 
-def _survival(
+def survival_outputs(
     model: VisionLanguageSurvivalModel, z: torch.Tensor, shape: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled hidden states z (S x Q, d) -> risks (S, Q) float32 and DeepHit curves (S, Q, K) or None."""
     survival = model.survive(z)
     risks = model.risk(survival).float().reshape(shape)
     curves = None
@@ -276,8 +279,15 @@ def score_shared_prefix(
         answers = [flat[i * n_questions : (i + 1) * n_questions] for i in range(n_scans)]
         if pool == "all":
             hidden_sum, count = hidden_sum + answer_sum, count + answer_count
-    risks, curves = _survival(model, hidden_sum / count[:, None], (n_scans, n_questions))
-    return EnsembleOutput(risks=risks, answers=answers, survival_curves=curves, status_margin=margin)
+    pooled = hidden_sum / count[:, None]
+    risks, curves = survival_outputs(model, pooled, (n_scans, n_questions))
+    return EnsembleOutput(
+        risks=risks,
+        answers=answers,
+        survival_curves=curves,
+        status_margin=margin,
+        pooled=pooled.reshape(n_scans, n_questions, -1),
+    )
 
 
 @torch.no_grad()
@@ -316,5 +326,5 @@ def score_naive(
             ids, mask = item["input_ids"][None].to(device), item["attention_mask"][None].to(device)
             pool_mask = item["prompt_mask"][None].to(device) if pool == "prompt" else None
             pooled.append(model(ids, mask, image, pool_mask=pool_mask).z_pooled)
-    risks, curves = _survival(model, torch.cat(pooled), (len(scans), len(questions)))
+    risks, curves = survival_outputs(model, torch.cat(pooled), (len(scans), len(questions)))
     return EnsembleOutput(risks=risks, answers=answers, survival_curves=curves)

@@ -408,14 +408,29 @@ class VisionLanguageSurvivalModel(nn.Module):
             p.requires_grad_(True)
         (self.multi_modal_projector if stage == 1 else self.survival_branch).requires_grad_(True)
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by part, for separate learning rates."""
-        parts = {
+    def _parts(self) -> dict[str, list[nn.Parameter]]:
+        return {
             "projector": list(self.multi_modal_projector.parameters()),
             "lora": self.lora_parameters(),
             "survival": list(self.survival_branch.parameters()),
         }
-        return {name: [p for p in params if p.requires_grad] for name, params in parts.items()}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by part, for separate learning rates."""
+        return {name: [p for p in params if p.requires_grad] for name, params in self._parts().items()}
+
+    def trains_decoder(self) -> bool:
+        """Whether any parameter before the survival branch (projector, LoRA) trains."""
+        parts = self._parts()
+        return any(p.requires_grad for name in ("projector", "lora") for p in parts[name])
+
+    def freeze_parts(self, names: list[str]) -> None:
+        """Freeze the named parts of ``parameter_groups`` (e.g. the LoRA of a stage 2 at lr_lora 0): no
+        gradient is computed for them, so a frozen decoder costs its forward pass only."""
+        parts = self._parts()
+        for name in names:
+            for p in parts[name]:
+                p.requires_grad_(False)
 
     # --- persistence --------------------------------------------------------------------------------------
     def save_pretrained(

@@ -72,11 +72,11 @@ class OptimConfig:
     """
 
     lr_projector: float = bounded(1e-6, ge=0.0, what="a learning rate")
-    """Learning rate of the multi-modal projector."""
+    """Learning rate of the multi-modal projector (0 freezes it: no gradient, no optimizer state)."""
     lr_lora: float = bounded(1e-6, ge=0.0, what="a learning rate")
-    """Learning rate of the LoRA weights."""
+    """Learning rate of the LoRA weights (0 freezes them; a stage 2 at 0 runs the decoder forward only)."""
     lr_survival: float = bounded(1e-6, ge=0.0, what="a learning rate")
-    """Learning rate of the survival branch (adapter and head)."""
+    """Learning rate of the survival branch (adapter and head; 0 freezes it)."""
     weight_decay: float = bounded(0.0, ge=0.0)
     """AdamW weight decay."""
     betas: tuple[float, float] = bounded((0.9, 0.999), ge=0.0, lt=1.0, what="two values")

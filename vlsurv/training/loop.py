@@ -55,7 +55,7 @@ from vlsurv.training.setup import (
     warmup_steps,
 )
 from vlsurv.training.status_calibration import fit_status_bias
-from vlsurv.training.validation import ValidationResult, scoring_options, validate
+from vlsurv.training.validation import DecoderMemo, ValidationResult, scoring_options, validate
 
 FINAL_DIR = "final"
 TRACKER_PROJECT = "tensorboard"
@@ -123,6 +123,8 @@ class Trainer:
             f"schedule: {config.optim.scheduler}"
         )
         optimizer = build_optimizer(model, config)
+        # stage 2 with the projector and LoRA frozen: validation's decoder passes give the same outputs
+        self.decoder_memo = DecoderMemo() if config.stage == 2 and not model.trains_decoder() else None
         scheduler = build_scheduler(optimizer, config, self.total_steps, self.warmup_steps)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.accelerator.register_save_state_pre_hook(keep_changing_weights(self.model))
@@ -199,6 +201,7 @@ class Trainer:
             max_new_tokens=cfg.max_new_tokens,
             clinical_scans=cfg.clinical_scans,
             questions=self.config.data.questions,
+            memo=self.decoder_memo,
         )
         self.accelerator.log(result.metrics(), step=self.step)
         self.last_validation = (self.step, self.metric_of(result))

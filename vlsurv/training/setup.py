@@ -155,6 +155,14 @@ def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
             model.load_adapter(adapter)
         model.load_projector(projector)
     model.set_stage(config.stage)
+    rates = learning_rates(config)
+    frozen = [name for name, params in model.parameter_groups().items() if params and rates[name] == 0.0]
+    model.freeze_parts(frozen)  # a part at lr 0 would only cost its backward pass
+    if not any(model.parameter_groups().values()):
+        raise ConfigError(
+            f"stage {config.stage}: every trainable part has learning rate 0 (optim.lr_"
+            f"{', optim.lr_'.join(frozen)}); nothing would train"
+        )
     return model
 
 
@@ -230,13 +238,18 @@ def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:
         ) from err
 
 
-def build_optimizer(model: VisionLanguageSurvivalModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameter groups, each with its own learning rate (group ``name`` kept)."""
-    rates = {
+def learning_rates(config: TrainConfig) -> dict[str, float]:
+    """Learning rate of each part that ``parameter_groups`` names."""
+    return {
         "projector": config.optim.lr_projector,
         "lora": config.optim.lr_lora,
         "survival": config.optim.lr_survival,
     }
+
+
+def build_optimizer(model: VisionLanguageSurvivalModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameter groups, each with its own learning rate (group ``name`` kept)."""
+    rates = learning_rates(config)
     groups = [
         {"params": params, "lr": rates[name], "name": name, "weight_decay": config.optim.weight_decay}
         for name, params in model.parameter_groups().items()

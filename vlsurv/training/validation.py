@@ -16,6 +16,10 @@
   answer} (generated text only; reference answers and reports are never logged): in stage 2 the scoring pass's
   own answers. Skipped under FSDP.
 
+When nothing before the survival branch trains (stage 2 at ``optim.lr_lora`` 0: the projector and the decoder
+frozen), the LM loss, the answers and the pooled hidden states are the same at every validation; a
+``DecoderMemo`` keeps them from the first one, and later validations run the survival branch alone.
+
 The LM-loss passes are sharded over processes, each running the same number of forward passes (a process out
 of scans repeats its last batch and drops the result) so that FSDP / ZeRO collectives stay matched. The
 scoring pass runs on the unwrapped model (no collectives), each process on its share of the scans.
@@ -33,7 +37,7 @@ from torch import nn
 
 from vlsurv.data.datasets import SampleDataset
 from vlsurv.metrics import MetricError, concordance_index
-from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
+from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix, survival_outputs
 from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.training.objective import token_nll
 
@@ -53,6 +57,24 @@ class ValidationResult:
         values["val/clinical_macro_f1"] = self.clinical_macro_f1
         values.update({f"val/clinical_f1/{qid}": f1 for qid, f1 in self.clinical_f1.items()})
         return {key: value for key, value in values.items() if value is not None}
+
+
+@dataclass
+class ScoredScan:
+    """What the decoder gave one val scan: pooled hidden states (Q, d), answers, status margins or None."""
+
+    pooled: torch.Tensor
+    answers: list[str]
+    status_margin: list[float] | None
+
+
+@dataclass
+class DecoderMemo:
+    """This process's decoder outputs of the first validation, for a run whose decoder side is frozen
+    (``VisionLanguageSurvivalModel.trains_decoder`` False): the LM totals and each scored val scan."""
+
+    lm_totals: tuple[float, int] | None = None
+    scans: dict[str, ScoredScan] = field(default_factory=dict)
 
 
 def _scan_batches(
@@ -120,32 +142,42 @@ def score_scans(
     accelerator: Accelerator,
     options: DecodeOptions,
     scans_per_batch: int,
+    memo: DecoderMemo | None = None,
 ) -> list[dict]:
     """This process's share of the val scans scored by predict's path: [{scan_id, risk, answers,
     status_margin}] (risk = mean of the question risks; answers = one per question, in the question set's
-    order; status_margin: one per question for a status_first model, else None)."""
+    order; status_margin: one per question for a status_first model, else None). With ``memo``, a scan it
+    holds runs the survival branch alone on its pooled hidden states; the others are scored and kept."""
     scans, questions = scans_and_questions(dataset)
     mine = scans[accelerator.process_index :: accelerator.num_processes]
     texts = [text for _, text in questions]
     records = []
     for start in range(0, len(mine), scans_per_batch):
-        batch = [
-            ScanInput(sid, clinical, dataset.feature_cache.get(sid))
-            for sid, clinical in mine[start : start + scans_per_batch]
-        ]
-        with accelerator.autocast():
-            result = score_shared_prefix(
-                unwrapped,
-                batch,
-                texts,
-                unwrapped.config.pool,
-                options,
-                status_bias=unwrapped.status_bias_for([qid for qid, _ in questions]),
-            )
-        margins = result.status_margin.tolist() if result.status_margin is not None else [None] * len(batch)
-        for scan, risk, answers, margin in zip(batch, result.risks.mean(1).tolist(), result.answers, margins):
+        chunk = mine[start : start + scans_per_batch]
+        if memo is None or any(sid not in memo.scans for sid, _ in chunk):
+            batch = [ScanInput(sid, clinical, dataset.feature_cache.get(sid)) for sid, clinical in chunk]
+            with accelerator.autocast():
+                result = score_shared_prefix(
+                    unwrapped,
+                    batch,
+                    texts,
+                    unwrapped.config.pool,
+                    options,
+                    status_bias=unwrapped.status_bias_for([qid for qid, _ in questions]),
+                )
+            margins = [None] * len(batch) if result.status_margin is None else result.status_margin.tolist()
+            scored = [ScoredScan(p, a, m) for p, a, m in zip(result.pooled, result.answers, margins)]
+            if memo is not None:
+                memo.scans.update({sid: one for (sid, _), one in zip(chunk, scored)})
+            risks = result.risks
+        else:
+            scored = [memo.scans[sid] for sid, _ in chunk]
+            pooled = torch.stack([one.pooled for one in scored])
+            with accelerator.autocast():
+                risks, _ = survival_outputs(unwrapped, pooled.flatten(0, 1), tuple(pooled.shape[:2]))
+        for (sid, _), risk, one in zip(chunk, risks.mean(1).tolist(), scored):
             records.append(
-                {"scan_id": scan.scan_id, "risk": risk, "answers": answers, "status_margin": margin}
+                {"scan_id": sid, "risk": risk, "answers": one.answers, "status_margin": one.status_margin}
             )
     return records
 
@@ -270,15 +302,21 @@ def validate(
     max_new_tokens: int,
     clinical_scans: int = 0,
     questions: str = "lung",
+    memo: DecoderMemo | None = None,
 ) -> ValidationResult:
     """Run validation on every process; the returned ``ValidationResult`` is the same on each.
 
     ``clinical_scans`` > 0: the clinical macro F1 on the first that many val scans (question set
-    ``questions``)."""
+    ``questions``). ``memo`` (a frozen decoder side only): the decoder's outputs of the first call, reused."""
     unwrapped = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
-    nll_total, tokens = _lm_totals(model, unwrapped, dataset, accelerator, batch_size)
+    if memo is not None and memo.lm_totals is not None:
+        nll_total, tokens = memo.lm_totals
+    else:
+        nll_total, tokens = _lm_totals(model, unwrapped, dataset, accelerator, batch_size)
+        if memo is not None:
+            memo.lm_totals = (nll_total, tokens)
     gathered = gather_object([(nll_total, tokens)])
     total_tokens = sum(part[1] for part in gathered)
     lm_loss = sum(part[0] for part in gathered) / total_tokens if total_tokens else None
@@ -294,7 +332,9 @@ def validate(
             **{k: v for k, v in scoring_options(unwrapped, max_new_tokens).items() if k != "pool"}
         )
         _, questions = scans_and_questions(dataset)
-        records = score_scans(unwrapped, dataset, accelerator, options, max(1, batch_size // len(questions)))
+        records = score_scans(
+            unwrapped, dataset, accelerator, options, max(1, batch_size // len(questions)), memo
+        )
         records = sorted(gather_object(records), key=lambda r: r["scan_id"])
         c_index, note = _c_index(dataset, records)
         samples = _first_answers(dataset, records, answers) if accelerator.is_main_process else []
