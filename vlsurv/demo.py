@@ -41,7 +41,7 @@ from vlsurv.errors import InputError
 from vlsurv.evaluate import EvaluationConfig, evaluate_predictions
 from vlsurv.jsonl import write_jsonl
 from vlsurv.metrics import concordance_index
-from vlsurv.prompts import load_questions, resource_dir
+from vlsurv.prompts import STATUS_FORMATS, load_questions, resource_dir
 
 CONFIGS_DIR = resource_dir("configs")
 
@@ -227,7 +227,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"progress={str(cfg.progress).lower()}",
         f"model.answer_format={cfg.answer_format}",
         f"loss.answer_balance={cfg.answer_balance}",
-        f"loss.status_weight={cfg.status_weight if cfg.answer_format != 'as_extracted' else 1.0}",
+        f"loss.status_weight={cfg.status_weight if cfg.answer_format in STATUS_FORMATS else 1.0}",
     ]
     stage1 = _train(
         "stage1.yaml",

@@ -125,6 +125,8 @@ def read_template(relative_path: str | Path) -> str:
 
 #: The opening of a ``status_first`` answer (``model.answer_format``) per reference status.
 STATUS_WORDS = {"present": "Present:", "absent": "Absent:"}
+#: Answer formats whose answers open with "Present" / "Absent" (``ModelConfig.opens_with_status``).
+STATUS_FORMATS = ("status_first", "findings_first")
 _STATUS_OPENING = re.compile(r"^\s*(Present|Absent)(?:,[^:]*)?:\s*")
 
 

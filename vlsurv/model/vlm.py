@@ -48,15 +48,13 @@ from vlsurv.model.vlm_io import (
     require_dir,
     save_model,
 )
-from vlsurv.prompts import STATUS_WORDS
+from vlsurv.prompts import STATUS_FORMATS, STATUS_WORDS
 
 Quantization = Literal["none", "4bit", "8bit"]
 Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES
 Pool = Literal["all", "prompt"]
 POOLS: tuple[str, ...] = get_args(Pool)
 AnswerFormat = Literal["as_extracted", "status_first", "findings_first"]
-#: Answer formats whose answers open with "Present" / "Absent" (``ModelConfig.opens_with_status``).
-STATUS_FORMATS = ("status_first", "findings_first")
 
 
 class ModelConfigError(ConfigError):

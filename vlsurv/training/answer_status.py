@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlsurv.errors import InputError
+from vlsurv.metrics_clinical import named_location
 from vlsurv.prompts import STATUS_WORDS, status_opening
 
 
@@ -78,8 +79,6 @@ def with_status(samples: Sequence, strata: Sequence[tuple[str, str]], locations:
     the finding (the question id in words) and, for a present answer, the location its text gives
     (``vlsurv.metrics_clinical.named_location``: the tumour's lobe, the effusion's side), "Present, tumor,
     right lower lobe: ..." / "Absent, lymph nodes: ..."."""
-    from vlsurv.metrics_clinical import named_location
-
     if len(samples) != len(strata):
         raise AnswerStatusError(f"status-first answers: {len(strata)} strata for {len(samples)} samples")
     opened = []

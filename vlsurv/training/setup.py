@@ -63,7 +63,7 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
         raise ConfigError(
             f"data.stage1_dir {folder}: no {PROJECTOR_NAME}; expected the `final` folder of a stage-1 run"
         )
-    check_answer_format_matches(config, folder)
+    check_stage1_model_matches(config, folder)
     adapter = folder / ADAPTER_DIR
     if not adapter.is_dir():
         return projector, None
@@ -71,7 +71,7 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
     return projector, adapter
 
 
-def check_answer_format_matches(config: TrainConfig, folder: Path) -> None:
+def check_stage1_model_matches(config: TrainConfig, folder: Path) -> None:
     """ConfigError when the stage-1 model answered in another ``model.answer_format`` than stage 2 is set to
     train (stage 2 would teach the adapter a second answer format on top of the first), or its projector has
     other ``model.image_positions`` (its weights would not fit)."""
