@@ -3,7 +3,8 @@
 Runs the demo in a child process (so its peak RSS is the child's alone), then prints each step's seconds from
 ``DIR/metrics.json``, the wall time and the peak RSS, each as a ratio of its target (< 1 meets it), and the
 headline results: the C-indices, BERTScore and the clinical macro F1 (answers read back to present / absent,
-against the cohort's findings.csv) with each question's F1.
+against the cohort's findings.csv) with each question's F1, and how often the tumour's lobe and the effusion's
+side are right.
 
     python benchmarks/demo.py [--n-patients 300] [--seed 0] [--out DIR]
 """
@@ -72,6 +73,14 @@ def main() -> None:
             f"clinical macro F1 {truth['macro_f1']:.2f} [{low:.2f}, {high:.2f}] beside wall {wall:.0f} s and "
             f"peak RSS {peak:.0f} MiB; per question: {per_question}"
         )
+    details = (metrics.get("clinical_accuracy") or {}).get("details") or {}
+    located = [
+        f"{label} {d['correct']}/{d['scored']} ({d['correct'] / d['scored']:.0%})"
+        for key, label in (("tumor_lobe", "tumour lobe"), ("pleura_side", "effusion side"))
+        if (d := details.get(key)) and d.get("scored")
+    ]
+    if located:
+        print("right in the true-positive answers: " + ", ".join(located) + " (target 70%)")
 
 
 if __name__ == "__main__":

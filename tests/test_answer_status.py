@@ -249,6 +249,18 @@ def test_stage2_refuses_a_stage1_model_of_another_answer_format(tmp_path):
         r"model.image_positions='none'; expected the same image_positions in both stages",
     ):
         stage1_paths(same_format)
+    grid = dataclasses.replace(
+        same_format, model=dataclasses.replace(same_format.model, image_positions="grid")
+    )
+    (stage1 / "config.json").write_text(
+        json.dumps({"answer_format": "status_first", "image_positions": "grid", "image_position_rank": 8})
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"has a projector with image_position_rank 8; stage 2 has model.image_position_rank=16; "
+        r"expected the same image_position_rank in both stages",
+    ):
+        stage1_paths(grid)
 
 
 @pytest.mark.parametrize("answer_format", ["status_first", "findings_first"])
@@ -261,7 +273,7 @@ def test_status_weight_marks_each_training_answers_opening(tiny_decoder_dir, tmp
     step, present_id, absent_id = model.status_decision()
     dataset = trainer.data.train
     processor = dataset.processor
-    seen = set()
+    seen, located = set(), set()
     for index, (_, status) in enumerate(trainer.data.train_strata):
         item = dataset[index]
         start, end = int(item["status_position"]), int(item["status_end"])
@@ -274,12 +286,22 @@ def test_status_weight_marks_each_training_answers_opening(tiny_decoder_dir, tmp
         opening = processor.tokenizer.decode(item["labels"][start - step : end])
         assert opening.strip() == answer.split(":")[0] + ":"  # the whole opening, location included
         seen.add((status, "," in answer.split(":")[0]))
+        first, last = int(item["location_position"]), int(item["location_end"])
+        if last > first:  # the sentence's naming of the opening's lobe or side, weighted with it
+            question_id = dataset.samples[index].question_id
+            sentence_names = processor.tokenizer.decode(item["labels"][first:last])
+            assert first >= end and named_location(question_id, sentence_names)
+            assert named_location(question_id, sentence_names) == named_location(question_id, opening)
+            located.add(question_id)
     named = answer_format == "findings_first"  # "Absent, pleura:" / "Present, tumor, right upper lobe:"
     assert seen == {("present", named), ("absent", named)}
-    batch = dataset.collate([dataset[i] for i in range(4)])
+    assert located == ({"tumor", "pleura"} if named else set())
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
     weights = lm_token_weights(batch)
     assert weights.shape == batch["labels"].shape
-    assert torch.equal((weights == 5.0).sum(1), batch["status_end"] - batch["status_position"])
+    opening = batch["status_end"] - batch["status_position"]
+    spans = opening + batch["location_end"] - batch["location_position"]
+    assert torch.equal((weights == 5.0).sum(1), spans)
 
 
 def test_status_weight_needs_status_first_answers():

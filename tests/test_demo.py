@@ -95,17 +95,23 @@ def test_demo_scores_what_the_answers_say(small_demo):
     assert low <= truth["macro_f1"] <= high
     report = summary["clinical_accuracy"]["against_report"]
     assert set(report["per_question"]) == questions and report["not_in_reference"] == 0
-    # Measured at seed 0 (README): macro F1 0.73; tumor 0.91, nodes 0.94, pleura 0.78, metastases 0.60,
-    # vessels 0.92, bone 0.22 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
+    # Measured at seed 0 (README): macro F1 0.73; tumor 0.95, nodes 0.90, pleura 0.95, metastases 0.48,
+    # vessels 0.80, bone 0.27 (before status_first answers and balanced weights: 0.20, and 0.00 for nodes,
     # metastases, vessels and bone; with the decoder pretrained 150 steps instead of 600: 0.56, nodes 0.46).
     # Each bound sits below its measurement, above what "No ..." to every scan gives; bone is not in the tiny
     # encoder's tokens (README), so it has none.
     f1 = {question_id: scores["f1"] or 0.0 for question_id, scores in truth["per_question"].items()}
     assert truth["macro_f1"] > 0.62
-    minimum = {"tumor": 0.85, "lymph_nodes": 0.75, "pleura": 0.65, "metastases": 0.45, "vessels": 0.7}
+    minimum = {"tumor": 0.85, "lymph_nodes": 0.75, "pleura": 0.8, "metastases": 0.4, "vessels": 0.65}
     assert all(f1[q] > bound for q, bound in minimum.items()), f1
+    # Where: the tumour's lobe right in 35 of 54 true-positive answers and the effusion's side in 21 of 21
+    # (before the grid summary and the decoder pretrained on the openings: 11 of 50 and 11 of 20; naming the
+    # commonest lobe to every tumour gives about a third).
+    details = summary["clinical_accuracy"]["details"]
+    lobe, side = details["tumor_lobe"], details["pleura_side"]
+    assert lobe["correct"] / lobe["scored"] > 0.5 and side["correct"] / side["scored"] > 0.8, (lobe, side)
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True)["answer"]
-    assert answers.str.match(r"(Present|Absent): ").mean() > 0.95
+    assert answers.str.match(r"(Present|Absent), [a-z ]+(, [a-z ]+)?: ").mean() > 0.95  # findings_first
     fitted = json.loads((out / "stage2" / "final" / "config.json").read_text())["status_bias"]
     assert set(fitted) == questions
     assert truth["per_question"]["pleura"]["prevalence"] == pytest.approx(

@@ -229,3 +229,39 @@ def test_model_config_rejects_bad_values(data, message):
 def test_survival_config_rejects_unknown_deephit_schemes(field, value, message):
     with pytest.raises(SurvivalConfigError, match=message):
         SurvivalConfig(head="deephit", **{field: value})
+
+
+def test_grid_summary_starts_as_the_shared_projector_and_learns_what_a_token_mean_cannot():
+    """The label is whether token 0 or token 1 holds more of channel 0: a readout of the token mean (what a
+    decoder's uniform attention over a shared projection sees) is blind to it, the grid summary is not."""
+    torch.manual_seed(0)
+    tokens = torch.randn(512, 4, 8)
+    label = (tokens[:, 0, 0] > tokens[:, 1, 0]).float()
+    shared = build_projector("linear", 8, 16, num_tokens=4)
+    grid = build_projector("linear", 8, 16, num_tokens=4, positions="grid", position_rank=2)
+    grid.shared.load_state_dict(shared.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(grid(tokens), shared(tokens))  # B = 0 at the start
+    accuracy = {}
+    for name, projector in (("shared", shared), ("grid", grid)):
+        readout = torch.nn.Linear(16, 1)
+        optimizer = torch.optim.Adam([*projector.parameters(), *readout.parameters()], lr=1e-2)
+        for _ in range(300):
+            logit = readout(projector(tokens).mean(1)).squeeze(1)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, label)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        accuracy[name] = ((logit > 0).float() == label).float().mean().item()
+    assert accuracy["grid"] > 0.95 and accuracy["shared"] < 0.65, accuracy
+    assert grid.up.shape == (4, 2, 16) and grid.down.weight.shape == (2, 8)
+
+
+def test_grid_summary_sits_behind_the_input_norm():
+    projector = build_projector(
+        "linear", 8, 16, input_norm="standardize", num_tokens=4, positions="grid", position_rank=3
+    )
+    assert type(projector[0]).__name__ == "TokenStandardizer"
+    assert type(projector[1]).__name__ == "GridSummary"
+    with pytest.raises(ValueError, match=r"model.image_position_rank: expected .*>= 1"):
+        ModelConfig(decoder_path="x", image_positions="grid", image_position_rank=0)

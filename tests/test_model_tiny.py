@@ -110,6 +110,40 @@ def test_cohort_texts_hold_only_the_train_splits_answers_and_reports(small_cohor
     assert cohort_texts(manifest) == sentences + train["report"].tolist()
 
 
+def test_cohort_texts_give_the_answers_in_stage_1s_answer_format(small_cohort, tmp_path):
+    """With a status format, the decoder learns the answers as stage 1 will train on them, openings included,
+    so that it has read the opening's lobe repeated in the sentence after it."""
+    import pandas as pd
+
+    manifest, _ = small_cohort
+    scan = pd.read_csv(manifest, dtype={"scan_id": str}).query("split == 'train'")["scan_id"].iloc[0]
+    answers = {
+        "tumor": "A 31 mm spiculated mass in the left lower lobe.",
+        "pleura": "No pleural effusion.",
+        "bone": "No lytic or blastic osseous lesions.",
+    }
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text(
+        "".join(
+            json.dumps({"scan_id": scan, "question_id": q, "question": f"{q}?", "answer": a}) + "\n"
+            for q, a in answers.items()
+        )
+    )
+    plain = cohort_texts(manifest, vqa)[:3]
+    assert plain == [f"{q}? {a}" for q, a in answers.items()]
+    assert cohort_texts(manifest, vqa, answer_format="status_first")[:2] == [
+        "tumor? Present: A 31 mm spiculated mass in the left lower lobe.",
+        "pleura? Absent: No pleural effusion.",
+    ]
+    assert cohort_texts(manifest, vqa, answer_format="findings_first")[:3] == [
+        "tumor? Present, tumor, left lower lobe: A 31 mm spiculated mass in the left lower lobe.",
+        "pleura? Absent, pleura: No pleural effusion.",
+        "bone? Absent, bone: No lytic or blastic osseous lesions.",
+    ]
+    with pytest.raises(TinyDecoderError, match=r"answer format 'yes_no': expected one of \('as_extracted', "):
+        cohort_texts(manifest, vqa, answer_format="yes_no")
+
+
 def test_cli_builds_from_a_manifest_and_a_vqa_file(small_cohort, tmp_path, capsys):
     manifest, vqa = small_cohort
     argv = ["build-tiny", "--out", str(tmp_path / "tiny"), "--manifest", str(manifest), "--vqa", str(vqa)]

@@ -349,3 +349,26 @@ def test_learned_image_positions_start_at_zero_train_in_stage1_and_are_saved(tin
         torch.testing.assert_close(reloaded.get_image_features(same), model.get_image_features(same))
     with pytest.raises(ValueError, match="model.image_positions: expected one of"):
         dataclasses.replace(tiny_model_config, image_positions="sinusoidal")
+
+
+def test_grid_summary_trains_in_stage1_and_is_saved(tiny_model_config, tmp_path):
+    config = dataclasses.replace(tiny_model_config, image_positions="grid", image_position_rank=4)
+    torch.manual_seed(0)
+    model = VisionLanguageSurvivalModel(config)
+    projector = model.multi_modal_projector
+    grid = projector[-1] if isinstance(projector, torch.nn.Sequential) else projector
+    tokens = torch.randn(1, TINY_IMAGE_TOKENS, TINY_IMAGE_DIM)
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(tokens), grid.shared(tokens).to(torch.float32))
+    before = grid.up.detach().clone()
+    train_step(model, 1)
+    assert not torch.equal(before, grid.up)
+    with torch.no_grad():
+        summary = model.get_image_features(tokens) - grid.shared(tokens)
+    assert summary.abs().max() > 0  # the grid's summary, the same on every token
+    torch.testing.assert_close(summary, summary[:, :1].expand_as(summary))
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved")
+    assert (reloaded.config.image_positions, reloaded.config.image_position_rank) == ("grid", 4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.get_image_features(tokens), model.get_image_features(tokens))

@@ -128,7 +128,7 @@ def test_weighted_token_nll_is_the_weighted_token_mean():
     assert float(ones_total) == pytest.approx(float(plain_total)) and float(ones_count) == 10.0
 
 
-def test_status_weight_multiplies_only_the_opening_span():
+def test_status_weight_multiplies_only_the_opening_and_location_spans():
     torch.manual_seed(1)
     logits = torch.randn(2, 7, 11)
     labels = torch.full((2, 7), IGNORE_INDEX)
@@ -139,10 +139,12 @@ def test_status_weight_multiplies_only_the_opening_span():
         "answer_weight": torch.tensor([2.0, 0.5]),
         "status_position": torch.tensor([3, 5]),
         "status_end": torch.tensor([5, 6]),
+        "location_position": torch.tensor([0, 6]),  # row 1's sentence names the opening's location at 6
+        "location_end": torch.tensor([0, 7]),
         "status_weight": torch.tensor([4.0, 4.0]),
     }
     weights = lm_token_weights(batch)
-    expected = torch.tensor([[2.0, 2, 2, 8, 8, 2, 2], [0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 0.5]])
+    expected = torch.tensor([[2.0, 2, 2, 8, 8, 2, 2], [0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 2.0]])
     torch.testing.assert_close(weights, expected)
     total, count = token_nll(logits, labels, weights)
     nll = {
@@ -157,5 +159,6 @@ def test_status_weight_multiplies_only_the_opening_span():
     assert lm_token_weights({"labels": labels}) is None
     rows_only = {"labels": labels, "answer_weight": batch["answer_weight"]}
     torch.testing.assert_close(lm_token_weights(rows_only), batch["answer_weight"])
-    empty = dict(batch, status_position=torch.tensor([0, 0]), status_end=torch.tensor([0, 0]))
+    zero = torch.tensor([0, 0])
+    empty = dict(batch, status_position=zero, status_end=zero, location_position=zero, location_end=zero)
     torch.testing.assert_close(lm_token_weights(empty), batch["answer_weight"].unsqueeze(1).expand(2, 7))

@@ -90,14 +90,20 @@ class DemoConfig:
     stage1_sampling: Literal["pairs", "answer_balanced"] = "pairs"
     """Stage-1 batches: every VQA pair once ("pairs") or each question's present and absent answers drawn
     equally ("answer_balanced", so that the decoder cannot answer from the prior)."""
-    answer_format: Literal["as_extracted", "status_first", "findings_first"] = "status_first"
-    """Training answers of both stages (model.answer_format): "status_first" opens each with "Present:" /
-    "Absent:" and fits each question's threshold on val (eval.status_calibration); "findings_first" also
-    names the finding and, when present, the tumour's lobe or the effusion's side ("Present, pleura, right:
-    ...")."""
-    status_weight: float = bounded(5.0, ge=1.0, what="a weight")
+    answer_format: Literal["as_extracted", "status_first", "findings_first"] = "findings_first"
+    """Training answers of both stages (model.answer_format), and of the tiny decoder's pretraining text:
+    "status_first" opens each with "Present:" / "Absent:" and fits each question's threshold on val
+    (eval.status_calibration); "findings_first" also names the finding and, when present, the tumour's lobe or
+    the effusion's side ("Present, pleura, right: ...")."""
+    status_weight: float = bounded(20.0, ge=1.0, what="a weight")
     """loss.status_weight of both stages: weight of the status opening's tokens from the decision on in L_LM
-    (1 = the plain token mean); not used with answer_format as_extracted, whose answers have no opening."""
+    (1 = the plain token mean); not used with answer_format as_extracted, whose answers have no opening. With
+    findings_first the opening's weighted tokens include the lobe or side."""
+    image_positions: Literal["none", "learned", "grid"] = "grid"
+    """model.image_positions of both stages: "grid" adds to every projected token a position-weighted summary
+    of the whole token grid (vlsurv.model.projector.GridSummary), from which the decoder reads the tumour's
+    lobe and the effusion's side (seed 0, stage 1 alone: the opening's lobe right in 40 of 54 test answers,
+    24 of 54 without)."""
     stage2_lr_lora: float = bounded(0.0, ge=0.0, what="a learning rate")
     """optim.lr_lora of stage 2. 0 keeps stage 1's LoRA, so stage 2 trains the survival branch on the answers
     stage 1 learned: on the tiny decoder a trained LoRA (3e-3, 3e-4) serves the survival loss by giving up
@@ -191,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     decoder = build_tiny_decoder(
         out / "decoder",
-        cohort_texts(manifest_path, vqa),
+        cohort_texts(manifest_path, vqa, answer_format=cfg.answer_format),
         num_layers=cfg.decoder_layers,
         hidden_size=cfg.decoder_hidden,
         seed=cfg.seed,
@@ -226,6 +232,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"seed={cfg.seed}",
         f"progress={str(cfg.progress).lower()}",
         f"model.answer_format={cfg.answer_format}",
+        f"model.image_positions={cfg.image_positions}",
         f"loss.answer_balance={cfg.answer_balance}",
         f"loss.status_weight={cfg.status_weight if cfg.answer_format in STATUS_FORMATS else 1.0}",
     ]

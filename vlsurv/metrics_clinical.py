@@ -92,6 +92,19 @@ def named_location(question_id: str, text: str) -> str:
     return ""
 
 
+def location_span(question_id: str, text: str) -> tuple[int, int] | None:
+    """(start, end) characters of the first place ``text`` names what ``named_location`` reads: a lobe for the
+    tumour, a side for the effusion; None for other questions or when it names none."""
+    if question_id == LOBE_QUESTION:
+        patterns = tuple(_LOBE_PATTERNS.values())
+    elif question_id == SIDE_QUESTION:
+        patterns = (_BILATERAL, _SIDE)
+    else:
+        return None
+    found = [match.span() for match in (pattern.search(text) for pattern in patterns) if match]
+    return min(found, default=None)
+
+
 def largest_size_mm(text: str) -> float | None:
     """The largest measurement in ``text`` in mm ("4.2 x 3.1 cm" -> 42.0), None when it gives none."""
     sizes = [

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from vlsurv.errors import InputError
 from vlsurv.jsonl import read_jsonl
+from vlsurv.metrics_clinical import location_span, named_location
 from vlsurv.model.processor import IGNORE_INDEX
 from vlsurv.prompts import status_opening_of
 
@@ -226,30 +227,61 @@ class SampleDataset(Dataset):
         "Absent:" first differ at answer token ``step`` (``VisionLanguageSurvivalModel.status_decision``):
         items then carry ``status_position`` and ``status_end``, the label indices of the opening's tokens
         from that decision token to the opening's end (the status, and the location of a findings_first
-        opening), and ``status_weight``."""
+        opening), ``location_position`` and ``location_end``, those of the sentence's first naming of a
+        location after a findings_first opening that names one, and ``status_weight``."""
         self.status_weight = (step, float(weight))
 
-    def _status_span(self, labels: torch.Tensor, answer: str | None) -> dict[str, torch.Tensor]:
-        """``status_position``, ``status_end`` and ``status_weight`` of one item (``set_status_weight``); an
-        item without an answer or an opening gets the empty span [0, 0)."""
+    def _status_span(self, labels: torch.Tensor, sample: Sample) -> dict[str, torch.Tensor]:
+        """``status_position``, ``status_end``, ``location_position``, ``location_end`` and ``status_weight``
+        of one item (``set_status_weight``); an item without an answer or an opening gets empty spans [0, 0),
+        and one whose sentence names no location after the opening an empty location span."""
         step, weight = self.status_weight
-        opening = status_opening_of(answer or "")
+        answer = sample.answer or ""
+        opening = status_opening_of(answer)
         positions = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+        empty = torch.tensor(0)
         if not opening or len(positions) <= step:
-            empty = torch.tensor(0)
-            return {"status_position": empty, "status_end": empty, "status_weight": torch.tensor(1.0)}
+            return {
+                "status_position": empty,
+                "status_end": empty,
+                "location_position": empty,
+                "location_end": empty,
+                "status_weight": torch.tensor(1.0),
+            }
         answer_ids = labels[positions].tolist()
         if opening not in self.opening_ids:  # a few distinct openings: tokenized once each
             self.opening_ids[opening] = self.processor.answer_ids(opening)[:-1]  # without EOS
         opening_ids = self.opening_ids[opening]
         differ = (i for i, (a, b) in enumerate(zip(answer_ids, opening_ids)) if a != b)
         shared = next(differ, min(len(answer_ids), len(opening_ids)))
-        start = positions[step]
+        location = self._location_tokens(sample.question_id, answer, opening, len(answer_ids))
         return {
-            "status_position": torch.tensor(start),
+            "status_position": torch.tensor(positions[step]),
             "status_end": torch.tensor(positions[0] + max(shared, step + 1)),
+            "location_position": torch.tensor(positions[location[0]]) if location else empty,
+            "location_end": torch.tensor(positions[location[1] - 1] + 1) if location else empty,
             "status_weight": torch.tensor(weight),
         }
+
+    def _location_tokens(
+        self, question_id: str, answer: str, opening: str, kept: int
+    ) -> tuple[int, int] | None:
+        """[first, last + 1) answer tokens of the sentence's first naming of a location after a findings_first
+        opening that names one ("Present, tumor, left lower lobe: A mass in the left lower lobe." -> the
+        sentence's "left lower lobe"), within the ``kept`` answer tokens; None otherwise."""
+        if not named_location(question_id, opening):
+            return None
+        text = " " + answer.strip()  # as ``PromptProcessor.answer_ids`` tokenizes it
+        body = text.index(opening) + len(opening)
+        span = location_span(question_id, text[body:])
+        if span is None:
+            return None
+        start, end = span[0] + body, span[1] + body
+        offsets = self.processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        inside = [i for i, (a, b) in enumerate(offsets[: kept - 1]) if a < end and b > start]  # no EOS
+        return (inside[0], inside[-1] + 1) if inside else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -265,7 +297,7 @@ class SampleDataset(Dataset):
         if self.answer_weights is not None:
             item["answer_weight"] = self.answer_weights[index]
         if self.status_weight is not None:
-            item.update(self._status_span(item["labels"], sample.answer))
+            item.update(self._status_span(item["labels"], sample))
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id

@@ -13,7 +13,9 @@
 ``positions`` "learned" adds a trainable (T, d_model) embedding to the projected tokens
 (``LearnedPositions``). A CNN's tokens say what is at a place, hardly where the place is; the decoder sees
 the T tokens in a row and, through RoPE, only their relative order. With the embedding, "left lower zone" is
-part of a token's content, so a side or a lobe can be read by one attention step.
+part of a token's content, so a side or a lobe can be read by one attention step. ``positions`` "grid" adds
+to every token a position-weighted linear summary of the whole grid (``GridSummary``), which a decoder can
+read whichever token it attends to.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from vlsurv.errors import InputError
 
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 ProjectorNorm = Literal["none", "layernorm", "standardize"]
-ImagePositions = Literal["none", "learned"]
+ImagePositions = Literal["none", "learned", "grid"]
 PROJECTOR_KINDS: tuple[str, ...] = get_args(ProjectorKind)
 PROJECTOR_NORMS: tuple[str, ...] = get_args(ProjectorNorm)
 IMAGE_POSITIONS: tuple[str, ...] = get_args(ImagePositions)
@@ -83,6 +85,30 @@ class TokenStandardizer(nn.Module):
         return (tokens - self.mean.to(tokens.dtype)) / self.std.to(tokens.dtype)
 
 
+class GridSummary(nn.Module):
+    """A shared projector plus a summary of the whole token grid added to every token: (B, T, C) -> (B, T, d),
+    ``H_t = P(z_t) + sum_s B_s A z_s``, with A (r, C) shared and B_s (d, r) one per token position s.
+
+    Through a shared projector a decoder reads what is in a token, and by attending over the tokens a mix of
+    them, blind to where each lies; a finding's side or lobe is then readable only when attention singles its
+    token out. The summary is a linear function of the flattened grid, with weights that depend on the
+    position, as a linear probe on the flattened tokens has; added to every token, any attention pattern reads
+    it. B starts at zero, so a fresh projector begins as the shared one (A learns once B has moved, as in
+    LoRA).
+    """
+
+    def __init__(self, shared: nn.Module, num_tokens: int, in_dim: int, out_dim: int, rank: int) -> None:
+        super().__init__()
+        self.shared = shared
+        self.down = nn.Linear(in_dim, rank, bias=False)
+        self.up = nn.Parameter(torch.zeros(num_tokens, rank, out_dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        down = self.down(tokens)
+        summary = torch.einsum("btr,trd->bd", down, self.up.to(down.dtype))
+        return self.shared(tokens) + summary.unsqueeze(1)
+
+
 class LearnedPositions(nn.Module):
     """(B, T, d) -> (B, T, d) plus a trainable (T, d) embedding of each token's place; zero at the start, so a
     fresh projector begins as one without it."""
@@ -102,12 +128,17 @@ def build_projector(
     input_norm: str = "none",
     num_tokens: int = 1,
     positions: str = "none",
+    position_rank: int = 16,
 ) -> nn.Module:
     """A projector of ``kind`` mapping the last axis from ``in_dim`` to ``out_dim`` (``num_tokens`` for
     standardize and learned positions)."""
     if positions == "learned":
         projector = build_projector(kind, in_dim, out_dim, input_norm, num_tokens)
         return nn.Sequential(projector, LearnedPositions(num_tokens, out_dim))
+    if positions == "grid":
+        projector = build_projector(kind, in_dim, out_dim, "none", num_tokens)
+        projector = GridSummary(projector, num_tokens, in_dim, out_dim, position_rank)
+        return _with_input_norm(projector, input_norm, in_dim, num_tokens)
     if positions != "none":
         raise ProjectorError(f"image_positions: expected one of {IMAGE_POSITIONS}, got {positions!r}")
     if kind == "linear":
@@ -116,6 +147,11 @@ def build_projector(
         projector = nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     else:
         raise ProjectorError(f"projector: expected one of {PROJECTOR_KINDS}, got {kind!r}")
+    return _with_input_norm(projector, input_norm, in_dim, num_tokens)
+
+
+def _with_input_norm(projector: nn.Module, input_norm: str, in_dim: int, num_tokens: int) -> nn.Module:
+    """``projector`` behind the ``input_norm`` of ``build_projector``."""
     if input_norm == "none":
         return projector
     if input_norm == "layernorm":

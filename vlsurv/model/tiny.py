@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN
+from vlsurv.prompts import STATUS_FORMATS, STATUS_WORDS, load_questions
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -170,9 +171,22 @@ def _read_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def cohort_texts(manifest: str | Path, vqa: str | Path | None = None, template: str = "lung") -> list[str]:
+def cohort_texts(
+    manifest: str | Path,
+    vqa: str | Path | None = None,
+    template: str = "lung",
+    answer_format: str = "as_extracted",
+    questions: str = "lung",
+) -> list[str]:
     """The text a cohort's tiny decoder learns from, in the demo's order: the train split's question-answer
     pairs of ``vqa`` (when given), every scan's clinical sentence (``template``), the train split's reports.
+
+    ``answer_format`` (``model.answer_format``): the answers as stage 1 will train on them, "status_first" and
+    "findings_first" behind their status opening (``vlsurv.training.answer_status.opened_answer``, statuses
+    read by the rules reader for ``questions``). A decoder that has read "Present, tumor, left lower lobe: A
+    mass in the left lower lobe" hundreds of times repeats the opening's lobe in the sentence; one that met
+    the openings only in stage 1 names the lobe of the sentence it has started (demo, seed 0, 60 test scans:
+    the sentence repeats the opening's lobe in 46 of 54 tumour answers against 18 of 49).
 
     Only train-split answers and reports are read, so validation and test text stays unseen.
     """
@@ -180,16 +194,29 @@ def cohort_texts(manifest: str | Path, vqa: str | Path | None = None, template: 
     from vlsurv.data.datasets import read_vqa
     from vlsurv.data.manifest import load_manifest
 
+    if answer_format not in ("as_extracted", *STATUS_FORMATS):
+        raise TinyDecoderError(
+            f"answer format {answer_format!r}: expected one of {('as_extracted', *STATUS_FORMATS)}"
+        )
     table = load_manifest(manifest, require_survival=False, check_files=False)
     train = table[table["split"] == "train"]
     if train.empty:
         raise TinyDecoderError(f"--manifest {manifest}: no row has split 'train'; expected training scans")
     train_scans = set(train["scan_id"])
-    texts = (
-        [f"{r['question']} {r['answer']}" for r in read_vqa(vqa) if r["scan_id"] in train_scans]
-        if vqa
-        else []
-    )
+    pairs = [r for r in read_vqa(vqa) if r["scan_id"] in train_scans] if vqa else []
+    answers = [r["answer"] for r in pairs]
+    if answer_format in STATUS_FORMATS and pairs:
+        from vlsurv.metrics_clinical import read_statuses
+        from vlsurv.training.answer_status import opened_answer
+
+        ids = [r["question_id"] for r in pairs]
+        statuses = read_statuses(ids, answers, load_questions(questions))
+        locations = answer_format == "findings_first"
+        answers = [
+            opened_answer(qid, answer, status, locations) if status in STATUS_WORDS else answer
+            for qid, answer, status in zip(ids, answers, statuses)
+        ]
+    texts = [f"{r['question']} {answer}" for r, answer in zip(pairs, answers)]
     texts += [clinical_sentence(row, template) for row in table.to_dict("records")]
     return texts + train["report"].tolist()
 
@@ -209,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clinical-template", default="lung", help="clinical template of --manifest's sentences"
     )
+    parser.add_argument(
+        "--answer-format",
+        default="as_extracted",
+        choices=("as_extracted", *STATUS_FORMATS),
+        help="the --vqa answers as stage 1's model.answer_format writes them (default as_extracted)",
+    )
+    parser.add_argument(
+        "--questions", default="lung", help="question set whose rules read the answers' statuses"
+    )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
@@ -227,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("expected text to learn from: --texts FILE [FILE ...] and/or --manifest MANIFEST")
     texts = _read_texts(args.texts)
     if args.manifest is not None:
-        texts += cohort_texts(args.manifest, args.vqa, args.clinical_template)
+        texts += cohort_texts(
+            args.manifest, args.vqa, args.clinical_template, args.answer_format, args.questions
+        )
     out = build_tiny_decoder(
         args.out,
         texts,

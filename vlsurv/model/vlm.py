@@ -96,7 +96,14 @@ class ModelConfig:
     image_positions: ImagePositions = "none"
     """"learned": a trainable embedding of each image token's place added after the projector
     (vlsurv.model.projector.LearnedPositions), so that the decoder can read where a finding is (side, lobe)
-    and not only what it is; "none": the paper's projector."""
+    and not only what it is; "grid": a linear summary of the whole token grid, with weights per position,
+    added to every projected token (vlsurv.model.projector.GridSummary; a side or a lobe is a function of
+    where in the grid a finding lies, which a mix of shared projections hardly shows); "none": the paper's
+    projector."""
+    image_position_rank: int = bounded(16, ge=1)
+    """Rank r of the grid summary (image_positions "grid"): the tokens are first mapped to r channels, then
+    each position's r channels to d_model; (C + T d_model) r parameters (demo: 16 -> 37k; Merlin's 70 x 2048
+    tokens into a 4096-d decoder: 4.6M)."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """LoRA on the decoder."""
     quantization: Quantization = "none"
@@ -199,6 +206,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             config.projector_input_norm,
             config.num_image_tokens,
             config.image_positions,
+            config.image_position_rank,
         )
         self.survival_branch = SurvivalBranch(d_model, config.survival)
         self.vision_tower = vision_tower

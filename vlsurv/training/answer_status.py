@@ -74,22 +74,26 @@ def answer_weights(strata: Sequence[tuple[str, str]], power: float) -> np.ndarra
 
 
 def with_status(samples: Sequence, strata: Sequence[tuple[str, str]], locations: bool = False) -> list:
-    """``Sample``s whose answer opens with its status (``vlsurv.prompts.status_opening``); answers of other
-    statuses and prompt-only samples unchanged. ``locations`` (``findings_first``): the opening also names
-    the finding (the question id in words) and, for a present answer, the location its text gives
-    (``vlsurv.metrics_clinical.named_location``: the tumour's lobe, the effusion's side), "Present, tumor,
-    right lower lobe: ..." / "Absent, lymph nodes: ..."."""
+    """``Sample``s whose answer opens with its status (``opened_answer``); answers of other statuses and
+    prompt-only samples unchanged. ``locations``: the ``findings_first`` opening."""
     if len(samples) != len(strata):
         raise AnswerStatusError(f"status-first answers: {len(strata)} strata for {len(samples)} samples")
-    opened = []
-    for sample, (question_id, status) in zip(samples, strata):
-        if sample.answer is None or status not in STATUS_WORDS:
-            opened.append(sample)
-            continue
-        details = ()
-        if locations:  # findings_first: the finding, and where a present one is
-            where = named_location(question_id, sample.answer) if status == "present" else ""
-            details = (question_id.replace("_", " "), where)
-        answer = f"{status_opening(status, *details)} {sample.answer}"
-        opened.append(dataclasses.replace(sample, answer=answer))
-    return opened
+    return [
+        sample
+        if sample.answer is None or status not in STATUS_WORDS
+        else dataclasses.replace(sample, answer=opened_answer(question_id, sample.answer, status, locations))
+        for sample, (question_id, status) in zip(samples, strata)
+    ]
+
+
+def opened_answer(question_id: str, answer: str, status: str, locations: bool = False) -> str:
+    """``answer`` behind the opening of its ``status`` ("present" / "absent",
+    ``vlsurv.prompts.status_opening``): "Present: ...", or with ``locations`` (``findings_first``) the finding
+    (the question id in words) and, for a present answer, the location its text gives
+    (``vlsurv.metrics_clinical.named_location``: the tumour's lobe, the effusion's side), "Present, tumor,
+    right lower lobe: ..." / "Absent, lymph nodes: ..."."""
+    details = ()
+    if locations:
+        where = named_location(question_id, answer) if status == "present" else ""
+        details = (question_id.replace("_", " "), where)
+    return f"{status_opening(status, *details)} {answer}"

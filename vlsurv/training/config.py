@@ -149,9 +149,12 @@ class LossConfig:
     status_weight: float = bounded(1.0, ge=1.0, what="a weight")
     """L_LM of both stages, for answers that open with their status (``model.answer_format``): weight of the
     opening's tokens from the decision on (the token where "Present:" and "Absent:" first differ, and the
-    location of a findings_first opening), relative to the other answer tokens (1 = the plain token mean).
+    location of a findings_first opening, and the sentence's first naming of that location after it),
+    relative to the other answer tokens (1 = the plain token mean).
     The opening is a few tokens among ~20 of the answer, so in the plain mean the wording of the descriptions
-    outweighs what the image decides; weighting it up makes the image's share of the answer count."""
+    outweighs what the image decides; weighting it up makes the image's share of the answer count. The
+    sentence's lobe or side is weighted with the opening's because a small decoder otherwise writes the side
+    its commonest sentence has ("Present, tumor, right upper lobe: ... in the left upper lobe")."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")

@@ -48,7 +48,8 @@ def lm_token_weights(batch: dict) -> torch.Tensor | None:
     """The L_LM weights of a batch for ``token_nll``: None (plain token mean), the (B,) ``answer_weight``
     rows, or, when items carry ``status_position``, ``status_end`` and ``status_weight``
     (``SampleDataset.set_status_weight``), a (B, L) weight per label position: the row's weight everywhere,
-    times ``status_weight`` on the opening's tokens from the decision token on, [status_position, status_end).
+    times ``status_weight`` on the opening's tokens from the decision token on, [status_position, status_end),
+    and on the sentence's naming of the opening's location, [location_position, location_end).
     """
     rows = batch.get("answer_weight")
     positions = batch.get("status_position")
@@ -59,9 +60,13 @@ def lm_token_weights(batch: dict) -> torch.Tensor | None:
     if rows is not None:
         weights = weights * rows.to(device=device, dtype=torch.float32).unsqueeze(1)
     index = torch.arange(weights.shape[1], device=device).unsqueeze(0)
-    opening = (index >= positions.unsqueeze(1)) & (index < batch["status_end"].to(device).unsqueeze(1))
+
+    def span(start: str, end: str) -> torch.Tensor:
+        return (index >= batch[start].to(device).unsqueeze(1)) & (index < batch[end].to(device).unsqueeze(1))
+
+    decided = span("status_position", "status_end") | span("location_position", "location_end")
     weight = batch["status_weight"].to(device=device, dtype=torch.float32).unsqueeze(1)
-    return torch.where(opening, weights * weight, weights)
+    return torch.where(decided, weights * weight, weights)
 
 
 def token_nll(

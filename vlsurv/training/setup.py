@@ -74,15 +74,19 @@ def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
 def check_stage1_model_matches(config: TrainConfig, folder: Path) -> None:
     """ConfigError when the stage-1 model answered in another ``model.answer_format`` than stage 2 is set to
     train (stage 2 would teach the adapter a second answer format on top of the first), or its projector has
-    other ``model.image_positions`` (its weights would not fit)."""
+    other ``model.image_positions`` or, for a grid summary, ``model.image_position_rank`` (its weights would
+    not fit)."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         return  # a bare projector + adapter folder: nothing says how it answered
     saved = json.loads(path.read_text())
-    for key, default, what in (
+    checks = [
         ("answer_format", "as_extracted", "answers with"),
         ("image_positions", "none", "has a projector with"),
-    ):
+    ]
+    if config.model.image_positions == "grid":  # the rank shapes the grid summary only
+        checks.append(("image_position_rank", 16, "has a projector with"))
+    for key, default, what in checks:
         value, wanted = saved.get(key, default), getattr(config.model, key)
         if value != wanted:
             raise ConfigError(
