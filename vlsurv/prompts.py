@@ -125,8 +125,10 @@ def read_template(relative_path: str | Path) -> str:
 
 #: The opening of a ``status_first`` answer (``model.answer_format``) per reference status.
 STATUS_WORDS = {"present": "Present:", "absent": "Absent:"}
+#: The values of ``model.answer_format``.
+ANSWER_FORMATS = ("as_extracted", "status_first", "findings_first")
 #: Answer formats whose answers open with "Present" / "Absent" (``ModelConfig.opens_with_status``).
-STATUS_FORMATS = ("status_first", "findings_first")
+STATUS_FORMATS = ANSWER_FORMATS[1:]
 _STATUS_OPENING = re.compile(r"^\s*(Present|Absent)(?:,[^:]*)?:\s*")
 
 

@@ -200,6 +200,7 @@ class SampleDataset(Dataset):
         self.answer_weights: torch.Tensor | None = None
         self.status_weight: tuple[int, float] | None = None
         self.opening_ids: dict[str, list[int]] = {}
+        self.location_tokens: dict[tuple[str, str, int], tuple[int, int] | None] = {}
 
     def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
@@ -254,7 +255,10 @@ class SampleDataset(Dataset):
         opening_ids = self.opening_ids[opening]
         differ = (i for i, (a, b) in enumerate(zip(answer_ids, opening_ids)) if a != b)
         shared = next(differ, min(len(answer_ids), len(opening_ids)))
-        location = self._location_tokens(sample.question_id, answer, opening, len(answer_ids))
+        key = (sample.question_id, answer, len(answer_ids))
+        if key not in self.location_tokens:  # fixed per answer: tokenized once, not every epoch
+            self.location_tokens[key] = self._location_tokens(*key[:2], opening, key[2])
+        location = self.location_tokens[key]
         return {
             "status_position": torch.tensor(positions[step]),
             "status_end": torch.tensor(positions[0] + max(shared, step + 1)),

@@ -26,7 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN
-from vlsurv.prompts import STATUS_FORMATS, STATUS_WORDS, load_questions
+from vlsurv.prompts import ANSWER_FORMATS, STATUS_FORMATS, load_questions
 
 PAD_TOKEN = "<pad>"
 BOS_TOKEN = "<s>"
@@ -194,10 +194,8 @@ def cohort_texts(
     from vlsurv.data.datasets import read_vqa
     from vlsurv.data.manifest import load_manifest
 
-    if answer_format not in ("as_extracted", *STATUS_FORMATS):
-        raise TinyDecoderError(
-            f"answer format {answer_format!r}: expected one of {('as_extracted', *STATUS_FORMATS)}"
-        )
+    if answer_format not in ANSWER_FORMATS:
+        raise TinyDecoderError(f"answer format {answer_format!r}: expected one of {ANSWER_FORMATS}")
     table = load_manifest(manifest, require_survival=False, check_files=False)
     train = table[table["split"] == "train"]
     if train.empty:
@@ -212,10 +210,7 @@ def cohort_texts(
         ids = [r["question_id"] for r in pairs]
         statuses = read_statuses(ids, answers, load_questions(questions))
         locations = answer_format == "findings_first"
-        answers = [
-            opened_answer(qid, answer, status, locations) if status in STATUS_WORDS else answer
-            for qid, answer, status in zip(ids, answers, statuses)
-        ]
+        answers = [opened_answer(*row, locations) for row in zip(ids, answers, statuses)]
     texts = [f"{r['question']} {answer}" for r, answer in zip(pairs, answers)]
     texts += [clinical_sentence(row, template) for row in table.to_dict("records")]
     return texts + train["report"].tolist()
@@ -239,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--answer-format",
         default="as_extracted",
-        choices=("as_extracted", *STATUS_FORMATS),
+        choices=ANSWER_FORMATS,
         help="the --vqa answers as stage 1's model.answer_format writes them (default as_extracted)",
     )
     parser.add_argument(

@@ -91,7 +91,10 @@ def opened_answer(question_id: str, answer: str, status: str, locations: bool = 
     ``vlsurv.prompts.status_opening``): "Present: ...", or with ``locations`` (``findings_first``) the finding
     (the question id in words) and, for a present answer, the location its text gives
     (``vlsurv.metrics_clinical.named_location``: the tumour's lobe, the effusion's side), "Present, tumor,
-    right lower lobe: ..." / "Absent, lymph nodes: ..."."""
+    right lower lobe: ..." / "Absent, lymph nodes: ...". A status without an opening ("not_mentioned") leaves
+    ``answer`` as it is."""
+    if status not in STATUS_WORDS:
+        return answer
     details = ()
     if locations:
         where = named_location(question_id, answer) if status == "present" else ""

@@ -12,6 +12,7 @@ and to the training dataset, which labels each sample once (``set_deephit_cuts``
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from vlsurv.encoders.cache import FeatureCache
 from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance, read_provenance
 from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
-from vlsurv.model.vlm import VisionLanguageSurvivalModel
+from vlsurv.model.vlm import ModelConfig, VisionLanguageSurvivalModel
 from vlsurv.model.vlm_io import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME
 from vlsurv.prompts import load_questions
 from vlsurv.training.answer_status import answer_strata, with_status
@@ -80,14 +81,12 @@ def check_stage1_model_matches(config: TrainConfig, folder: Path) -> None:
     if not path.is_file():
         return  # a bare projector + adapter folder: nothing says how it answered
     saved = json.loads(path.read_text())
-    checks = [
-        ("answer_format", "as_extracted", "answers with"),
-        ("image_positions", "none", "has a projector with"),
-    ]
+    checks = [("answer_format", "answers with"), ("image_positions", "has a projector with")]
     if config.model.image_positions == "grid":  # the rank shapes the grid summary only
-        checks.append(("image_position_rank", 16, "has a projector with"))
-    for key, default, what in checks:
-        value, wanted = saved.get(key, default), getattr(config.model, key)
+        checks.append(("image_position_rank", "has a projector with"))
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}  # what an older config.json lacks
+    for key, what in checks:
+        value, wanted = saved.get(key, defaults[key]), getattr(config.model, key)
         if value != wanted:
             raise ConfigError(
                 f"data.stage1_dir: the stage-1 model {path} {what} {key} {value!r}; stage 2 has "
