@@ -372,3 +372,44 @@ def test_grid_summary_trains_in_stage1_and_is_saved(tiny_model_config, tmp_path)
     assert (reloaded.config.image_positions, reloaded.config.image_position_rank) == ("grid", 4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.get_image_features(tokens), model.get_image_features(tokens))
+
+
+def test_clinical_covariates_are_saved_with_the_model_and_required(tiny_model_config, tmp_path):
+    from vlsurv.data.covariates import ClinicalCovariates
+
+    fields = ["age", "sex", "stage"]
+    config = dataclasses.replace(tiny_model_config, survival=SurvivalConfig(covariates=fields))
+    torch.manual_seed(0)
+    model = VisionLanguageSurvivalModel(config)
+    rows = [
+        {"age": 64, "sex": "male", "stage": 1},
+        {"age": 71, "sex": "female", "stage": 3},
+        {"age": 58, "sex": "female", "stage": 2},
+    ]
+    with pytest.raises(
+        SurvivalConfigError, match=r"fitted on fields \['age'\], expected survival.covariates"
+    ):
+        model.set_clinical_covariates(ClinicalCovariates.fit(rows, "lung", ["age"]))
+    model.set_clinical_covariates(ClinicalCovariates.fit(rows, "lung", fields))
+    covariates = torch.stack([model.covariates_of(row) for row in rows[:2]])
+    batch = make_batch(model)
+    with pytest.raises(SurvivalConfigError, match="reads 3 clinical covariate columns"):
+        run(model, batch)
+    model.set_stage(2)  # the covariate term trains with the survival branch
+    head = model.survival_branch.covariate_head
+    assert model.parameter_groups()["survival"][-1] is head.weight and not head.weight.any()
+    optimizer = torch.optim.AdamW(model.parameter_groups()["survival"], lr=1e-2)
+    model.risk(run(model, batch, covariates=covariates).survival).sum().backward()
+    optimizer.step()
+    assert head.weight.any()
+    model.eval()
+    with torch.no_grad():
+        risk = model.risk(run(model, batch, covariates=covariates).survival)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved")
+    assert torch.equal(torch.stack([reloaded.covariates_of(row) for row in rows[:2]]), covariates)
+    with torch.no_grad():
+        assert torch.equal(reloaded.risk(run(reloaded, batch, covariates=covariates).survival), risk)
+    (tmp_path / "saved" / ClinicalCovariates.FILE_NAME).unlink()
+    with pytest.raises(SurvivalConfigError, match=r"survival.covariates is \['age', 'sex', 'stage'\] but"):
+        VisionLanguageSurvivalModel.from_pretrained(tmp_path / "saved")

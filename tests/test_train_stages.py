@@ -345,6 +345,43 @@ def test_stage2_at_lr_lora_0_freezes_the_decoder_and_validates_from_its_first_pa
     assert all(torch.equal(stage1_adapter[k], final_adapter[k]) for k in stage1_adapter)
 
 
+def test_stage2_with_clinical_covariates_trains_their_term_and_predict_reads_them(
+    stage1_run, tiny_inputs, tiny_decoder_dir, tmp_path
+):
+    """survival.covariates: fitted on the train rows, carried by both datasets' items, trained from zero in
+    the survival part, saved with final/, and read by predict, which gives the validated C-index."""
+    import pandas as pd
+
+    from vlsurv.data.covariates import ClinicalCovariates
+
+    config = validated_stage2_config(
+        stage1_run,
+        tiny_inputs,
+        tiny_decoder_dir,
+        tmp_path,
+        "optim.lr_lora=0",
+        "model.survival.covariates=[age, smoking, stage]",
+    )
+    trainer = Trainer(config)
+    manifest = pd.read_csv(tiny_inputs["manifest"], dtype={"scan_id": str})
+    train_rows = manifest[manifest["split"] == "train"].to_dict("records")
+    expected = ClinicalCovariates.fit(train_rows, "lung", ["age", "smoking", "stage"])
+    assert trainer.data.covariates.columns == expected.columns
+    item = trainer.data.val[0]
+    row = manifest.set_index("scan_id").loc[item["scan_id"]].to_dict()
+    assert torch.equal(item["covariates"], expected.encode(row))
+    head = trainer.accelerator.unwrap_model(trainer.model).survival_branch.covariate_head
+    assert not head.weight.any()
+    final = trainer.fit()
+    assert (final / ClinicalCovariates.FILE_NAME).is_file()
+    saved = load_file(str(final / "survival_branch.safetensors"))
+    assert saved["covariate_head.weight"].shape == (1, expected.size) and saved["covariate_head.weight"].any()
+    selection = json.loads((final / "selection.json").read_text())
+    assert _predict_c_index(final, tiny_inputs, tmp_path / "predict") == pytest.approx(
+        selection["value"], abs=1e-12
+    )
+
+
 def test_a_stage_whose_every_part_has_learning_rate_0_is_refused(tiny_inputs, tiny_decoder_dir, tmp_path):
     config = tiny_config(
         "stage1", tiny_inputs, tiny_decoder_dir, tmp_path, "optim.lr_projector=0", "optim.lr_lora=0"

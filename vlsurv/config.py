@@ -328,9 +328,9 @@ def _option_kwargs(annotation: Any) -> dict[str, Any]:
         return {"choices": list(args), "type": type(args[0])}
     if origin is tuple and args and args[-1] is not Ellipsis:
         return {"nargs": len(args), "type": args[0], "metavar": tuple(a.__name__.upper() for a in args)}
-    if origin in (tuple, list):
+    if origin in (tuple, list):  # a list may be given empty (``--name`` alone), a tuple may not
         item = args[0] if args else str
-        return {"nargs": "+", "type": item, "metavar": item.__name__.upper()}
+        return {"nargs": "*" if origin is list else "+", "type": item, "metavar": item.__name__.upper()}
     return {"type": annotation}
 
 

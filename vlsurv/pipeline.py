@@ -114,7 +114,7 @@ class SurvivalPipeline:
             where=f"clinical fields of {scan_id}",
             option="clinical_missing_warn",
         )(fields)
-        scan = ScanInput(scan_id, sentence, self.encode(image))
+        scan = ScanInput(scan_id, sentence, self.encode(image), self.model.covariates_of(fields))
         generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         options = self.config.decode_options()
         return predict_scans(self.model, [scan], self.questions, self.config.pool, options, generator)[0]

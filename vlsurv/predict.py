@@ -227,7 +227,12 @@ def predict(
         for start in range(0, len(todo), config.batch_scans):
             batch = todo[start : start + config.batch_scans]
             scans = [
-                ScanInput(str(row["scan_id"]), clinical(row.to_dict()), cache.get(str(row["scan_id"])))
+                ScanInput(
+                    str(row["scan_id"]),
+                    clinical(row.to_dict()),
+                    cache.get(str(row["scan_id"])),
+                    model.covariates_of(row.to_dict()),
+                )
                 for row in batch
             ]
             predictions = predict_scans(

@@ -1,9 +1,8 @@
 """Inputs of the baselines: the CoxPH covariate design, clinical-sentence embeddings and pooled image tokens.
 
-- ``covariate_design(train, rows, template)`` -> (N, P) float frame: the clinical template's columns, numbers
-  as they are, stage codes such as ``T2`` / ``N1`` / ``M0`` as their number, other categories one-hot
-  against a reference level: the first of the template's listed words (``never`` smoker), else the most
-  frequent train level; constant train columns dropped.
+- ``covariate_design(train, rows, template)`` -> (N, P) float frame: the clinical template's fields encoded
+  as ``vlsurv.data.covariates`` says (numbers as they are, stage codes such as ``T2`` as their number, other
+  categories one-hot against a reference level; constant train columns dropped), learnt on ``train``.
 - ``text_features(sentences, encoder)`` -> (N, H): masked mean of a local HF encoder's last hidden state.
 - ``image_features(cache, scan_ids)`` -> (N, C): the cached tokens (T, C) of each scan, averaged over T.
 - ``split_fingerprint(manifest)``: a hash of every (scan_id, split), so runs on different splits are told
@@ -13,16 +12,15 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vlsurv.data.clinical import FieldSpec, is_missing, load_template
+from vlsurv.data.clinical import load_template
+from vlsurv.data.covariates import ClinicalCovariates
 from vlsurv.errors import InputError
 
-STAGE_CODE = re.compile(r"^([A-Za-z]*)(\d+)$")
 MODALITIES = ("text", "image", "both")
 
 
@@ -30,65 +28,19 @@ class BaselineError(InputError):
     """A baseline input that cannot be used (the message names the file, option or modality)."""
 
 
-def covariate_columns(manifest: pd.DataFrame, template: str | Path) -> list[tuple[str, FieldSpec]]:
-    """(column, field) for the first manifest column of each field of the clinical template (fields without
-    one are skipped)."""
+def covariate_design(train: pd.DataFrame, rows: pd.DataFrame, template: str | Path) -> pd.DataFrame:
+    """(N, P) design of ``rows`` with the encoding learnt on ``train`` (``ClinicalCovariates`` over every
+    field of the template that the train rows have; see ``vlsurv.data.covariates``)."""
     spec = load_template(template)
-    found = [
-        (column, field)
-        for field in spec.fields.values()
-        for column in [next((c for c in field.columns if c in manifest.columns), None)]
-        if column is not None
-    ]
-    if not found:
+    if not any(c in train.columns for field in spec.fields.values() for c in field.columns):
         expected = sorted({c for field in spec.fields.values() for c in field.columns})
         raise BaselineError(
             f"CoxPH: the manifest has none of the clinical columns of template {template!r}; expected "
-            f"some of {expected}, found {list(manifest.columns)}"
+            f"some of {expected}, found {list(train.columns)}"
         )
-    return found
-
-
-def _levels(values: pd.Series, field: FieldSpec) -> tuple[pd.Series, list[str]]:
-    """Category words of ``values`` (the template's canonical word where it lists spellings, "missing" for a
-    missing value) and the template's word order."""
-    canonical = {spelling: word for word, spellings in field.values for spelling in (word, *spellings)}
-    text = values.where(~values.map(is_missing), "missing").astype(str).str.strip()
-    return text.map(lambda v: canonical.get(v.lower(), v)), [word for word, _ in field.values]
-
-
-def _encode_column(train: pd.Series, rows: pd.Series, field: FieldSpec) -> pd.DataFrame:
-    """One column -> numeric design columns for ``rows``, with the encoding learnt on ``train``."""
-    name = str(train.name)
-    present = train[~train.map(is_missing)].astype(str).str.strip()
-    numbers = pd.to_numeric(present, errors="coerce")
-    if len(present) and numbers.notna().all():
-        median = float(numbers.median())
-        values = pd.to_numeric(rows.where(~rows.map(is_missing)), errors="coerce").fillna(median)
-        return pd.DataFrame({name: values.astype(float)}, index=rows.index)
-    codes = present.str.extract(STAGE_CODE)
-    if len(present) and codes[1].notna().all() and codes[0].nunique() == 1:
-        parsed = rows.astype(str).str.strip().str.extract(STAGE_CODE)[1].astype(float)
-        return pd.DataFrame({name: parsed.fillna(float(codes[1].astype(float).median()))}, index=rows.index)
-    levels, order = _levels(rows, field)
-    counts = levels.loc[train.index].value_counts()
-    listed = [word for word in order if word in counts.index]
-    reference = listed[0] if listed else sorted(counts[counts == counts.max()].index)[0]
-    kept = sorted(set(counts.index) - {reference})
-    return pd.DataFrame(
-        {f"{name}={level}": (levels == level).astype(float) for level in kept}, index=rows.index
-    )
-
-
-def covariate_design(train: pd.DataFrame, rows: pd.DataFrame, template: str | Path) -> pd.DataFrame:
-    """(N, P) design of ``rows`` with the encoding learnt on ``train`` (see the module docstring)."""
-    extra = rows.drop(index=rows.index.intersection(train.index))
-    both = pd.concat([train.astype(object), extra.astype(object)]) if len(extra) else train
-    columns = covariate_columns(train, template)
-    parts = [_encode_column(both.loc[train.index, c], both[c], field) for c, field in columns]
-    design = pd.concat(parts, axis=1)
-    varying = design.loc[train.index].std() > 0
-    return design.loc[rows.index, varying[varying].index]
+    covariates = ClinicalCovariates.fit(train.to_dict("records"), template, where="the train rows")
+    design = [covariates.design_row(row) for row in rows.to_dict("records")]
+    return pd.DataFrame(design, index=rows.index, columns=covariates.columns, dtype=float)
 
 
 def resolve_text_encoder(path: str | Path | None) -> Path:

@@ -190,7 +190,7 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _format_value(spec: FieldSpec, value: Any, where: str) -> str | bool:
+def format_value(spec: FieldSpec, value: Any, where: str) -> str | bool:
     """The text of ``value`` under ``spec``; a flag gives a bool."""
     if spec.format == "flag":
         key = (
@@ -231,13 +231,15 @@ def _row_id(row: Mapping) -> str:
     return "row"
 
 
-def _values(template: ClinicalTemplate, row: Mapping) -> dict[str, str | bool]:
+def clinical_values(template: ClinicalTemplate, row: Mapping) -> dict[str, str | bool]:
+    """The written value of each template field the row has (a flag as a bool); missing fields are left
+    out."""
     values: dict[str, str | bool] = {}
     for name, spec in template.fields.items():
         column = next((c for c in spec.columns if c in row and not is_missing(row[c])), None)
         if column is not None:
             where = f"{template.path.name}: {_row_id(row)}, column {column!r} (field {name!r})"
-            values[name] = _format_value(spec, row[column], where)
+            values[name] = format_value(spec, row[column], where)
     return values
 
 
@@ -266,7 +268,7 @@ def _article(head: str) -> str:
 def clinical_sentence(row: Mapping, template: str | Path = "lung") -> str:
     """One sentence of clinical context for ``row`` (a mapping of column -> value) from ``template``."""
     spec = load_template(template)
-    values = _values(spec, row)
+    values = clinical_values(spec, row)
     head = " ".join(text for text in (_render(part, values, spec.fields) for part in spec.head) if text)
     clauses = []
     for clause in spec.clauses:
@@ -301,7 +303,7 @@ def missing_field_fractions(rows: Iterable[Mapping], template: str | Path) -> tu
     count = 0
     for row in rows:
         count += 1
-        values = _values(spec, row)
+        values = clinical_values(spec, row)
         for name in _needed_fields(spec, values):
             needing[name] += 1
             lacking[name] += name not in values

@@ -9,9 +9,10 @@
 - ``SampleDataset(samples, feature_cache, processor)``: item = the processor's encoding (1-D ``input_ids``,
   ``attention_mask``, ``labels``, ``prompt_mask`` of one length L) + ``image_tokens`` (T, C) + ``time`` and
   ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``; after ``set_deephit_cuts(cuts)`` also the
-  sample's DeepHit labels (0-d): ``bin_index`` long, ``binned_event`` bool, ``censored_credit`` float64.
-  ``collate`` pads (right) to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event``
-  (B,) long and the labels (B,).
+  sample's DeepHit labels (0-d): ``bin_index`` long, ``binned_event`` bool, ``censored_credit`` float64;
+  after ``set_covariates(by_scan)`` also the scan's (p,) clinical ``covariates``. ``collate`` pads (right)
+  to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event``
+  (B,) long, the labels (B,) and ``covariates`` (B, p).
 
 This module imports no model or encoder code: ``feature_cache`` is a ``TokenSource`` (``get(scan_id) ->
 (T, C)`` and ``__contains__``; a ``FeatureCache``; only ``in`` where typed ``Container[str]``), ``processor``
@@ -201,6 +202,18 @@ class SampleDataset(Dataset):
         self.status_weight: tuple[int, float] | None = None
         self.opening_ids: dict[str, list[int]] = {}
         self.location_tokens: dict[tuple[str, str, int], tuple[int, int] | None] = {}
+        self.covariates: Mapping[str, torch.Tensor] | None = None
+
+    def set_covariates(self, by_scan: Mapping[str, torch.Tensor]) -> None:
+        """(p,) clinical covariates per scan id (``vlsurv.data.covariates``); items then carry
+        ``covariates``."""
+        missing = sorted({s.scan_id for s in self.samples} - set(by_scan))
+        if missing:
+            raise DatasetError(
+                f"clinical covariates: {len(missing)} scans have none (first: {missing[:3]}); expected "
+                "covariates for every scan of the dataset"
+            )
+        self.covariates = by_scan
 
     def set_deephit_cuts(self, cuts: DeepHitCuts) -> None:
         """Label every sample once with ``cuts.labels`` (a ``DeepHitCuts`` and its censoring scheme) of its
@@ -302,6 +315,8 @@ class SampleDataset(Dataset):
             item["answer_weight"] = self.answer_weights[index]
         if self.status_weight is not None:
             item.update(self._status_span(item["labels"], sample))
+        if self.covariates is not None:
+            item["covariates"] = self.covariates[sample.scan_id]
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id

@@ -31,11 +31,13 @@ class EnsembleError(ConfigError):
 
 @dataclass
 class ScanInput:
-    """One scan: its id, clinical sentence and image tokens (T, C)."""
+    """One scan: its id, clinical sentence, image tokens (T, C) and, for a model whose survival head reads
+    them, its (p,) clinical covariates (``VisionLanguageSurvivalModel.clinical_covariates``)."""
 
     scan_id: str
     clinical: str
     image_tokens: torch.Tensor
+    covariates: torch.Tensor | None = None
 
 
 @dataclass
@@ -171,11 +173,30 @@ def _generate_on_cache(
     return torch.stack(tokens, dim=1), hidden_sum, count, margin
 
 
+def scan_covariates(scans: Sequence[ScanInput]) -> torch.Tensor | None:
+    """The scans' covariates stacked (S, p), or None when the scans carry none."""
+    given = [scan.covariates is not None for scan in scans]
+    if not any(given):
+        return None
+    if not all(given):
+        raise EnsembleError(
+            f"scan_id {scans[given.index(False)].scan_id!r} has no clinical covariates and others do; "
+            "expected them for every scan or none"
+        )
+    return torch.stack([scan.covariates for scan in scans])
+
+
 def survival_outputs(
-    model: VisionLanguageSurvivalModel, z: torch.Tensor, shape: tuple[int, int]
+    model: VisionLanguageSurvivalModel,
+    z: torch.Tensor,
+    shape: tuple[int, int],
+    covariates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Pooled hidden states z (S x Q, d) -> risks (S, Q) float32 and DeepHit curves (S, Q, K) or None."""
-    survival = model.survive(z)
+    """Pooled hidden states z (S x Q, d), scan-major, and the scans' (S, p) clinical covariates (when the
+    model reads them) -> risks (S, Q) float32 and DeepHit curves (S, Q, K) or None."""
+    if covariates is not None:
+        covariates = covariates.repeat_interleave(shape[1], dim=0)
+    survival = model.survive(z, covariates)
     risks = model.risk(survival).float().reshape(shape)
     curves = None
     if model.config.survival.head == "deephit":
@@ -280,7 +301,7 @@ def score_shared_prefix(
         if pool == "all":
             hidden_sum, count = hidden_sum + answer_sum, count + answer_count
     pooled = hidden_sum / count[:, None]
-    risks, curves = survival_outputs(model, pooled, (n_scans, n_questions))
+    risks, curves = survival_outputs(model, pooled, (n_scans, n_questions), scan_covariates(scans))
     return EnsembleOutput(
         risks=risks,
         answers=answers,
@@ -326,5 +347,7 @@ def score_naive(
             ids, mask = item["input_ids"][None].to(device), item["attention_mask"][None].to(device)
             pool_mask = item["prompt_mask"][None].to(device) if pool == "prompt" else None
             pooled.append(model(ids, mask, image, pool_mask=pool_mask).z_pooled)
-    risks, curves = survival_outputs(model, torch.cat(pooled), (len(scans), len(questions)))
+    risks, curves = survival_outputs(
+        model, torch.cat(pooled), (len(scans), len(questions)), scan_covariates(scans)
+    )
     return EnsembleOutput(risks=risks, answers=answers, survival_curves=curves)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -68,6 +68,10 @@ class SurvivalConfig:
     deephit_init: DeepHitInit = "marginal"
     """DeepHit head bias at the start of stage 2: the training set's marginal (the intercept-only fit) or
     nn.Linear's random init."""
+    covariates: list[str] = field(default_factory=list)
+    """Fields of the clinical template (e.g. [age, sex, smoking, stage]) that the head also reads directly,
+    as a linear term beside z_surv (``vlsurv.data.covariates``; numeric fields standardised and categorical
+    ones one-hot on stage 2's training rows); [] = the head reads z_surv alone, as in the paper."""
 
     def __post_init__(self) -> None:
         check_fields(self, "survival", SurvivalConfigError)
@@ -101,7 +105,8 @@ class ResidualAdapter(nn.Module):
 
 
 class SurvivalBranch(nn.Module):
-    """Residual adapter + head on z_pooled (B, d) -> ``SurvivalOutput``."""
+    """Residual adapter + head on z_pooled (B, d), plus ``covariate_head`` on (B, p) clinical covariates once
+    ``add_covariates(p)`` made one -> ``SurvivalOutput``."""
 
     def __init__(self, d: int, config: SurvivalConfig | None = None) -> None:
         super().__init__()
@@ -109,10 +114,30 @@ class SurvivalBranch(nn.Module):
         self.adapter = ResidualAdapter(d, self.config.adapter_ratio, self.config.adapter_reduction)
         out = 1 if self.config.head == "deepsurv" else self.config.num_bins + 1
         self.head = nn.Linear(d, out)
+        self.covariate_head: nn.Linear | None = None
 
-    def forward(self, z_pooled: torch.Tensor) -> SurvivalOutput:
+    def add_covariates(self, size: int) -> None:
+        """A zero-initialised linear term ``Linear(size, out, bias=False)`` on (B, size) covariates (so the
+        branch starts as it was); it trains when the rest of the branch does."""
+        if size < 1:
+            raise SurvivalConfigError(f"add_covariates: expected at least one covariate column, got {size}")
+        self.covariate_head = nn.Linear(size, self.head.out_features, bias=False).to(self.head.weight)
+        nn.init.zeros_(self.covariate_head.weight)
+        self.covariate_head.requires_grad_(self.head.weight.requires_grad)
+
+    def forward(self, z_pooled: torch.Tensor, covariates: torch.Tensor | None = None) -> SurvivalOutput:
         z_surv = self.adapter(z_pooled)
         out = self.head(z_surv)
+        if self.covariate_head is not None:
+            expected = (z_pooled.shape[0], self.covariate_head.in_features)
+            if covariates is None or tuple(covariates.shape) != expected:
+                got = "none" if covariates is None else f"shape {tuple(covariates.shape)}"
+                raise SurvivalConfigError(
+                    f"the survival head reads {expected[1]} clinical covariate columns "
+                    f"(survival.covariates {self.config.covariates}); expected covariates of shape "
+                    f"{expected}, got {got}"
+                )
+            out = out + self.covariate_head(covariates.to(out))
         if self.config.head == "deepsurv":
             return SurvivalOutput(z_surv=z_surv, log_risk=out.squeeze(-1))
         return SurvivalOutput(z_surv=z_surv, logits=out)

@@ -15,7 +15,7 @@ bf16/fp16), in training, validation and predict alike.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vlsurv.config import ConfigError, bounded, check_fields
+from vlsurv.data.covariates import ClinicalCovariates
 from vlsurv.errors import InputError
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
 from vlsurv.model.projector import ImagePositions, ProjectorKind, ProjectorNorm, build_projector
@@ -214,6 +215,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             vision_tower.requires_grad_(False)
             vision_tower.eval()
         self.deephit_cuts: DeepHitCuts | None = None
+        self.clinical_covariates: ClinicalCovariates | None = None
         if config.quantization != "none":
             device = self.language_model.get_input_embeddings().weight.device
             self.multi_modal_projector.to(device)
@@ -266,6 +268,23 @@ class VisionLanguageSurvivalModel(nn.Module):
                 f"{self.config.survival.num_bins}"
             )
         self.deephit_cuts = cuts
+
+    def set_clinical_covariates(self, covariates: ClinicalCovariates) -> None:
+        """Attach the fitted encoding of ``survival.covariates`` (saved with the model) and give the survival
+        branch its covariate term (``SurvivalBranch.add_covariates``)."""
+        fields = [c.field for c in covariates.covariates]
+        if fields != list(dict.fromkeys(self.config.survival.covariates)):
+            raise SurvivalConfigError(
+                f"clinical covariates: fitted on fields {fields}, expected survival.covariates = "
+                f"{self.config.survival.covariates}"
+            )
+        self.clinical_covariates = covariates
+        self.survival_branch.add_covariates(covariates.size)
+
+    def covariates_of(self, row: Mapping) -> torch.Tensor | None:
+        """(p,) clinical covariates of a clinical row (manifest row or field mapping) when the survival head
+        reads them, else None."""
+        return None if self.clinical_covariates is None else self.clinical_covariates.encode(row)
 
     def require_cuts(self) -> DeepHitCuts:
         if self.deephit_cuts is None:
@@ -329,6 +348,7 @@ class VisionLanguageSurvivalModel(nn.Module):
         labels: torch.Tensor | None = None,
         pool_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        covariates: torch.Tensor | None = None,
     ) -> VLMOutput:
         embeds = self.embed_inputs(input_ids, self.get_image_features(image_tokens, pixel_values))
         out = self.language_model(
@@ -342,19 +362,25 @@ class VisionLanguageSurvivalModel(nn.Module):
         mask = attention_mask if pool_mask is None else pool_mask * attention_mask
         z_pooled = masked_mean(out.hidden_states[-1], mask).to(self.device)
         return VLMOutput(
-            lm_loss=out.loss, logits=out.logits, z_pooled=z_pooled, survival=self.survive(z_pooled)
+            lm_loss=out.loss,
+            logits=out.logits,
+            z_pooled=z_pooled,
+            survival=self.survive(z_pooled, covariates),
         )
 
-    def survive(self, z_pooled: torch.Tensor) -> SurvivalOutput:
-        """The survival branch on (B, d) ``z_pooled`` in float32: autocast off, and weights stored in
-        bf16/fp16 cast up for the call (differentiably; the stored parameters are unchanged)."""
+    def survive(self, z_pooled: torch.Tensor, covariates: torch.Tensor | None = None) -> SurvivalOutput:
+        """The survival branch on (B, d) ``z_pooled`` (and (B, p) clinical ``covariates`` when the model has
+        them) in float32: autocast off, and weights stored in bf16/fp16 cast up for the call
+        (differentiably; the stored parameters are unchanged)."""
         branch = self.survival_branch
         z = z_pooled.to(device=self.device, dtype=torch.float32)
+        if covariates is not None:
+            covariates = covariates.to(device=self.device, dtype=torch.float32)
         with torch.autocast(device_type=z.device.type, enabled=False):
             if all(p.dtype == torch.float32 for p in branch.parameters()):
-                return branch(z)
+                return branch(z, covariates)
             weights = {name: p.float() for name, p in branch.named_parameters()}
-            return torch.func.functional_call(branch, weights, (z,))
+            return torch.func.functional_call(branch, weights, (z, covariates))
 
     def risk(self, survival: SurvivalOutput) -> torch.Tensor:
         """(B,) ranking score (higher = earlier event): DeepSurv log-risk, DeepHit per
@@ -467,6 +493,13 @@ class VisionLanguageSurvivalModel(nn.Module):
         if (directory / ADAPTER_DIR).is_dir():
             model.load_adapter(directory / ADAPTER_DIR)
         model.load_projector(directory / PROJECTOR_NAME)
+        if (directory / ClinicalCovariates.FILE_NAME).is_file():
+            model.set_clinical_covariates(ClinicalCovariates.load(directory))
+        elif config.survival.covariates:
+            raise SurvivalConfigError(
+                f"{directory}: survival.covariates is {config.survival.covariates} but "
+                f"{ClinicalCovariates.FILE_NAME} is missing; expected the file that save_pretrained writes"
+            )
         load_module(model.survival_branch, directory / SURVIVAL_NAME)
         if (directory / DeepHitCuts.FILE_NAME).is_file():
             model.set_deephit_cuts(DeepHitCuts.load(directory))

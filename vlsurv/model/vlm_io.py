@@ -6,6 +6,7 @@ A saved model directory holds:
 - ``adapter/``: the PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
 - the tokenizer files (with ``<image>`` and a pad token);
 - ``deephit_cuts.json`` for a DeepHit model that has cuts;
+- ``clinical_covariates.json`` for a model whose survival head reads clinical covariates;
 - ``decoder/`` only when saved with ``merge_decoder=True`` (full merged weights; the config then points
   there).
 The base decoder is otherwise referenced by ``decoder_path``; a relative path is resolved against the model
@@ -268,6 +269,8 @@ def save_model(
     model.tokenizer.save_pretrained(directory)
     if model.deephit_cuts is not None:
         model.deephit_cuts.save(directory)
+    if model.clinical_covariates is not None:
+        model.clinical_covariates.save(directory)
     return directory
 
 

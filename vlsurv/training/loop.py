@@ -91,6 +91,8 @@ class Trainer:
         model = build_model(config)
         self.data = load_data(config, model.processor)
         self.image_encoder = image_encoder_record(config, self.data)
+        if self.data.covariates is not None:
+            model.set_clinical_covariates(self.data.covariates)
         if config.stage == 1:
             fit_input_standardizer(model, self.data)
         if config.stage == 2 and config.model.survival.head == "deephit":
@@ -252,6 +254,7 @@ class Trainer:
             attention_mask=batch["attention_mask"],
             image_tokens=batch["image_tokens"],
             pool_mask=self.accelerator.unwrap_model(self.model).pool_mask(batch),
+            covariates=batch.get("covariates"),
         )
 
     def following_batches(self, count: int) -> list[list[int]]:

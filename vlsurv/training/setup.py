@@ -22,6 +22,7 @@ import torch
 
 from vlsurv.config import ConfigError
 from vlsurv.data.clinical import sentence_function
+from vlsurv.data.covariates import ClinicalCovariates
 from vlsurv.data.datasets import (
     PromptProcessor,
     SampleDataset,
@@ -54,6 +55,9 @@ class RunData:
     train_strata: list[tuple[str, str]] | None = None
     """(question_id, reference answer status) per training sample, when a run option needs it
     (vlsurv.training.answer_status)."""
+    covariates: ClinicalCovariates | None = None
+    """Stage 2 with ``model.survival.covariates``: their encoding, fitted on the training split's rows (both
+    datasets' items carry them)."""
 
 
 def stage1_paths(config: TrainConfig) -> tuple[Path, Path | None]:
@@ -199,13 +203,25 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
         locations = config.model.answer_format == "findings_first"
         train = with_status(train, strata, locations)
         val = with_status(val, answer_strata(val, config.data.questions), locations)
-    return RunData(
+    data = RunData(
         train=SampleDataset(train, cache, processor),
         val=SampleDataset(val, cache, processor),
         train_time=[t for t, _ in train_scans.values()],
         train_event=[e for _, e in train_scans.values()],
         train_strata=strata,
     )
+    if survival and config.model.survival.covariates:
+        train_rows = manifest[manifest["split"].astype(str) == config.data.train_split].to_dict("records")
+        data.covariates = ClinicalCovariates.fit(
+            train_rows,
+            config.model.clinical_template,
+            config.model.survival.covariates,
+            where=f"{config.data.train_split} rows of {where}",
+        )
+        by_scan = data.covariates.by_scan(used.to_dict("records"))
+        data.train.set_covariates(by_scan)
+        data.val.set_covariates(by_scan)
+    return data
 
 
 def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) -> None:

@@ -115,6 +115,7 @@ def _lm_totals(
                 attention_mask=batch["attention_mask"],
                 image_tokens=batch["image_tokens"],
                 pool_mask=unwrapped.pool_mask(batch),
+                covariates=batch.get("covariates"),
             )
         if not real:
             continue
@@ -155,7 +156,10 @@ def score_scans(
     for start in range(0, len(mine), scans_per_batch):
         chunk = mine[start : start + scans_per_batch]
         if memo is None or any(sid not in memo.scans for sid, _ in chunk):
-            batch = [ScanInput(sid, clinical, dataset.feature_cache.get(sid)) for sid, clinical in chunk]
+            batch = [
+                ScanInput(sid, clinical, dataset.feature_cache.get(sid), _covariates(dataset, sid))
+                for sid, clinical in chunk
+            ]
             with accelerator.autocast():
                 result = score_shared_prefix(
                     unwrapped,
@@ -174,12 +178,21 @@ def score_scans(
             scored = [memo.scans[sid] for sid, _ in chunk]
             pooled = torch.stack([one.pooled for one in scored])
             with accelerator.autocast():
-                risks, _ = survival_outputs(unwrapped, pooled.flatten(0, 1), tuple(pooled.shape[:2]))
+                covariates = None
+                if dataset.covariates is not None:
+                    covariates = torch.stack([dataset.covariates[sid] for sid, _ in chunk])
+                risks, _ = survival_outputs(
+                    unwrapped, pooled.flatten(0, 1), tuple(pooled.shape[:2]), covariates
+                )
         for (sid, _), risk, one in zip(chunk, risks.mean(1).tolist(), scored):
             records.append(
                 {"scan_id": sid, "risk": risk, "answers": one.answers, "status_margin": one.status_margin}
             )
     return records
+
+
+def _covariates(dataset: SampleDataset, scan_id: str) -> torch.Tensor | None:
+    return None if dataset.covariates is None else dataset.covariates[scan_id]
 
 
 def _c_index(dataset: SampleDataset, records: list[dict]) -> tuple[float | None, str]:
