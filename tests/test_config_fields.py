@@ -90,9 +90,11 @@ class Outer:
     count: int = bounded(3, ge=1, reason="at least one is needed")
     """How many."""
     sigma: float | None = bounded(None, gt=0.0)
-    """A positive scale or null."""
+    """A positive scale or null (50% of the spread is a fair start)."""
     pair: tuple[float, float] = bounded((0.1, 0.2), ge=0.0, le=1.0, what="two values")
     """Two values in [0, 1]."""
+    tags: list[str] = field(default_factory=lambda: ["x"])
+    """Tags; the option alone gives none."""
     inner: Inner = field(default_factory=Inner)
     """A nested section."""
 
@@ -182,6 +184,8 @@ def test_cli_options_come_from_the_dataclass():
     for flag in ("--mode {a,b}", "--pool {x,y}", "--n N", "--sigma", "--pair FLOAT FLOAT"):
         assert flag in help_text
     assert "How many. (default: 3)" in help_text and "--inner" not in help_text
+    assert "(50% of the spread is a fair start)" in " ".join(help_text.split())  # a % is not a format
+    assert config_from_args(Outer, parser.parse_args(["--mode", "a", "--tags"])).tags == []
     with pytest.raises(SystemExit):
         parser.parse_args([])  # --mode is required
     config = config_from_args(Outer, parser.parse_args(["--mode", "b", "--pair", "0.3", "0.4"]))

@@ -355,7 +355,7 @@ def add_config_arguments(
             continue
         flag = (flags or {}).get(item.name, "--" + item.name.replace("_", "-"))
         kwargs = _option_kwargs(hints[item.name])
-        help_text = docs.get(item.name, "")
+        help_text = docs.get(item.name, "").replace("%", "%%")  # argparse formats help with %
         if item.name in (flags or {}) and not {"action", "choices", "metavar"} & set(kwargs):
             kwargs["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         if item.name in required:

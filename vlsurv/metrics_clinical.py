@@ -47,6 +47,7 @@ _LOBE_WORDS = {
     "LUL": "left upper lobe",
     "LLL": "left lower lobe",
 }
+LOBE_NAMES = tuple(_LOBE_WORDS.values())
 #: Other names of a lobe than its words and its code.
 _LOBE_ALIASES = {"LUL": (r"lingula\w*",)}
 

@@ -10,7 +10,8 @@
   ``attention_mask``, ``labels``, ``prompt_mask`` of one length L) + ``image_tokens`` (T, C) + ``time`` and
   ``event`` (0-d) + ``scan_id``, ``patient_id``, ``question_id``; after ``set_deephit_cuts(cuts)`` also the
   sample's DeepHit labels (0-d): ``bin_index`` long, ``binned_event`` bool, ``censored_credit`` float64;
-  after ``set_covariates(by_scan)`` also the scan's (p,) clinical ``covariates``. ``collate`` pads (right)
+  after ``set_covariates(by_scan)`` also the scan's (p,) clinical ``covariates``, after ``set_lobes`` its
+  ``lobe`` (0-d long). ``collate`` pads (right)
   to (B, L) and stacks ``image_tokens`` (B, T, C), ``time`` (B,) float32, ``event``
   (B,) long, the labels (B,) and ``covariates`` (B, p).
 
@@ -203,6 +204,12 @@ class SampleDataset(Dataset):
         self.opening_ids: dict[str, list[int]] = {}
         self.location_tokens: dict[tuple[str, str, int], tuple[int, int] | None] = {}
         self.covariates: Mapping[str, torch.Tensor] | None = None
+        self.lobes: Mapping[str, int] | None = None
+
+    def set_lobes(self, by_scan: Mapping[str, int]) -> None:
+        """The tumour's lobe (an index) per scan id, for ``loss.lobe_weight``; items then carry ``lobe`` (0-d
+        long, -1 for a scan without one)."""
+        self.lobes = by_scan
 
     def set_covariates(self, by_scan: Mapping[str, torch.Tensor]) -> None:
         """(p,) clinical covariates per scan id (``vlsurv.data.covariates``); items then carry
@@ -317,6 +324,8 @@ class SampleDataset(Dataset):
             item.update(self._status_span(item["labels"], sample))
         if self.covariates is not None:
             item["covariates"] = self.covariates[sample.scan_id]
+        if self.lobes is not None:
+            item["lobe"] = torch.tensor(self.lobes.get(sample.scan_id, -1), dtype=torch.long)
         item["scan_id"] = sample.scan_id
         item["patient_id"] = sample.patient_id
         item["question_id"] = sample.question_id

@@ -103,10 +103,13 @@ class GridSummary(nn.Module):
         self.down = nn.Linear(in_dim, rank, bias=False)
         self.up = nn.Parameter(torch.zeros(num_tokens, rank, out_dim))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def summary(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> the (B, d) summary added to every token."""
         down = self.down(tokens)
-        summary = torch.einsum("btr,trd->bd", down, self.up.to(down.dtype))
-        return self.shared(tokens) + summary.unsqueeze(1)
+        return torch.einsum("btr,trd->bd", down, self.up.to(down.dtype))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.shared(tokens) + self.summary(tokens).unsqueeze(1)
 
 
 class LearnedPositions(nn.Module):
@@ -159,6 +162,17 @@ def _with_input_norm(projector: nn.Module, input_norm: str, in_dim: int, num_tok
     if input_norm == "standardize":
         return nn.Sequential(TokenStandardizer(num_tokens, in_dim), projector)
     raise ProjectorError(f"projector_input_norm: expected one of {PROJECTOR_NORMS}, got {input_norm!r}")
+
+
+def grid_summary(projector: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The (B, d) summary that a ``build_projector(..., positions="grid")`` projector adds to every token of
+    (B, T, C) ``tokens`` (behind its input norm)."""
+    grid = projector if isinstance(projector, GridSummary) else None
+    if isinstance(projector, nn.Sequential) and isinstance(projector[-1], GridSummary):
+        grid, tokens = projector[-1], projector[0](tokens)
+    if grid is None:
+        raise ProjectorError("grid_summary: the projector has no grid summary; expected image_positions grid")
+    return grid.summary(tokens)
 
 
 def standardizer_of(projector: nn.Module) -> TokenStandardizer | None:

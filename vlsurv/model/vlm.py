@@ -26,8 +26,15 @@ from torch import nn
 from vlsurv.config import ConfigError, bounded, check_fields
 from vlsurv.data.covariates import ClinicalCovariates
 from vlsurv.errors import InputError
+from vlsurv.metrics_clinical import LOBE_NAMES
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
-from vlsurv.model.projector import ImagePositions, ProjectorKind, ProjectorNorm, build_projector
+from vlsurv.model.projector import (
+    ImagePositions,
+    ProjectorKind,
+    ProjectorNorm,
+    build_projector,
+    grid_summary,
+)
 from vlsurv.model.survival import (
     DeepHitCuts,
     SurvivalBranch,
@@ -147,12 +154,16 @@ class ModelConfig:
 
 @dataclass
 class VLMOutput:
-    """lm_loss (scalar or None), logits (B, L, V), z_pooled (B, d) float32, survival (``SurvivalOutput``)."""
+    """lm_loss (scalar or None), logits (B, L, V), z_pooled (B, d) float32, survival (``SurvivalOutput``),
+    lobe_logits."""
 
     lm_loss: torch.Tensor | None
     logits: torch.Tensor
     z_pooled: torch.Tensor
     survival: SurvivalOutput
+    lobe_logits: torch.Tensor | None = None
+    """(B, 5) logits of the tumour's lobe (``LOBE_NAMES`` order) read from the grid summary, when the model
+    has a ``lobe_readout`` (``loss.lobe_weight``)."""
 
 
 def masked_sum(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -216,6 +227,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             vision_tower.eval()
         self.deephit_cuts: DeepHitCuts | None = None
         self.clinical_covariates: ClinicalCovariates | None = None
+        self.lobe_readout: nn.Linear | None = None
         if config.quantization != "none":
             device = self.language_model.get_input_embeddings().weight.device
             self.multi_modal_projector.to(device)
@@ -281,6 +293,16 @@ class VisionLanguageSurvivalModel(nn.Module):
         self.clinical_covariates = covariates
         self.survival_branch.add_covariates(covariates.size)
 
+    def add_lobe_readout(self) -> None:
+        """A linear read-out (d -> 5 lobes, ``LOBE_NAMES``) of the grid summary for ``loss.lobe_weight``; it
+        trains with the projector and is not saved with the model."""
+        if self.config.image_positions != "grid":
+            raise ModelConfigError(
+                f"add_lobe_readout: reads the grid summary, but image_positions is "
+                f"{self.config.image_positions!r}; expected 'grid'"
+            )
+        self.lobe_readout = nn.Linear(self.hidden_size, len(LOBE_NAMES)).to(self.device)
+
     def covariates_of(self, row: Mapping) -> torch.Tensor | None:
         """(p,) clinical covariates of a clinical row (manifest row or field mapping) when the survival head
         reads them, else None."""
@@ -301,6 +323,13 @@ class VisionLanguageSurvivalModel(nn.Module):
         """(B, T, d) projected image features: ``multi_modal_projector`` on the image tokens (B, T, C), given
         as ``image_tokens`` (the feature cache) or computed by the frozen ``vision_tower`` on ``pixel_values``
         (B, 1, H, W, D)."""
+        return self.multi_modal_projector(self.image_tokens_of(image_tokens, pixel_values))
+
+    def image_tokens_of(
+        self, image_tokens: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T, C) image tokens on the projector's device and dtype: ``image_tokens``, or the vision tower's
+        tokens of ``pixel_values``."""
         if image_tokens is None:
             if pixel_values is None or self.vision_tower is None:
                 raise ModelConfigError(
@@ -311,7 +340,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             with torch.no_grad():
                 image_tokens = self.vision_tower(pixel_values)
         weight = next(self.multi_modal_projector.parameters())
-        return self.multi_modal_projector(image_tokens.to(device=weight.device, dtype=weight.dtype))
+        return image_tokens.to(device=weight.device, dtype=weight.dtype)
 
     def get_placeholder_mask(self, input_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         """(B, L, 1) bool mask of the ``<image>`` placeholders in ``input_ids`` (B, L); ImageTokenCountError
@@ -350,7 +379,11 @@ class VisionLanguageSurvivalModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         covariates: torch.Tensor | None = None,
     ) -> VLMOutput:
-        embeds = self.embed_inputs(input_ids, self.get_image_features(image_tokens, pixel_values))
+        tokens = self.image_tokens_of(image_tokens, pixel_values)
+        embeds = self.embed_inputs(input_ids, self.multi_modal_projector(tokens))
+        lobe_logits = None
+        if self.lobe_readout is not None:
+            lobe_logits = self.lobe_readout(grid_summary(self.multi_modal_projector, tokens))
         out = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -366,6 +399,7 @@ class VisionLanguageSurvivalModel(nn.Module):
             logits=out.logits,
             z_pooled=z_pooled,
             survival=self.survive(z_pooled, covariates),
+            lobe_logits=lobe_logits,
         )
 
     def survive(self, z_pooled: torch.Tensor, covariates: torch.Tensor | None = None) -> SurvivalOutput:
@@ -439,10 +473,15 @@ class VisionLanguageSurvivalModel(nn.Module):
         for p in self.lora_parameters():
             p.requires_grad_(True)
         (self.multi_modal_projector if stage == 1 else self.survival_branch).requires_grad_(True)
+        if stage == 1 and self.lobe_readout is not None:
+            self.lobe_readout.requires_grad_(True)
 
     def _parts(self) -> dict[str, list[nn.Parameter]]:
         return {
-            "projector": list(self.multi_modal_projector.parameters()),
+            "projector": [
+                *self.multi_modal_projector.parameters(),
+                *(self.lobe_readout.parameters() if self.lobe_readout is not None else ()),
+            ],
             "lora": self.lora_parameters(),
             "survival": list(self.survival_branch.parameters()),
         }

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from vlsurv.errors import InputError
-from vlsurv.metrics_clinical import named_location
+from vlsurv.metrics_clinical import LOBE_NAMES, LOBE_QUESTION, named_location
 from vlsurv.prompts import STATUS_WORDS, status_opening
 
 
@@ -100,3 +100,15 @@ def opened_answer(question_id: str, answer: str, status: str, locations: bool = 
         where = named_location(question_id, answer) if status == "present" else ""
         details = (question_id.replace("_", " "), where)
     return f"{status_opening(status, *details)} {answer}"
+
+
+def lobe_labels(samples: Sequence) -> dict[str, int]:
+    """scan_id -> index in ``LOBE_NAMES`` of the lobe that the scan's reference tumour answer names (one lobe,
+    ``named_location``), for ``loss.lobe_weight``; scans whose answer names none, or several, are left out."""
+    labels = {}
+    for sample in samples:
+        if sample.question_id == LOBE_QUESTION and sample.answer:
+            name = named_location(LOBE_QUESTION, sample.answer)
+            if name:
+                labels[sample.scan_id] = LOBE_NAMES.index(name)
+    return labels

@@ -155,6 +155,13 @@ class LossConfig:
     outweighs what the image decides; weighting it up makes the image's share of the answer count. The
     sentence's lobe or side is weighted with the opening's because a small decoder otherwise writes the side
     its commonest sentence has ("Present, tumor, right upper lobe: ... in the left upper lobe")."""
+    lobe_weight: float = bounded(0.0, ge=0.0, what="a weight")
+    """Stage 1 with ``model.image_positions: grid``: weight of an auxiliary cross-entropy in which a linear
+    read-out of the grid summary names the tumour's lobe that the scan's reference tumour answer names
+    (``metrics_clinical.named_location``), on every training sample of such a scan; 0 = off. The read-out
+    trains with the projector and is not saved with the model. The LM loss alone fits the training scans'
+    lobes and reads a test scan's lobe less well than a linear probe of the same tokens (README, "Where the
+    lobe was lost")."""
 
     def __post_init__(self) -> None:
         check_fields(self, "loss")
@@ -254,6 +261,12 @@ class TrainConfig:
             )
         if self.deephit_cuts is not None:
             self.check_given_cuts()
+        if self.loss.lobe_weight > 0 and (self.stage != 1 or self.model.image_positions != "grid"):
+            raise ConfigError(
+                f"loss.lobe_weight: {self.loss.lobe_weight} reads the lobe from the grid summary of stage 1, "
+                f"but stage is {self.stage} and model.image_positions is {self.model.image_positions!r}; "
+                "expected stage 1 with image_positions grid, or lobe_weight 0"
+            )
         if self.loss.status_weight != 1.0 and not self.model.opens_with_status:
             raise ConfigError(
                 f"loss.status_weight: {self.loss.status_weight} weights the token where 'Present:' and "

@@ -224,6 +224,15 @@ def survival_part(terms: dict[str, torch.Tensor], config: LossConfig) -> torch.T
     return weighted_total(None, terms, config)[0]
 
 
+def lobe_loss(logits: torch.Tensor, lobe: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (B, 5) lobe logits over the rows whose ``lobe`` (B,) is a class index (>= 0; -1:
+    no lobe); 0 (with grad) when no row has one. This process's rows only: the scale of L_LM's local mean."""
+    known = lobe >= 0
+    if not bool(known.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[known].float(), lobe[known])
+
+
 def step_loss(
     output, batch: dict, stage: int, config: LossConfig, memory: SurvivalRows | None = None
 ) -> StepLoss:
@@ -236,7 +245,12 @@ def step_loss(
     lm = lm_loss(output.logits, batch["labels"], lm_token_weights(batch))
     if stage == 1:
         value = float(lm.detach())
-        return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})
+        if output.lobe_logits is None or config.lobe_weight == 0:
+            return StepLoss(to_backpropagate=size * lm, parts={"loss": value, "lm": value})
+        lobe = lobe_loss(output.lobe_logits, batch["lobe"])
+        total = lm + config.lobe_weight * lobe
+        parts = {"loss": float(total.detach()), "lm": value, "lobe": float(lobe.detach())}
+        return StepLoss(to_backpropagate=size * total, parts=parts)
     rows = gathered_rows(local_rows(output, batch))
     terms = survival_terms(rows, config, memory)
     total, parts = weighted_total(lm, terms, config)

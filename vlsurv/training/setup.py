@@ -38,7 +38,7 @@ from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
 from vlsurv.model.vlm import ModelConfig, VisionLanguageSurvivalModel
 from vlsurv.model.vlm_io import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME
 from vlsurv.prompts import load_questions
-from vlsurv.training.answer_status import answer_strata, with_status
+from vlsurv.training.answer_status import answer_strata, lobe_labels, with_status
 from vlsurv.training.config import TrainConfig
 from vlsurv.training.sampling import BatchPlan
 from vlsurv.training.schedule import check_warmup, lr_scheduler
@@ -155,6 +155,8 @@ def build_model(config: TrainConfig) -> VisionLanguageSurvivalModel:
         model = VisionLanguageSurvivalModel(config.model)
         if config.data.tte_projector:  # a time-to-event pretrained projector (vlsurv.tte)
             model.load_projector(config.data.tte_projector)
+        if config.loss.lobe_weight > 0:
+            model.add_lobe_readout()
     else:
         projector, adapter = stage1_paths(config)
         model = VisionLanguageSurvivalModel(config.model)
@@ -195,6 +197,7 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
         manifest, vqa, questions, config.data.val_split, cache, clinical, survival, where
     )
     train_scans = {s.scan_id: (s.time, s.event) for s in train}
+    lobes = lobe_labels(train) if config.loss.lobe_weight > 0 else None
     strata = None
     opens_with_status = config.model.opens_with_status
     if opens_with_status or config.sampling == "answer_balanced" or config.loss.answer_balance > 0:
@@ -210,6 +213,8 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
         train_event=[e for _, e in train_scans.values()],
         train_strata=strata,
     )
+    if lobes is not None:
+        data.train.set_lobes(lobes)
     if survival and config.model.survival.covariates:
         train_rows = manifest[manifest["split"].astype(str) == config.data.train_split].to_dict("records")
         data.covariates = ClinicalCovariates.fit(
