@@ -30,8 +30,8 @@ from vlsurv.evaluate import EvaluationConfig
 from vlsurv.horizon.config import HorizonConfig
 from vlsurv.losses import TIES, Ties
 from vlsurv.model.ensemble import DecodeOptions
+from vlsurv.model.model_config import Dtype, LoRAConfig, ModelConfig
 from vlsurv.model.survival import SurvivalConfig, SurvivalHead
-from vlsurv.model.vlm import Dtype, LoRAConfig, ModelConfig
 from vlsurv.model.vlm_io import DTYPES
 from vlsurv.predict import PredictConfig
 from vlsurv.training.config import (

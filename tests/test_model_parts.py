@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vlsurv.config import ConfigError, from_dict
+from vlsurv.model.model_config import ModelConfig
 from vlsurv.model.projector import ProjectorError, build_projector
 from vlsurv.model.survival import (
     DeepHitCuts,
@@ -17,7 +18,6 @@ from vlsurv.model.survival import (
     deephit_risk,
     deephit_survival,
 )
-from vlsurv.model.vlm import ModelConfig
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp2x_gelu"])

@@ -12,8 +12,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vlsurv.model import DeepHitCuts, LoRAConfig, SurvivalConfig, VisionLanguageSurvivalModel
+from vlsurv.model.model_config import ModelConfigError
 from vlsurv.model.survival import SurvivalConfigError
-from vlsurv.model.vlm import ImageTokenCountError, ModelConfigError, masked_mean
+from vlsurv.model.vlm import ImageTokenCountError, masked_mean
 from vlsurv.model.vlm_io import KbitUnavailableError, ModelLoadError
 
 CLINICAL = ["64 year-old male former smoker lung cancer patient, stage 1.", "71 year-old female, stage 3."]

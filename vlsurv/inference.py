@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from vlsurv.model.ensemble import DecodeOptions, ScanInput, score_shared_prefix
+from vlsurv.model.model_config import Pool
 from vlsurv.model.survival import survival_between_cuts
-from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
+from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.prompts import Question
 from vlsurv.training.checkpoints import read_selection
 

@@ -43,7 +43,8 @@ from vlsurv.files import cut_torn_last_line
 from vlsurv.inference import ScanPrediction, load_model, predict_scans, resolve_device, validated_decoding
 from vlsurv.jsonl import read_jsonl, to_line, write_jsonl
 from vlsurv.model.ensemble import DecodeOptions, ScanInput
-from vlsurv.model.vlm import Pool, VisionLanguageSurvivalModel
+from vlsurv.model.model_config import Pool
+from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.progress import progress_bar
 from vlsurv.prompts import Question, load_questions
 

@@ -31,7 +31,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -117,15 +117,15 @@ def _fit_field(name: str, spec: FieldSpec, values: list) -> Covariate | None:
     columns = list(zip(*(_columns(covariate, spec, v) for v in values))) if values else []
     means = tuple(statistics.fmean(c) for c in columns)
     sds = tuple(statistics.pstdev(c) for c in columns)
-    kept = [i for i, sd in enumerate(sds) if sd > 0]
+    kept = [i for i, sd in enumerate(sds) if sd > 0]  # constant columns are left out
     if not kept:
         return None
-    if covariate.kind == "levels":
-        levels = tuple(covariate.levels[i] for i in kept)
-        return Covariate(
-            name, "levels", levels=levels, mean=tuple(means[i] for i in kept), sd=tuple(sds[i] for i in kept)
-        )
-    return Covariate(name, covariate.kind, covariate.fill, mean=means, sd=sds)
+
+    def pick(values: Sequence) -> tuple:
+        return tuple(values[i] for i in kept)
+
+    levels = pick(covariate.levels) if covariate.kind == "levels" else ()
+    return replace(covariate, levels=levels, mean=pick(means), sd=pick(sds))
 
 
 def _columns(covariate: Covariate, spec: FieldSpec, value) -> list[float]:
@@ -133,7 +133,7 @@ def _columns(covariate: Covariate, spec: FieldSpec, value) -> list[float]:
     if covariate.kind == "levels":
         level = _level(spec, value)
         return [float(level == known) for known in covariate.levels]
-    parsed = _number(value) if covariate.kind == "number" and value is not None else _code(value)
+    parsed = (_number if covariate.kind == "number" else _code)(value)
     return [covariate.fill if parsed is None else parsed]
 
 
@@ -146,6 +146,8 @@ class ClinicalCovariates:
         self.template = str(template)
         self.covariates = tuple(covariates)
         self._spec: ClinicalTemplate = load_template(self.template)
+        self._mean = [m for c in self.covariates for m in c.mean]
+        self._sd = [s for c in self.covariates for s in c.sd]
 
     @property
     def fields(self) -> list[str]:
@@ -213,10 +215,8 @@ class ClinicalCovariates:
         """(p,) float32: the design columns standardised with the training mean and sd."""
         import torch  # the CoxPH baseline (and `vlsurv demo --help`) use this module without torch
 
-        means = [m for c in self.covariates for m in c.mean]
-        sds = [s for c in self.covariates for s in c.sd]
         raw = self.design_row(row)
-        return torch.tensor([(x - m) / s for x, m, s in zip(raw, means, sds)], dtype=torch.float32)
+        return torch.tensor([(x - m) / s for x, m, s in zip(raw, self._mean, self._sd)], dtype=torch.float32)
 
     def by_scan(self, rows: Iterable[Mapping]) -> dict[str, torch.Tensor]:
         """scan_id -> (p,) encoded covariates of manifest rows."""

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from vlsurv.config import ConfigError, bounded, check_fields
-from vlsurv.model.vlm import POOLS, VisionLanguageSurvivalModel, masked_sum, positions_from_mask
+from vlsurv.model.model_config import POOLS
+from vlsurv.model.vlm import VisionLanguageSurvivalModel, masked_sum, positions_from_mask
 
 if TYPE_CHECKING:
     from transformers import DynamicCache

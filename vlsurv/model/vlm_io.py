@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the annotations only; transformers and peft load with a mod
     from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from vlsurv.model.vlm import ModelConfig, VisionLanguageSurvivalModel
+    from vlsurv.model.model_config import ModelConfig
+    from vlsurv.model.vlm import VisionLanguageSurvivalModel
 
 ConfigT = TypeVar("ConfigT")
 

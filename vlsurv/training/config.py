@@ -21,7 +21,7 @@ from typing import Literal, get_args
 
 from vlsurv.config import ConfigError, bounded, check_fields, load_config
 from vlsurv.losses import Ties
-from vlsurv.model.vlm import ModelConfig
+from vlsurv.model.model_config import ModelConfig
 
 Sampling = Literal["patient_balanced", "pairs", "answer_balanced"]
 Scheduler = Literal["cosine", "constant"]

@@ -28,14 +28,16 @@ from vlsurv.data.datasets import (
     SampleDataset,
     read_vqa,
     scan_question_samples,
+    split_rows,
     training_samples,
 )
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
 from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance, read_provenance
+from vlsurv.model.model_config import ModelConfig
 from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
-from vlsurv.model.vlm import ModelConfig, VisionLanguageSurvivalModel
+from vlsurv.model.vlm import VisionLanguageSurvivalModel
 from vlsurv.model.vlm_io import ADAPTER_DIR, CONFIG_NAME, PROJECTOR_NAME
 from vlsurv.prompts import load_questions
 from vlsurv.training.answer_status import answer_strata, lobe_labels, with_status
@@ -216,9 +218,9 @@ def load_data(config: TrainConfig, processor: PromptProcessor) -> RunData:
     if lobes is not None:
         data.train.set_lobes(lobes)
     if survival and config.model.survival.covariates:
-        train_rows = manifest[manifest["split"].astype(str) == config.data.train_split].to_dict("records")
+        train_rows = split_rows(manifest, config.data.train_split, cache, where)
         data.covariates = ClinicalCovariates.fit(
-            train_rows,
+            train_rows.to_dict("records"),
             config.model.clinical_template,
             config.model.survival.covariates,
             where=f"{config.data.train_split} rows of {where}",
