@@ -114,12 +114,13 @@ def test_demo_scores_what_the_answers_say(small_demo):
     assert truth["macro_f1"] > 0.62
     minimum = {"tumor": 0.85, "lymph_nodes": 0.75, "pleura": 0.8, "metastases": 0.4, "vessels": 0.65}
     assert all(f1[q] > bound for q, bound in minimum.items()), f1
-    # Where: the tumour's lobe right in 35 of 54 true-positive answers and the effusion's side in 21 of 21
-    # (before the grid summary and the decoder pretrained on the openings: 11 of 50 and 11 of 20; naming the
-    # commonest lobe to every tumour gives about a third).
+    # Where: the tumour's lobe right in 39 of 54 true-positive answers and the effusion's side in 21 of 21
+    # (without the lobe guidance 35 of 54; before the grid summary and the decoder pretrained on the openings:
+    # 11 of 50 and 11 of 20; naming the commonest lobe to every tumour gives about a third).
     details = summary["clinical_accuracy"]["details"]
     lobe, side = details["tumor_lobe"], details["pleura_side"]
-    assert lobe["correct"] / lobe["scored"] > 0.5 and side["correct"] / side["scored"] > 0.8, (lobe, side)
+    assert lobe["correct"] / lobe["scored"] > 0.66 and side["correct"] / side["scored"] > 0.8, (lobe, side)
+    assert (out / "stage2" / "final" / "lobe_classifier.safetensors").is_file()
     answers = pd.read_json(out / "predictions" / "answers.jsonl", lines=True)["answer"]
     assert answers.str.match(r"(Present|Absent), [a-z ]+(, [a-z ]+)?: ").mean() > 0.95  # findings_first
     fitted = json.loads((out / "stage2" / "final" / "config.json").read_text())["status_bias"]

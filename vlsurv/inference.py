@@ -86,6 +86,7 @@ def predict_scans(
         options,
         generator,
         status_bias=model.status_bias_for([q.id for q in questions]),
+        question_ids=[q.id for q in questions],
     )
     times = curves = None
     if result.survival_curves is not None:

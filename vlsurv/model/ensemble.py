@@ -24,6 +24,8 @@ from vlsurv.model.vlm import VisionLanguageSurvivalModel, masked_sum, positions_
 if TYPE_CHECKING:
     from transformers import DynamicCache
 
+    from vlsurv.model.lobe_guidance import LobeGuide
+
 
 class EnsembleError(ConfigError):
     """Inputs or decoding options that the prompt ensemble cannot score (a ConfigError, so that
@@ -128,15 +130,18 @@ def _generate_on_cache(
     generator: torch.Generator | None,
     decision: tuple[int, int, int] | None = None,
     bias: torch.Tensor | None = None,
+    guide: LobeGuide | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Decode up to max_new_tokens per row on ``cache``; -> (tokens (N, n), hidden sum (N, d), count (N,),
     status margin (N,) or None).
 
     ``decision`` (step k, "Present" id, "Absent" id; ``VisionLanguageSurvivalModel.status_decision``): at
     answer token k, ``bias`` (N,) is added to the "Present" logit, and the margin is its logit minus the
-    "Absent" one (None when decoding stops before step k)."""
+    "Absent" one (None when decoding stops before step k). ``guide`` (``model.lobe_guide``): after step k, it
+    chooses the side and level words of the rows it guides (``vlsurv.model.lobe_guidance.LobeGuide``)."""
     lm, pad, eos = model.language_model, model.processor.pad_token_id, model.processor.eos_token_id
     n = logits.shape[0]
+    previous = torch.full((n,), pad, dtype=torch.long, device=logits.device)
     finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
     hidden_sum = torch.zeros(n, model.hidden_size, device=logits.device)
     count = torch.zeros(n, device=logits.device)
@@ -154,7 +159,10 @@ def _generate_on_cache(
             _next_token(logits, options, generator, model.processor.image_token_id),
             torch.full_like(finished, pad, dtype=torch.long),
         )
+        if guide is not None and decision is not None and step > decision[0]:
+            token = torch.where(active, guide.step(token, previous, logits), token)
         tokens.append(token)
+        previous = token
         mask = torch.cat([mask, active.long()[:, None]], dim=1)
         out = lm(
             input_ids=token[:, None],
@@ -233,11 +241,13 @@ def score_shared_prefix(
     options: DecodeOptions | None = None,
     generator: torch.Generator | None = None,
     status_bias: Sequence[float] | None = None,
+    question_ids: Sequence[str] | None = None,
 ) -> EnsembleOutput:
     """Risks of S scans x Q questions with one prefix pass per scan and a KV cache repeated Q times.
 
     ``status_bias`` (Q,): for a ``status_first`` model, added to the logit of the "Present" opening at the
-    first answer token (``VisionLanguageSurvivalModel.status_bias_for``); default none."""
+    first answer token (``VisionLanguageSurvivalModel.status_bias_for``); default none. ``question_ids`` (Q,):
+    the questions' ids, which a model with ``answer_guidance`` needs (``model.lobe_guide``)."""
     # transformers loads with a model, not when `vlsurv predict --help` imports this module
     from transformers import DynamicCache
 
@@ -293,8 +303,9 @@ def score_shared_prefix(
         logits = out.logits[rows, suffix_mask.sum(-1) - 1]
         decision = model.status_decision()
         bias = torch.tensor(list(status_bias or [0.0] * n_questions), device=device).repeat(n_scans)
+        guide = model.lobe_guide(images, question_ids)
         tokens, answer_sum, answer_count, margin = _generate_on_cache(
-            model, cache, mask, count.long(), logits, options, generator, decision, bias
+            model, cache, mask, count.long(), logits, options, generator, decision, bias, guide
         )
         margin = None if margin is None else margin.reshape(n_scans, n_questions)
         flat = _decode_answers(model, tokens.tolist())

@@ -16,6 +16,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]  # the keys of vlm_io.DTYPES
 Pool = Literal["all", "prompt"]
 POOLS: tuple[str, ...] = get_args(Pool)
 AnswerFormat = Literal["as_extracted", "status_first", "findings_first"]
+AnswerGuidance = Literal["none", "lobe"]
 
 
 class ModelConfigError(ConfigError):
@@ -92,6 +93,12 @@ class ModelConfig:
     token (the decision threshold); fitted on the validation scans when training ends
     (vlsurv.training.status_calibration), 0 for a question not listed."""
 
+    answer_guidance: AnswerGuidance = "none"
+    """"lobe" (answer_format findings_first): the lobe that a tumour answer names is the one a linear
+    classifier of the image tokens names (vlsurv.model.lobe_guidance; fitted on the training scans' reference
+    answers when training starts, saved as lobe_classifier.safetensors); the decoder decides present / absent
+    and writes the rest. "none": the decoder writes every token."""
+
     @property
     def opens_with_status(self) -> bool:
         """Answers open with "Present" / "Absent" (``answer_format`` status_first or findings_first)."""
@@ -99,3 +106,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "model", ModelConfigError)
+        if self.answer_guidance == "lobe" and self.answer_format != "findings_first":
+            raise ModelConfigError(
+                f"model.answer_guidance 'lobe' names the lobe in findings_first answers, but "
+                f"model.answer_format is {self.answer_format!r}; expected 'findings_first'"
+            )

@@ -25,6 +25,7 @@ from torch import nn
 from vlsurv.data.covariates import ClinicalCovariates
 from vlsurv.errors import InputError
 from vlsurv.metrics_clinical import LOBE_NAMES
+from vlsurv.model.lobe_guidance import LobeClassifier, LobeGuide, LobeWords, guided_lobes
 from vlsurv.model.model_config import ModelConfig, ModelConfigError
 from vlsurv.model.processor import IMAGE_TOKEN, VLMProcessor
 from vlsurv.model.projector import build_projector, grid_summary
@@ -131,6 +132,8 @@ class VisionLanguageSurvivalModel(nn.Module):
         self.deephit_cuts: DeepHitCuts | None = None
         self.clinical_covariates: ClinicalCovariates | None = None
         self.lobe_readout: nn.Linear | None = None
+        self.lobe_classifier: LobeClassifier | None = None
+        self.lobe_words: LobeWords | None = None
         if config.quantization != "none":
             device = self.language_model.get_input_embeddings().weight.device
             self.multi_modal_projector.to(device)
@@ -205,6 +208,34 @@ class VisionLanguageSurvivalModel(nn.Module):
                 f"{self.config.image_positions!r}; expected 'grid'"
             )
         self.lobe_readout = nn.Linear(self.hidden_size, len(LOBE_NAMES)).to(self.device)
+
+    def set_lobe_classifier(self, classifier: LobeClassifier) -> None:
+        """Attach the fitted classifier of ``answer_guidance`` "lobe" (saved with the model)."""
+        if self.config.answer_guidance != "lobe":
+            raise ModelConfigError(
+                f"set_lobe_classifier: answer_guidance is {self.config.answer_guidance!r}; expected 'lobe'"
+            )
+        expected = self.config.num_image_tokens * self.config.image_token_dim
+        if classifier.num_features != expected:
+            raise ModelConfigError(
+                f"lobe classifier: fitted on {classifier.num_features} features; expected num_image_tokens x "
+                f"image_token_dim = {expected}"
+            )
+        self.lobe_classifier = classifier.to(self.device)
+        self.lobe_words = LobeWords(self.tokenizer)
+
+    def lobe_guide(self, image_tokens: torch.Tensor, question_ids: Sequence[str] | None) -> LobeGuide | None:
+        """The guided decoding of S scans' (S, T, C) image tokens x Q question ids (scan-major) that
+        ``answer_guidance`` asks for (``vlsurv.model.lobe_guidance.LobeGuide``); None without guidance."""
+        if self.config.answer_guidance == "none":
+            return None
+        if self.lobe_classifier is None or self.lobe_words is None or question_ids is None:
+            raise ModelConfigError(
+                "answer_guidance 'lobe' needs the fitted lobe classifier (set_lobe_classifier) and the "
+                "questions' ids"
+            )
+        log_probs, guided = guided_lobes(self.lobe_classifier, image_tokens, question_ids)
+        return LobeGuide(self.lobe_words, log_probs, guided)
 
     def covariates_of(self, row: Mapping) -> torch.Tensor | None:
         """(p,) clinical covariates of a clinical row (manifest row or field mapping) when the survival head
@@ -443,6 +474,8 @@ class VisionLanguageSurvivalModel(nn.Module):
                 f"{ClinicalCovariates.FILE_NAME} is missing; expected the file that save_pretrained writes"
             )
         load_module(model.survival_branch, directory / SURVIVAL_NAME)
+        if config.answer_guidance == "lobe":  # answer_guidance="none" loads a guided model unguided
+            model.set_lobe_classifier(LobeClassifier.load(directory))
         if (directory / DeepHitCuts.FILE_NAME).is_file():
             model.set_deephit_cuts(DeepHitCuts.load(directory))
         return model.eval()

@@ -7,6 +7,7 @@ A saved model directory holds:
 - the tokenizer files (with ``<image>`` and a pad token);
 - ``deephit_cuts.json`` for a DeepHit model that has cuts;
 - ``clinical_covariates.json`` for a model whose survival head reads clinical covariates;
+- ``lobe_classifier.safetensors`` for a model with ``answer_guidance`` "lobe";
 - ``decoder/`` only when saved with ``merge_decoder=True`` (full merged weights; the config then points
   there).
 The base decoder is otherwise referenced by ``decoder_path``; a relative path is resolved against the model
@@ -272,6 +273,8 @@ def save_model(
         model.deephit_cuts.save(directory)
     if model.clinical_covariates is not None:
         model.clinical_covariates.save(directory)
+    if model.lobe_classifier is not None:
+        model.lobe_classifier.save(directory)
     return directory
 
 

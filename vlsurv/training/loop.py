@@ -48,6 +48,7 @@ from vlsurv.training.setup import (
     build_scheduler,
     deephit_cuts,
     fit_input_standardizer,
+    fit_lobe_guidance,
     flat_hparams,
     image_encoder_record,
     load_data,
@@ -95,6 +96,9 @@ class Trainer:
             model.set_clinical_covariates(self.data.covariates)
         if config.stage == 1:
             fit_input_standardizer(model, self.data)
+        guidance = fit_lobe_guidance(model, self.data)
+        if guidance is not None:
+            self.accelerator.print(f"lobe classifier fitted on the training scans: {guidance}")
         if config.stage == 2 and config.model.survival.head == "deephit":
             cuts = deephit_cuts(config, self.data)
             model.set_deephit_cuts(cuts)

@@ -34,6 +34,7 @@ from vlsurv.data.datasets import (
 from vlsurv.data.manifest import load_manifest
 from vlsurv.encoders.cache import FeatureCache
 from vlsurv.encoders.provenance import IMAGE_ENCODER_NAME, cache_provenance, read_provenance
+from vlsurv.model.lobe_guidance import fit_lobe_classifier
 from vlsurv.model.model_config import ModelConfig
 from vlsurv.model.projector import standardizer_of
 from vlsurv.model.survival import DeepHitCuts, SurvivalConfigError
@@ -239,6 +240,28 @@ def fit_input_standardizer(model: VisionLanguageSurvivalModel, data: RunData) ->
         return
     scan_ids = sorted({sample.scan_id for sample in data.train.samples})
     standardizer.fit(torch.stack([data.train.feature_cache.get(scan_id) for scan_id in scan_ids]))
+
+
+def fit_lobe_guidance(model: VisionLanguageSurvivalModel, data: RunData) -> dict[str, float] | None:
+    """``model.answer_guidance`` "lobe": fit the lobe classifier (``vlsurv.model.lobe_guidance``) on the
+    training scans whose reference tumour answer names one lobe, and attach it; -> {"scans", "train_accuracy"}
+    (None without guidance). It reads the frozen tokens only, so every process and a resumed run fit the same
+    one."""
+    if model.config.answer_guidance != "lobe":
+        return None
+    lobes = lobe_labels(data.train.samples)
+    if not lobes:
+        raise ConfigError(
+            "model.answer_guidance 'lobe': no training scan's tumour answer names one lobe; expected some "
+            "(answers such as 'A mass in the right upper lobe')"
+        )
+    scan_ids = sorted(lobes)
+    tokens = torch.stack([data.train.feature_cache.get(scan_id).float() for scan_id in scan_ids])
+    labels = torch.tensor([lobes[scan_id] for scan_id in scan_ids])
+    classifier = fit_lobe_classifier(tokens, labels)
+    model.set_lobe_classifier(classifier)
+    accuracy = (classifier(tokens).argmax(-1) == labels).double().mean().item()
+    return {"scans": len(scan_ids), "train_accuracy": round(accuracy, 4)}
 
 
 def deephit_cuts(config: TrainConfig, data: RunData) -> DeepHitCuts:

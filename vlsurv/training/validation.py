@@ -168,6 +168,7 @@ def score_scans(
                     unwrapped.config.pool,
                     options,
                     status_bias=unwrapped.status_bias_for([qid for qid, _ in questions]),
+                    question_ids=[qid for qid, _ in questions],
                 )
             margins = [None] * len(batch) if result.status_margin is None else result.status_margin.tolist()
             scored = [ScoredScan(p, a, m) for p, a, m in zip(result.pooled, result.answers, margins)]
