@@ -96,12 +96,10 @@ def _ids(tokenizer, text: str) -> list[int]:
 def _decode_guided(tokenizer, guide: LobeGuide, text: str, logits_of=None) -> str:
     """``text``'s tokens as a decoder's picks, stepped through ``guide`` (``logits_of(token)``: that step's
     (V,) logits; uniform by default)."""
-    previous, out = torch.tensor([0]), []
+    out = []
     for token in _ids(tokenizer, text):
         logits = torch.zeros(1, len(tokenizer)) if logits_of is None else logits_of(token)[None]
-        token = guide.step(torch.tensor([token]), previous, logits)
-        out.append(int(token))
-        previous = token
+        out.append(int(guide.step(torch.tensor([token]), logits)))
     return tokenizer.decode(out)
 
 
@@ -121,7 +119,7 @@ def test_lobe_guide_names_the_classifiers_lobe_when_the_decoder_has_no_preferenc
         (
             _log_probs(RUL=0.9),
             True,
-            " Right upper lobe mass. A mass in the right upper lobe. No right hilar node.",
+            " Right upper lobe mass. A mass in the right upper lobe. No left hilar node.",
         ),
         (
             _log_probs(LLL=0.9),
@@ -167,12 +165,14 @@ def test_lobe_guide_is_the_product_of_the_classifier_and_the_decoder(lobe_tokeni
     assert _decode_guided(lobe_tokenizer, guide, text, decoder({left: 3.0, lower: 4.0})).startswith(
         " A mass in the left lower"
     )
-    # the decision is made once: later side and level words repeat it whatever the decoder then prefers
+    # the decision is made once: the next naming repeats it whatever the decoder then prefers, and a third
+    # side word is left as written (it may name something else)
     guide = LobeGuide(words, _log_probs(RLL=0.9), torch.tensor([True]))
     first = _decode_guided(lobe_tokenizer, guide, " Right lower lobe.")
     assert first == " Right lower lobe." and guide.side.tolist() == [0] and guide.level.tolist() == [2]
     later = _decode_guided(lobe_tokenizer, guide, " the left upper lobe.", decoder({left: 9.0, upper: 9.0}))
     assert later == " the right lower lobe."
+    assert _decode_guided(lobe_tokenizer, guide, " the left hilar node.") == " the left hilar node."
     assert lobe_tokenizer.decode([right, lower]) == " right lower"
 
 

@@ -141,7 +141,6 @@ def _generate_on_cache(
     chooses the side and level words of the rows it guides (``vlsurv.model.lobe_guidance.LobeGuide``)."""
     lm, pad, eos = model.language_model, model.processor.pad_token_id, model.processor.eos_token_id
     n = logits.shape[0]
-    previous = torch.full((n,), pad, dtype=torch.long, device=logits.device)
     finished = torch.zeros(n, dtype=torch.bool, device=logits.device)
     hidden_sum = torch.zeros(n, model.hidden_size, device=logits.device)
     count = torch.zeros(n, device=logits.device)
@@ -160,9 +159,8 @@ def _generate_on_cache(
             torch.full_like(finished, pad, dtype=torch.long),
         )
         if guide is not None and decision is not None and step > decision[0]:
-            token = torch.where(active, guide.step(token, previous, logits), token)
+            token = torch.where(active, guide.step(token, logits), token)
         tokens.append(token)
-        previous = token
         mask = torch.cat([mask, active.long()[:, None]], dim=1)
         out = lm(
             input_ids=token[:, None],

@@ -14,11 +14,12 @@ the words the decoder continues from is PromptMRG's diagnosis-driven prompt (Jin
   every process.
 - ``LobeGuide`` (``vlsurv.model.ensemble._generate_on_cache``): in a tumour answer, after the decoder's
   present / absent decision, the first side word ("right", "Left") and the level word after it ("upper") are
-  chosen by the product of the classifier's and the decoder's probabilities, and every later side and level
-  word repeats them. Forcing only the opening ("Present, tumor, left upper lobe:") was not enough: the tiny
-  decoder's sentence re-read the lobe from the image (seed 7: 30 of 53 test tumours' sentences named the
-  classifier's lobe, against 27 of 53 unguided). The product beats either expert where they err apart (seed
-  42, the 54 test tumours: classifier 69%, decoder's opening 72%, product 81%).
+  chosen by the product of the classifier's and the decoder's probabilities, and the sentence's first naming
+  of the lobe after the opening repeats them. Forcing only the opening ("Present, tumor, left upper lobe:")
+  was not enough: the tiny decoder's sentence re-read the lobe from the image (seed 7: 30 of 53 test
+  tumours' sentences named the classifier's lobe, against 27 of 53 unguided). The product beats either
+  expert where they err apart (seed 42, the 54 test tumours: classifier 69%, decoder's opening 72%, product
+  81%).
 
 Saved with the model as ``lobe_classifier.safetensors`` (weight (5, F), bias (5,), mean (F,), scale (F,)).
 """
@@ -177,9 +178,13 @@ class LobeGuide:
 
     The lobe is the product of two experts, the classifier and the decoder, decided word by word: at a guided
     row's first side word, side = argmax_s log p_dec(s) + log sum_{lobes l of s} p_clf(l), with p_dec the
-    decoder's next-token probability of that spelling of s; at the first level word right after a side word,
-    level = argmax_v log p_dec(v) + log p_clf(lobe(side, v)). Later side and level words repeat the decision,
-    so the sentence names the lobe its opening names."""
+    decoder's next-token probability of that spelling of s; at the level word right after it,
+    level = argmax_v log p_dec(v) + log p_clf(lobe(side, v)). The second side word (the sentence's first
+    naming of the lobe after the opening's) and the level word after it repeat the decision; later side words
+    are left as written, since they may name something else ("abutting the left atrium")."""
+
+    MENTIONS = 2
+    """Side words guided per answer: the opening's naming of the lobe and the sentence's first."""
 
     def __init__(self, words: LobeWords, log_probs: torch.Tensor, guided: torch.Tensor) -> None:
         self.words, self.log_probs, self.guided = words, log_probs.float(), guided
@@ -191,23 +196,27 @@ class LobeGuide:
         )
         self.side = torch.full(guided.shape, -1, dtype=torch.long, device=device)
         self.level = torch.full(guided.shape, -1, dtype=torch.long, device=device)
+        self.mentions = torch.zeros(guided.shape, dtype=torch.long, device=device)
+        self.after_side = torch.zeros_like(guided)
+        """Whether each row's previous token was a guided side word."""
 
-    def step(self, token: torch.Tensor, previous: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """(N,) tokens the decoder picked, (N,) previous tokens, (N, V) this step's logits -> (N,) tokens
-        whose side and level words name the decided lobe."""
-        after_side = torch.zeros_like(self.guided)
+    def step(self, token: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """(N,) tokens the decoder picked and (N, V) this step's logits -> (N,) tokens whose guided side and
+        level words name the decided lobe."""
+        after_side, self.after_side = self.after_side, torch.zeros_like(self.after_side)
         for form in self.words.side_forms:
             ids = torch.tensor(form, device=token.device)
-            hit = self.guided & torch.isin(token, ids)
+            hit = self.guided & (self.mentions < self.MENTIONS) & torch.isin(token, ids)
             new = hit & (self.side < 0)
             if bool(new.any()):
                 decoder = torch.log_softmax(logits[new].float(), -1)[:, ids]
                 self.side[new] = (decoder + self.side_scores[new]).argmax(-1)
             token = torch.where(hit, ids[self.side.clamp(min=0)], token)
-            after_side |= torch.isin(previous, ids)
+            self.mentions += hit.long()
+            self.after_side |= hit
         for form in self.words.level_forms:
             ids = torch.tensor(form, device=token.device)
-            hit = self.guided & after_side & (self.side >= 0) & torch.isin(token, ids)
+            hit = after_side & torch.isin(token, ids)
             new = hit & (self.level < 0)
             if bool(new.any()):
                 lobes = self.lobe_table[self.side[new]]
