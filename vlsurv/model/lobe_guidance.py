@@ -134,8 +134,7 @@ def fit_lobe_classifier(
 
 class LobeWords:
     """The tokens that name a lobe's side and level in answers ("Right upper lobe", "in the left lower
-    lobe"), for guided decoding: ``guide`` turns a side token into the classifier's side (same spelling form)
-    and, right after a side token, a level token into the classifier's level. Only forms that the tokenizer
+    lobe"), per spelling form, for ``LobeGuide``. Only forms that the tokenizer
     keeps as one token per word inside a sentence are guided ("right" / "left", "Right" / "Left", "upper" /
     "middle" / "lower", ...); ModelConfigError for a tokenizer without a side and a level form."""
 
@@ -187,9 +186,11 @@ class LobeGuide:
     """Side words guided per answer: the opening's naming of the lobe and the sentence's first."""
 
     def __init__(self, words: LobeWords, log_probs: torch.Tensor, guided: torch.Tensor) -> None:
-        self.words, self.log_probs, self.guided = words, log_probs.float(), guided
+        self.log_probs, self.guided = log_probs.float(), guided
         device = log_probs.device
         self.lobe_table = words.lobe_table.to(device)
+        self.side_forms = [torch.tensor(form, device=device) for form in words.side_forms]
+        self.level_forms = [torch.tensor(form, device=device) for form in words.level_forms]
         lobe_side = torch.tensor(words.lobe_side, device=device)
         self.side_scores = torch.stack(
             [torch.logsumexp(self.log_probs[:, lobe_side == s], -1) for s in range(len(words.SIDES))], -1
@@ -204,8 +205,7 @@ class LobeGuide:
         """(N,) tokens the decoder picked and (N, V) this step's logits -> (N,) tokens whose guided side and
         level words name the decided lobe."""
         after_side, self.after_side = self.after_side, torch.zeros_like(self.after_side)
-        for form in self.words.side_forms:
-            ids = torch.tensor(form, device=token.device)
+        for ids in self.side_forms:
             hit = self.guided & (self.mentions < self.MENTIONS) & torch.isin(token, ids)
             new = hit & (self.side < 0)
             if bool(new.any()):
@@ -214,8 +214,7 @@ class LobeGuide:
             token = torch.where(hit, ids[self.side.clamp(min=0)], token)
             self.mentions += hit.long()
             self.after_side |= hit
-        for form in self.words.level_forms:
-            ids = torch.tensor(form, device=token.device)
+        for ids in self.level_forms:
             hit = after_side & torch.isin(token, ids)
             new = hit & (self.level < 0)
             if bool(new.any()):
