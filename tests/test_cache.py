@@ -23,6 +23,7 @@ from vlsurv.encoders import cache as cache_module
 from vlsurv.encoders import scans as scans_module
 from vlsurv.encoders.cache import CachedTokenDataset, CacheError, FeatureCache, encode_manifest, main
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
+from vlsurv.encoders.provenance import cache_provenance
 
 PREPROCESS = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32))
 N_SCANS = 5
@@ -99,6 +100,7 @@ def test_encode_writes_shards_index_and_configs(cohort, tmp_path, tiny):
         "token_mode": "mean_depth",
         "checkpoint_sha256": "random-init:0",
         "preprocess_hash": config_hash(PREPROCESS),
+        "compute": "float32",
     }
     assert load_config(EncoderConfig, out / "encoder.yaml") == tiny.config
     assert load_config(PreprocessConfig, out / "preprocess.yaml") == PREPROCESS
@@ -118,7 +120,7 @@ def test_rerun_skips_cached_scans(cohort, tmp_path, tiny, base_cache):
     assert {name: (out / name).stat().st_mtime_ns for name in _shards(out)} == stamps
 
 
-@pytest.mark.parametrize("change", ["weights", "preprocess", "dtype", "token_mode"])
+@pytest.mark.parametrize("change", ["weights", "preprocess", "dtype", "token_mode", "compute"])
 def test_changed_key_re_encodes_and_drops_stale_shards(cohort, tmp_path, tiny, change, base_cache):
     out = _copy(base_cache, tmp_path)
     encoder, kw = tiny, {}
@@ -128,11 +130,33 @@ def test_changed_key_re_encodes_and_drops_stale_shards(cohort, tmp_path, tiny, c
         kw["preprocess"] = PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32), hu_min=-900.0)
     elif change == "dtype":
         kw["dtype"] = "float16"
+    elif change == "compute":  # the same encoder under bfloat16 autocast
+        kw["autocast"] = "bf16"
     else:
         encoder = MerlinImageEncoder.tiny(token_mode="global")
     assert _encode(cohort, out, encoder, **kw) == {"encoded": N_SCANS, "skipped": 0, "failed": 0}
     assert _shards(out) == ["shard-00003.safetensors", "shard-00004.safetensors", "shard-00005.safetensors"]
     assert {entry["shard"] for entry in _index(out).values()} == set(_shards(out))
+    if change == "compute":
+        assert {entry["compute"] for entry in _index(out).values()} == {"bfloat16"}
+        assert cache_provenance(FeatureCache(out))["key"]["compute"] == "bfloat16"
+
+
+def test_an_entry_without_its_compute_precision_is_read_and_kept(cohort, tmp_path, tiny, base_cache):
+    """A cache written before ``compute`` was recorded: readable, not re-encoded, its precision unrecorded;
+    once another precision is added beside it, the cache names the mix."""
+    out = _copy(base_cache, tmp_path)
+    index = json.loads((out / "index.json").read_text())
+    for entry in index["scans"].values():
+        del entry["compute"]
+    (out / "index.json").write_text(json.dumps(index))
+    assert FeatureCache(out).entry("s1")["compute"] == "unrecorded"
+    assert cache_provenance(FeatureCache(out))["key"]["compute"] == "unrecorded"
+    assert _encode(cohort, out, tiny) == {"encoded": 0, "skipped": N_SCANS, "failed": 0}
+    index["scans"]["s0"]["compute"], index["scans"]["s1"]["compute"] = "float32", "bfloat16"
+    (out / "index.json").write_text(json.dumps(index))
+    with pytest.raises(CacheError, match=r"cache .*found precisions \['bfloat16', 'float32'\]; re-encode it"):
+        cache_provenance(FeatureCache(out))
 
 
 def test_interrupted_run_resumes_without_half_written_shards(cohort, tmp_path, tiny, monkeypatch):

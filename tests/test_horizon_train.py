@@ -157,7 +157,7 @@ def test_backbone_checkpoint_of_another_network_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"rgb\.pt: tensor 'conv1.weight' has shape \[8, 3, 7, 7, 7\]"):
         load_backbone_weights(build_network("resnet18", "tiny", 1).backbone, tmp_path / "rgb.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"notes\.txt: cannot read a state dict"):
+    with pytest.raises(CheckpointError, match=r"notes\.txt: cannot read it as a state dict"):
         load_backbone_weights(build_network("resnet18", "tiny", 1).backbone, tmp_path / "notes.txt")
 
 

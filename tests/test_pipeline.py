@@ -186,6 +186,24 @@ def test_another_checkpoint_or_preprocessing_is_refused(model_dir, tmp_path):
         SurvivalPipeline.from_pretrained(resampled, **OPTIONS)
 
 
+def test_new_scans_are_encoded_in_the_precision_the_model_was_trained_on(model_dir, inputs, tmp_path):
+    from vlsurv.data.transforms import preprocess_ct
+    from vlsurv.encoders.cache import encode_volumes
+
+    _, image, _ = _scan(inputs)
+    volume = preprocess_ct(image, PreprocessConfig(spacing=(6.0, 6.0, 6.0), spatial_size=(64, 64, 32)))[None]
+    encoder = MerlinImageEncoder.tiny()
+    full = encode_volumes(encoder, volume, ["x"], "float32")["x"]
+    autocast = encode_volumes(encoder, volume, ["x"], "float32", bf16=True)["x"]
+    assert not torch.equal(full, autocast)
+    bf16_model = _copy_model(model_dir, tmp_path / "bf16", lambda r: r["key"].update(compute="bfloat16"))
+    pipe = SurvivalPipeline.from_pretrained(bf16_model, **OPTIONS)
+    assert pipe.compute == "bfloat16" and torch.equal(pipe.encode(image), autocast)
+    older = _copy_model(model_dir, tmp_path / "older", lambda r: r["key"].pop("compute"))
+    pipe = SurvivalPipeline.from_pretrained(older, **OPTIONS)  # recorded before the precision was kept
+    assert pipe.compute == "unrecorded" and torch.equal(pipe.encode(image), full)
+
+
 def test_a_model_folder_without_the_record_says_what_to_do(model_dir, tmp_path):
     bare = _copy_model(model_dir, tmp_path / "bare", lambda r: None)
     (bare / IMAGE_ENCODER_NAME).unlink()

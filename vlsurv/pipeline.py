@@ -39,7 +39,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 class SurvivalPipeline:
     """A trained model, its image encoder and preprocessing, and the prediction options (``PredictConfig``:
-    questions, pool, decoding, seed, clinical_missing_warn)."""
+    questions, pool, decoding, seed, clinical_missing_warn). ``token_dtype`` and ``compute``: the storage
+    dtype and encoder precision of the cache the model was trained on (its ``image_encoder.json``)."""
 
     def __init__(
         self,
@@ -48,6 +49,7 @@ class SurvivalPipeline:
         preprocess: PreprocessConfig,
         config: PredictConfig | None = None,
         token_dtype: str = "float32",
+        compute: str = "float32",
     ) -> None:
         self.config = (config or PredictConfig()).with_decoding(model)
         self.model = model.eval()
@@ -55,6 +57,7 @@ class SurvivalPipeline:
         self.encoder = encoder.to(self.device).eval()
         self.preprocess = preprocess
         self.token_dtype = token_dtype
+        self.compute = compute
         self.questions = load_questions(self.config.questions)
 
     @classmethod
@@ -80,22 +83,22 @@ class SurvivalPipeline:
     ) -> SurvivalPipeline:
         """``from_pretrained`` with the options already in a ``PredictConfig`` (`vlsurv predict --image`)."""
         if encoder is None:
-            encoder, preprocess, token_dtype = load_recorded_encoder(
-                config.model, config.encoder_checkpoint or None
-            )
+            encoder, preprocess, key = load_recorded_encoder(config.model, config.encoder_checkpoint or None)
         else:
             record, _, preprocess = read_provenance(config.model)
             check_encoder_matches(config.model, record, encoder, preprocess)
-            token_dtype = record["key"]["dtype"]
+            key = record["key"]
         model = load_model(config.model, resolve_device(config.device))
-        return cls(model, encoder, preprocess, config, token_dtype)
+        return cls(model, encoder, preprocess, config, key["dtype"], key["compute"])
 
     @torch.inference_mode()
     def encode(self, image: str | Path | CTVolume) -> torch.Tensor:
-        """Image tokens (T, C) float32 on the CPU, rounded through the cache's storage dtype."""
+        """Image tokens (T, C) float32 on the CPU, computed in the training cache's precision (bfloat16
+        autocast when it was) and rounded through its storage dtype."""
         name = _name(image)
         volume = preprocess_ct(image, self.preprocess)[None]
-        return encode_volumes(self.encoder, volume, [name], self.token_dtype)[name].float()
+        bf16 = self.compute == "bfloat16"
+        return encode_volumes(self.encoder, volume, [name], self.token_dtype, bf16)[name].float()
 
     def __call__(
         self,

@@ -8,10 +8,12 @@ Layout of a cache folder::
     errors.jsonl             {"scan_id", "image", "error"} per scan that failed to load in the latest run
 
 An index entry records ``shard``, ``shape`` [T, C], ``dtype``, ``encoder`` (architecture name),
-``token_mode``, ``checkpoint_sha256`` (or ``random-init:<seed>``) and ``preprocess_hash``; all but
-``shard`` and ``shape`` form the scan's key. A rerun skips scans whose key matches and re-encodes
-the others. A shard is written to a temporary file and renamed into place, and the index is
-replaced only after its shard is complete, so an interrupted run resumes where it stopped.
+``token_mode``, ``checkpoint_sha256`` (or ``random-init:<seed>``), ``preprocess_hash`` and ``compute`` (the
+precision the encoder ran in: ``float32``, or ``bfloat16`` under autocast); all but ``shard`` and ``shape``
+form the scan's key. A rerun skips scans whose key matches and re-encodes the others. Entries written before
+``compute`` was recorded read as ``unrecorded``, which matches either precision (``same_key``).
+A shard is written to a temporary file and renamed into place, and the index is replaced only after its shard
+is complete, so an interrupted run resumes where it stopped.
 Loading runs in DataLoader workers (``vlsurv.encoders.scans``); under ``accelerate launch`` every process
 encodes a slice and writes its own shards (``vlsurv.encoders.parallel``), merged into one index.
 """
@@ -60,23 +62,36 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KEY_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype")
+KEY_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype", "compute")
 AUTOCAST_MODES = ("auto", "bf16", "off")
+UNRECORDED = "unrecorded"  # the compute precision of an entry written before it was recorded
 
 
 class CacheError(InputError):
     """A feature cache that is missing, inconsistent, or asked for a scan it does not hold."""
 
 
-def cache_key(encoder: MerlinImageEncoder, preprocess: PreprocessConfig, dtype: str) -> dict[str, str]:
-    """The fields that must match for a cached scan to be reused."""
+def cache_key(
+    encoder: MerlinImageEncoder, preprocess: PreprocessConfig, dtype: str, bf16: bool = False
+) -> dict[str, str]:
+    """The fields that must match for a cached scan to be reused (``bf16``: the encoder ran under bfloat16
+    autocast)."""
     return {
         "encoder": encoder.name,
         "token_mode": encoder.config.token_mode,
         "checkpoint_sha256": encoder.weights_id,
         "preprocess_hash": config_hash(preprocess),
         "dtype": dtype,
+        "compute": "bfloat16" if bf16 else "float32",
     }
+
+
+def same_key(entry: dict, key: dict[str, str]) -> bool:
+    """Whether an index entry (or a recorded key) has ``key``; an ``unrecorded`` compute matches either."""
+    return all(
+        entry.get(field) == value or (field == "compute" and entry.get(field) == UNRECORDED)
+        for field, value in key.items()
+    )
 
 
 def encode_manifest(
@@ -127,14 +142,14 @@ def encode_manifest(
         _start_run(root, encoder, preprocess)
     group.barrier()
     index = _read_index(root) if (root / INDEX_NAME).exists() else {"version": INDEX_VERSION, "scans": {}}
-    key = cache_key(encoder, preprocess, dtype)
+    device = encoder.conv1.weight.device
+    bf16 = autocast == "bf16" or (autocast == "auto" and device.type == "cuda")
+    key = cache_key(encoder, preprocess, dtype, bf16)
     scans = scans_of(frame)
-    todo = [s for s in scans if {f: index["scans"].get(s.scan_id, {}).get(f) for f in KEY_FIELDS} != key]
+    todo = [s for s in scans if not same_key(index["scans"].get(s.scan_id, {}), key)]
     mine = process_slice(todo, group.rank, group.world)
     numbers = shard_numbers(_next_shard_number(root), group.rank, group.world)
     group.barrier()  # every process has its shard numbers before any shard is written
-    device = encoder.conv1.weight.device
-    bf16 = autocast == "bf16" or (autocast == "auto" and device.type == "cuda")
     chunks = [range(i, min(i + shard_size, len(mine))) for i in range(0, len(mine), shard_size)]
     batches = [list(chunk[j : j + batch_size]) for chunk in chunks for j in range(0, len(chunk), batch_size)]
     loader = scan_loader(mine, preprocess, batches, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -285,6 +300,7 @@ def _read_index(root: Path) -> dict:
     ):
         raise CacheError(f"{path}: expected {{'version': {INDEX_VERSION}, 'scans': {{...}}}}")
     for scan_id, entry in index["scans"].items():
+        entry.setdefault("compute", UNRECORDED)
         absent = [f for f in ("shard", "shape", *KEY_FIELDS) if f not in entry]
         if absent:
             raise CacheError(f"{path}: entry for scan_id {scan_id!r} lacks field {absent[0]!r}")

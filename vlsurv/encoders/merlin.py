@@ -212,7 +212,7 @@ class MerlinImageEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
-        state = _read_state_dict(path)
+        state = read_state_dict(path)
         model = cls.from_state_dict(state, config, source=str(path))
         model.weights_id = file_sha256(path)
         return model
@@ -251,7 +251,11 @@ def _load_failure(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, nested: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """{name: tensor} of a ``.safetensors`` file or a torch file read with ``weights_only=True``. ``nested``:
+    wrapper keys whose dict holds the weights (MedicalNet's and MONAI bundles' ``state_dict``, ``model``,
+    ``net``), taken in that order. CheckpointError naming the file when it is unreadable or not a flat
+    mapping of names to tensors."""
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -261,6 +265,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint {path}: cannot read it as a state dict ({_load_failure(err)})"
         ) from err
+    for key in nested:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"checkpoint {path}: expected a flat state dict of tensors, got {type(state).__name__}"

@@ -2,13 +2,15 @@
 
 Training writes ``image_encoder.json`` into its final model folder from the feature cache it trained on::
 
-    {"key": {"encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype"},
+    {"key": {"encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype", "compute"},
      "token_shape": [T, C], "encoder_config": {EncoderConfig}, "preprocess_config": {PreprocessConfig}}
 
 ``key`` is the cache's per-scan key (``vlsurv.encoders.cache.cache_key``): the architecture, token mode,
-checkpoint sha256 (``random-init:<seed>`` for an untrained encoder), preprocessing hash and storage dtype.
-``check_encoder_matches`` refuses an encoder or preprocessing whose key differs, so a model never reads
-tokens from an encoder it was not trained with.
+checkpoint sha256 (``random-init:<seed>`` for an untrained encoder), preprocessing hash, storage dtype and
+the precision the encoder ran in (``compute``: ``float32``, ``bfloat16`` under autocast, or ``unrecorded`` for
+a cache or record written before it was kept). ``check_encoder_matches`` refuses an encoder or preprocessing
+whose key differs, so a model never reads tokens from an encoder it was not trained with, and
+``vlsurv.pipeline`` encodes new scans in the recorded precision.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from vlsurv.config import from_dict, load_config, to_dict
 from vlsurv.data.transforms import PreprocessConfig, config_hash
-from vlsurv.encoders.cache import KEY_FIELDS, CacheError, FeatureCache, cache_key
+from vlsurv.encoders.cache import KEY_FIELDS, UNRECORDED, CacheError, FeatureCache, cache_key
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
 from vlsurv.errors import ModelLoadError
 
@@ -40,13 +42,18 @@ def cache_provenance(cache: FeatureCache) -> dict | None:
     root = cache.root
     if not ((root / ENCODER_CONFIG_NAME).is_file() and (root / PREPROCESS_CONFIG_NAME).is_file()):
         return None
-    keys = {tuple(cache.entry(s)[f] for f in KEY_FIELDS) for s in cache.scan_ids}
-    if len(keys) != 1:
+    fields = [f for f in KEY_FIELDS if f != "compute"]
+    keys = {tuple(cache.entry(s)[f] for f in fields) for s in cache.scan_ids}
+    computes = {cache.entry(s)["compute"] for s in cache.scan_ids} - {UNRECORDED}
+    if len(keys) != 1 or len(computes) > 1:
+        found = f"precisions {sorted(computes)}"
+        if len(keys) != 1:
+            found = f"{len(keys)} keys {sorted(keys)[:2]}..."
         raise CacheError(
-            f"feature cache {root}: expected every scan encoded by one encoder and preprocessing, found "
-            f"{len(keys)} keys {sorted(keys)[:2]}...; re-encode it with one `vlsurv encode` run"
+            f"feature cache {root}: expected every scan encoded by one encoder, preprocessing and precision, "
+            f"found {found}; re-encode it with one `vlsurv encode` run"
         )
-    key = dict(zip(KEY_FIELDS, keys.pop()))
+    key = {**dict(zip(fields, keys.pop())), "compute": computes.pop() if computes else UNRECORDED}
     encoder_config = load_config(EncoderConfig, root / ENCODER_CONFIG_NAME)
     preprocess = load_config(PreprocessConfig, root / PREPROCESS_CONFIG_NAME)
     described = {
@@ -92,6 +99,8 @@ def read_provenance(model_dir: str | Path) -> tuple[dict, EncoderConfig, Preproc
         raise EncoderMismatchError(f"{path}: expected a JSON object written by training ({err})") from err
     if absent:
         raise EncoderMismatchError(f"{path}: lacks field {absent[0]!r}")
+    if isinstance(record["key"], dict):
+        record["key"].setdefault("compute", UNRECORDED)
     encoder_config = from_dict(EncoderConfig, record["encoder_config"], source=f"{path} encoder_config")
     preprocess = from_dict(PreprocessConfig, record["preprocess_config"], source=f"{path} preprocess_config")
     return record, encoder_config, preprocess
@@ -99,8 +108,9 @@ def read_provenance(model_dir: str | Path) -> tuple[dict, EncoderConfig, Preproc
 
 def load_recorded_encoder(
     model_dir: str | Path, checkpoint: str | Path | None = None
-) -> tuple[MerlinImageEncoder, PreprocessConfig, str]:
-    """(encoder, preprocessing, storage dtype) ``model_dir`` was trained with, checked against its record.
+) -> tuple[MerlinImageEncoder, PreprocessConfig, dict]:
+    """(encoder, preprocessing, recorded key) ``model_dir`` was trained with, checked against its record (the
+    key's ``dtype`` and ``compute`` say how to encode new scans).
 
     An untrained encoder (``random-init:<seed>``) is rebuilt from the recorded config; otherwise
     ``checkpoint`` is the Merlin checkpoint file, and its sha256 must be the recorded one.
@@ -117,17 +127,18 @@ def load_recorded_encoder(
     else:
         encoder = MerlinImageEncoder.from_checkpoint(checkpoint, encoder_config)
     check_encoder_matches(model_dir, record, encoder, preprocess)
-    return encoder, preprocess, record["key"]["dtype"]
+    return encoder, preprocess, record["key"]
 
 
 def check_encoder_matches(
     model_dir: str | Path, record: dict, encoder: MerlinImageEncoder, preprocess: PreprocessConfig
 ) -> None:
     """EncoderMismatchError naming the first field where ``encoder`` + ``preprocess`` differ from
-    ``record``."""
+    ``record`` (the storage dtype and compute precision are the record's own: new scans are encoded in
+    them)."""
     expected = record["key"]
     got = cache_key(encoder, preprocess, expected["dtype"])
-    for field in KEY_FIELDS:
+    for field in (f for f in KEY_FIELDS if f != "compute"):
         if got[field] != expected[field]:
             raise EncoderMismatchError(
                 f"{Path(model_dir) / IMAGE_ENCODER_NAME}: the model was trained with {field} "

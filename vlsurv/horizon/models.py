@@ -29,6 +29,7 @@ from monai.networks.nets import DenseNet, DenseNet121, ResNet, resnet18
 from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
+from vlsurv.encoders.merlin import read_state_dict
 from vlsurv.errors import CheckpointError
 from vlsurv.horizon.config import Architecture, Size
 from vlsurv.horizon.labels import HorizonError
@@ -123,24 +124,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: init checkpoint not found; expected a .safetensors or torch state-dict file"
         )
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch raise many types for a file that is not theirs
-        raise CheckpointError(
-            f"{path}: cannot read a state dict ({type(err).__name__}: {err}); expected safetensors or a "
-            "torch file of tensors loadable with weights_only=True"
-        ) from err
-    for key in ("state_dict", "model", "net"):  # MedicalNet and MONAI bundles nest the weights
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a mapping of parameter names to tensors")
-    return state
+    return read_state_dict(path, nested=("state_dict", "model", "net"))
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path, strip_prefix: str = "") -> InitReport:
