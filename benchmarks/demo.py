@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vlsurv.demo import DETAIL_LABELS
+
 WALL_TARGET_S = 300.0
 RSS_TARGET_MIB = 6 * 1024.0
 
@@ -76,7 +78,7 @@ def main() -> None:
     details = (metrics.get("clinical_accuracy") or {}).get("details") or {}
     located = [
         f"{label} {d['correct']}/{d['scored']} ({d['correct'] / d['scored']:.0%})"
-        for key, label in (("tumor_lobe", "tumour lobe"), ("pleura_side", "effusion side"))
+        for key, label in DETAIL_LABELS.items()
         if (d := details.get(key)) and d.get("scored")
     ]
     if located:

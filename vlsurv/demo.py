@@ -44,6 +44,8 @@ from vlsurv.metrics import concordance_index
 from vlsurv.prompts import STATUS_FORMATS, load_questions, resource_dir
 
 CONFIGS_DIR = resource_dir("configs")
+#: The answer details the demo prints (metrics.json clinical_accuracy.details keys) and how they read.
+DETAIL_LABELS = {"tumor_lobe": "tumor lobe", "pleura_side": "effusion side"}
 
 
 class DemoError(InputError):
@@ -383,7 +385,7 @@ def _print_clinical_accuracy(accuracy: dict | None) -> None:
             f"answered present {scores['answered_present']}"
         )
     details = accuracy.get("details") or {}
-    for name, label in (("tumor_lobe", "tumor lobe"), ("pleura_side", "effusion side")):
+    for name, label in DETAIL_LABELS.items():
         if name in details and details[name]["scored"]:
             d = details[name]
             print(f"    {label} right in {d['correct']} of {d['scored']} true-positive answers")
