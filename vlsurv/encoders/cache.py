@@ -62,7 +62,10 @@ INDEX_NAME = "index.json"
 INDEX_VERSION = 1
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".safetensors"
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KEY_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype", "compute")
+#: The key less the compute precision: what an encoder and its preprocessing fix (``same_key`` lets an
+#: unrecorded precision match either).
+ENCODER_FIELDS = ("encoder", "token_mode", "checkpoint_sha256", "preprocess_hash", "dtype")
+KEY_FIELDS = (*ENCODER_FIELDS, "compute")
 AUTOCAST_MODES = ("auto", "bf16", "off")
 UNRECORDED = "unrecorded"  # the compute precision of an entry written before it was recorded
 

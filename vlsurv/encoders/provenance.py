@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlsurv.config import from_dict, load_config, to_dict
 from vlsurv.data.transforms import PreprocessConfig, config_hash
-from vlsurv.encoders.cache import KEY_FIELDS, UNRECORDED, CacheError, FeatureCache, cache_key
+from vlsurv.encoders.cache import ENCODER_FIELDS, UNRECORDED, CacheError, FeatureCache, cache_key
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
 from vlsurv.errors import ModelLoadError
 
@@ -42,8 +42,7 @@ def cache_provenance(cache: FeatureCache) -> dict | None:
     root = cache.root
     if not ((root / ENCODER_CONFIG_NAME).is_file() and (root / PREPROCESS_CONFIG_NAME).is_file()):
         return None
-    fields = [f for f in KEY_FIELDS if f != "compute"]
-    keys = {tuple(cache.entry(s)[f] for f in fields) for s in cache.scan_ids}
+    keys = {tuple(cache.entry(s)[f] for f in ENCODER_FIELDS) for s in cache.scan_ids}
     computes = {cache.entry(s)["compute"] for s in cache.scan_ids} - {UNRECORDED}
     if len(keys) != 1 or len(computes) > 1:
         found = f"precisions {sorted(computes)}"
@@ -53,7 +52,7 @@ def cache_provenance(cache: FeatureCache) -> dict | None:
             f"feature cache {root}: expected every scan encoded by one encoder, preprocessing and precision, "
             f"found {found}; re-encode it with one `vlsurv encode` run"
         )
-    key = {**dict(zip(fields, keys.pop())), "compute": computes.pop() if computes else UNRECORDED}
+    key = {**dict(zip(ENCODER_FIELDS, keys.pop())), "compute": computes.pop() if computes else UNRECORDED}
     encoder_config = load_config(EncoderConfig, root / ENCODER_CONFIG_NAME)
     preprocess = load_config(PreprocessConfig, root / PREPROCESS_CONFIG_NAME)
     described = {
@@ -138,7 +137,7 @@ def check_encoder_matches(
     them)."""
     expected = record["key"]
     got = cache_key(encoder, preprocess, expected["dtype"])
-    for field in (f for f in KEY_FIELDS if f != "compute"):
+    for field in ENCODER_FIELDS:
         if got[field] != expected[field]:
             raise EncoderMismatchError(
                 f"{Path(model_dir) / IMAGE_ENCODER_NAME}: the model was trained with {field} "

@@ -152,6 +152,7 @@ def score_scans(
     scans, questions = scans_and_questions(dataset)
     mine = scans[accelerator.process_index :: accelerator.num_processes]
     texts = [text for _, text in questions]
+    question_ids = [qid for qid, _ in questions]
     records = []
     for start in range(0, len(mine), scans_per_batch):
         chunk = mine[start : start + scans_per_batch]
@@ -167,8 +168,8 @@ def score_scans(
                     texts,
                     unwrapped.config.pool,
                     options,
-                    status_bias=unwrapped.status_bias_for([qid for qid, _ in questions]),
-                    question_ids=[qid for qid, _ in questions],
+                    status_bias=unwrapped.status_bias_for(question_ids),
+                    question_ids=question_ids,
                 )
             margins = [None] * len(batch) if result.status_margin is None else result.status_margin.tolist()
             scored = [ScoredScan(p, a, m) for p, a, m in zip(result.pooled, result.answers, margins)]
