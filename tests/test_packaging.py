@@ -118,6 +118,9 @@ load_template("lung")
 Lexicon.from_file()
 for stage in ("stage1", "stage2_deepsurv", "stage2_deephit"):
     load_train_config(CONFIGS_DIR / "tiny" / f"{stage}.yaml")
+from vlsurv.encoders.generator_pretrain import BUILTIN_CHECKPOINT, load_builtin_encoder
+assert BUILTIN_CHECKPOINT.is_relative_to(venv), BUILTIN_CHECKPOINT
+load_builtin_encoder()
 print(len(questions), "questions")
 """
 

@@ -86,9 +86,14 @@ class DemoConfig:
     token_mode: Literal["mean_depth", "mean_width", "all"] = "mean_width"
     """Image tokens of the tiny encoder (vlsurv.encoders.merlin): "mean_width" keeps depth and side (upper vs
     lower lobe, small findings are not averaged over the whole depth)."""
+    encoder_weights: Literal["pretrained", "random"] = "pretrained"
+    """The tiny encoder's start: "pretrained" loads the package's checkpoint, deeply supervised on generator
+    scans that no cohort draws from (vlsurv.encoders.generator_pretrain, rebuilt by
+    scripts/pretrain_demo_encoder.py), the demo's stand-in for Merlin's pretrained weights; "random" is the
+    random-init encoder of the same code, whose tokens carry a 1-3 cm bone lesion hardly at all."""
     encoder_pretrain_epochs: int = bounded(0, ge=0)
     """Epochs of the tiny encoder's supervised pretraining on the train split's report-derived labels
-    (vlsurv.encoders.pretrain); 0 = the random-init encoder."""
+    (vlsurv.encoders.pretrain), after encoder_weights; 0 = none."""
     stage1_sampling: Literal["pairs", "answer_balanced"] = "pairs"
     """Stage-1 batches: every VQA pair once ("pairs") or each question's present and absent answers drawn
     equally ("answer_balanced", so that the decoder cannot answer from the prior)."""
@@ -203,6 +208,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # `vlsurv demo --help`, the packaging test or a benchmark imports this module.
     from vlsurv.data.transforms import PreprocessConfig
     from vlsurv.encoders.cache import FeatureCache, encode_manifest
+    from vlsurv.encoders.generator_pretrain import load_builtin_encoder
     from vlsurv.encoders.merlin import MerlinImageEncoder
     from vlsurv.encoders.pretrain import EncoderPretrainConfig, pretrain_on_manifest, save_encoder
     from vlsurv.model.tiny import build_tiny_decoder, cohort_texts
@@ -232,7 +238,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     step = _step("3 tiny decoder + tokenizer", timings, step)
 
     preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
-    encoder = MerlinImageEncoder.tiny(token_mode=cfg.token_mode)
+    if cfg.encoder_weights == "pretrained":
+        encoder = load_builtin_encoder(cfg.token_mode)
+    else:
+        encoder = MerlinImageEncoder.tiny(token_mode=cfg.token_mode)
     if cfg.encoder_pretrain_epochs:
         pretrain_on_manifest(
             encoder,

@@ -21,6 +21,7 @@ from pathlib import Path
 from vlsurv.config import from_dict, load_config, to_dict
 from vlsurv.data.transforms import PreprocessConfig, config_hash
 from vlsurv.encoders.cache import ENCODER_FIELDS, UNRECORDED, CacheError, FeatureCache, cache_key
+from vlsurv.encoders.generator_pretrain import BUILTIN_CHECKPOINT, builtin_sha256
 from vlsurv.encoders.merlin import EncoderConfig, MerlinImageEncoder
 from vlsurv.errors import ModelLoadError
 
@@ -111,11 +112,14 @@ def load_recorded_encoder(
     """(encoder, preprocessing, recorded key) ``model_dir`` was trained with, checked against its record (the
     key's ``dtype`` and ``compute`` say how to encode new scans).
 
-    An untrained encoder (``random-init:<seed>``) is rebuilt from the recorded config; otherwise
-    ``checkpoint`` is the Merlin checkpoint file, and its sha256 must be the recorded one.
+    An untrained encoder (``random-init:<seed>``) is rebuilt from the recorded config and the package's
+    pretrained tiny encoder (``vlsurv.encoders.generator_pretrain``, the demo's) is found by its sha256;
+    otherwise ``checkpoint`` is the Merlin checkpoint file, and its sha256 must be the recorded one.
     """
     record, encoder_config, preprocess = read_provenance(model_dir)
     recorded = record["key"]["checkpoint_sha256"]
+    if checkpoint is None and recorded == builtin_sha256():
+        checkpoint = BUILTIN_CHECKPOINT  # the demo's shipped encoder
     if recorded.startswith("random-init:") and checkpoint is None:
         encoder = MerlinImageEncoder(encoder_config)
     elif checkpoint is None:
