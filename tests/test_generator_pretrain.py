@@ -4,6 +4,7 @@ shipped checkpoint (its record, its loading by sha256, and the findings it carri
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ from vlsurv.encoders.generator_pretrain import (
     PRETRAIN_STREAM,
     QUESTIONS,
     GeneratorPretrainConfig,
+    PretrainedGridWarning,
     builtin_sha256,
+    check_builtin_grid,
     dense_mask_loss,
     evaluate_encoder,
     generator_batch,
@@ -176,3 +179,18 @@ def test_the_shipped_encoder_carries_every_finding_on_fresh_scans():
     scores = evaluate_encoder(load_builtin_encoder(), config)
     head = {question: result["head_auroc"] for question, result in scores.items()}
     assert all(head[q] > 0.75 for q in MASKED), head
+
+
+def test_the_shipped_encoder_on_another_grid_is_warned_about():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_builtin_grid((128, 128, 64), (3.0, 3.0, 6.0))  # the demo's defaults: silent
+    expected = (
+        r"the pretrained tiny encoder \(tiny_generator.safetensors\) was trained on \[128, 128, 64\] "
+        r"voxels of \[3.0, 3.0, 6.0\] mm, not \[64, 64, 32\] of \[6.0, 6.0, 12.0\] mm; its findings may "
+        r"not carry over"
+    )
+    with pytest.warns(PretrainedGridWarning, match=expected):
+        check_builtin_grid((64, 64, 32), (6.0, 6.0, 12.0))
+    with pytest.warns(PretrainedGridWarning, match=r"not \[128, 128, 64\] of \[1.5, 1.5, 3.0\] mm"):
+        check_builtin_grid((128, 128, 64), (1.5, 1.5, 3.0))

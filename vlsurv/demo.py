@@ -90,7 +90,8 @@ class DemoConfig:
     """The tiny encoder's start: "pretrained" loads the package's checkpoint, deeply supervised on generator
     scans that no cohort draws from (vlsurv.encoders.generator_pretrain, rebuilt by
     scripts/pretrain_demo_encoder.py), the demo's stand-in for Merlin's pretrained weights; "random" is the
-    random-init encoder of the same code, whose tokens carry a 1-3 cm bone lesion hardly at all."""
+    random-init encoder of the same code, whose tokens carry a 1-3 cm bone lesion hardly at all. The
+    checkpoint was trained at the default volume_shape and encoder_spacing; others are warned about."""
     encoder_pretrain_epochs: int = bounded(0, ge=0)
     """Epochs of the tiny encoder's supervised pretraining on the train split's report-derived labels
     (vlsurv.encoders.pretrain), after encoder_weights; 0 = none."""
@@ -208,7 +209,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     # `vlsurv demo --help`, the packaging test or a benchmark imports this module.
     from vlsurv.data.transforms import PreprocessConfig
     from vlsurv.encoders.cache import FeatureCache, encode_manifest
-    from vlsurv.encoders.generator_pretrain import load_builtin_encoder
+    from vlsurv.encoders.generator_pretrain import check_builtin_grid, load_builtin_encoder
     from vlsurv.encoders.merlin import MerlinImageEncoder
     from vlsurv.encoders.pretrain import EncoderPretrainConfig, pretrain_on_manifest, save_encoder
     from vlsurv.model.tiny import build_tiny_decoder, cohort_texts
@@ -239,6 +240,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     preprocess = PreprocessConfig(spacing=cfg.encoder_spacing, spatial_size=cfg.volume_shape)
     if cfg.encoder_weights == "pretrained":
+        check_builtin_grid(cfg.volume_shape, cfg.encoder_spacing)
         encoder = load_builtin_encoder(cfg.token_mode)
     else:
         encoder = MerlinImageEncoder.tiny(token_mode=cfg.token_mode)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -335,6 +336,27 @@ def evaluate_encoder(
 def builtin_sha256() -> str:
     """The shipped checkpoint's sha256, as its record gives it (a test checks it against the file)."""
     return json.loads(BUILTIN_RECORD.read_text())["sha256"]
+
+
+class PretrainedGridWarning(UserWarning):
+    """The shipped encoder is used on another voxel grid than the one it was pretrained on."""
+
+
+def check_builtin_grid(volume_shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
+    """Warn (PretrainedGridWarning) when scans of ``volume_shape`` voxels at ``spacing`` mm are not the grid
+    the shipped encoder was pretrained on (its record's ``volume_shape`` over the generator's 384 mm cube)."""
+    from vlsurv.data.synthetic.write import resolve_grid
+
+    trained = resolve_grid(tuple(json.loads(BUILTIN_RECORD.read_text())["config"]["volume_shape"]))
+    given = (tuple(int(v) for v in volume_shape), tuple(float(v) for v in spacing))
+    if given != (tuple(trained.shape), tuple(float(v) for v in trained.spacing)):
+        warnings.warn(
+            f"the pretrained tiny encoder ({BUILTIN_CHECKPOINT.name}) was trained on {list(trained.shape)} "
+            f"voxels of {list(trained.spacing)} mm, not {list(given[0])} of {list(given[1])} mm; its "
+            "findings may not carry over (give the demo's defaults, or --encoder-weights random)",
+            PretrainedGridWarning,
+            stacklevel=2,
+        )
 
 
 def load_builtin_encoder(token_mode: str = "mean_width") -> MerlinImageEncoder:
