@@ -52,16 +52,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlsurv.config import bounded, check_fields, invalid
+from vlsurv.data.synthetic.anatomy import FINDING_TISSUES, render_scan
+from vlsurv.data.synthetic.cohort import QUESTION_IDS, patient_rng, sample_findings
+from vlsurv.data.synthetic.write import resolve_grid
+from vlsurv.data.transforms import PreprocessConfig
 from vlsurv.encoders.merlin import MerlinImageEncoder, pool_tokens, tiny_config
-from vlsurv.encoders.pretrain import EncoderPretrainError, stage_maps
+from vlsurv.encoders.pretrain import EncoderPretrainError
 
 #: The spawn key of the pretraining scans (cohorts draw from 1: patients, 2: splits, 3: events).
 PRETRAIN_STREAM = 9
 #: The evaluation scans' spawn key.
 EVAL_STREAM = 10
-QUESTIONS = ("tumor", "lymph_nodes", "pleura", "metastases", "vessels", "bone")
+QUESTIONS = QUESTION_IDS
 #: Questions whose finding has a voxel mask in the generator (vessel invasion has none).
-MASKED = ("tumor", "lymph_nodes", "pleura", "metastases", "bone")
+MASKED = tuple(FINDING_TISSUES)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 #: The shipped checkpoint (bare I3ResNet keys, tiny_config) and its record (config, evaluation, sha256).
 BUILTIN_CHECKPOINT = WEIGHTS_DIR / "tiny_generator.safetensors"
@@ -128,13 +132,9 @@ def generator_batch(
     seed: int, key: tuple[int, ...], size: int, shape: tuple[int, int, int], bone_enrich: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``size`` scans of stream ``key`` -> volumes (B, 1, H, W, D) scaled as the encoder's preprocessing does
-    (HU -1000..1000 to 0..1; the generator's grid is RAS at the target spacing already), masks (B, M, D, H, W)
-    of the ``MASKED`` findings in the encoder's axis order, and flags (B, Q) of ``QUESTIONS``."""
-    from vlsurv.data.synthetic.anatomy import render_scan
-    from vlsurv.data.synthetic.cohort import patient_rng, sample_findings
-    from vlsurv.data.synthetic.write import resolve_grid
-
-    grid = resolve_grid(shape)
+    (``PreprocessConfig``'s HU window; the generator's grid is RAS at the target spacing already), masks
+    (B, M, D, H, W) of the ``MASKED`` findings in the encoder's axis order, flags (B, Q) of ``QUESTIONS``."""
+    grid, window = resolve_grid(shape), PreprocessConfig()
     choose = patient_rng(seed, *key)
     volumes, masks, flags = [], [], []
     for i in range(size):
@@ -144,7 +144,9 @@ def generator_batch(
             draw += 1
             findings = sample_findings(patient_rng(seed, *key, i, draw))
         scan = render_scan(findings, grid, patient_rng(seed, *key, i, 1_000_000 + draw))
-        volumes.append(torch.from_numpy(np.clip((scan.hu.astype(np.float32) + 1000.0) / 2000.0, 0.0, 1.0)))
+        hu = np.clip(scan.hu.astype(np.float32), window.hu_min, window.hu_max)
+        scaled = (hu - window.hu_min) / (window.hu_max - window.hu_min) * (window.out_max - window.out_min)
+        volumes.append(torch.from_numpy(scaled + window.out_min))
         masks.append(torch.from_numpy(np.stack([scan.mask(q) for q in MASKED])).permute(0, 3, 1, 2))
         flags.append([float(findings.flags[q]) for q in QUESTIONS])
     return torch.stack(volumes)[:, None], torch.stack(masks).float(), torch.tensor(flags)
@@ -192,7 +194,7 @@ def training_loss(
     encoder: MerlinImageEncoder, heads: _AuxiliaryHeads, volumes, masks, flags, weights=None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """L = sum_s L_s + L_scan on one batch (``weights``: see dense_mask_loss); returns it and its parts."""
-    maps = stage_maps(encoder, volumes)
+    maps = encoder.stage_maps(volumes)
     cells = cell_logits(encoder, maps[3])
     masked = [QUESTIONS.index(q) for q in MASKED]
     dense = [dense_mask_loss(head(m), masks, weights) for head, m in zip(heads.heads, maps[:3])]
@@ -333,9 +335,14 @@ def evaluate_encoder(
 
 
 @functools.cache
+def builtin_record() -> dict:
+    """The shipped checkpoint's record (``BUILTIN_RECORD``), read once."""
+    return json.loads(BUILTIN_RECORD.read_text())
+
+
 def builtin_sha256() -> str:
     """The shipped checkpoint's sha256, as its record gives it (a test checks it against the file)."""
-    return json.loads(BUILTIN_RECORD.read_text())["sha256"]
+    return builtin_record()["sha256"]
 
 
 class PretrainedGridWarning(UserWarning):
@@ -345,9 +352,7 @@ class PretrainedGridWarning(UserWarning):
 def check_builtin_grid(volume_shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> None:
     """Warn (PretrainedGridWarning) when scans of ``volume_shape`` voxels at ``spacing`` mm are not the grid
     the shipped encoder was pretrained on (its record's ``volume_shape`` over the generator's 384 mm cube)."""
-    from vlsurv.data.synthetic.write import resolve_grid
-
-    trained = resolve_grid(tuple(json.loads(BUILTIN_RECORD.read_text())["config"]["volume_shape"]))
+    trained = resolve_grid(tuple(builtin_record()["config"]["volume_shape"]))
     given = (tuple(int(v) for v in volume_shape), tuple(float(v) for v in spacing))
     if given != (tuple(trained.shape), tuple(float(v) for v in trained.spacing)):
         warnings.warn(

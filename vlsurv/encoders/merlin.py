@@ -163,17 +163,24 @@ class MerlinImageEncoder(nn.Module):
         """Frozen: stays in eval mode whatever ``mode`` asks."""
         return super().train(False)
 
+    def stage_maps(self, x: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
+        """(B, 1, H, W, D) preprocessed CTs -> the outputs of the first ``stages`` ResNet stages
+        [(B, C_s, d_s, h_s, w_s)], with the autograd graph when grad is enabled (pretraining)."""
+        weight = self.conv1.weight
+        x = x.to(device=weight.device, dtype=weight.dtype).permute(0, 1, 4, 2, 3).repeat(1, 3, 1, 1, 1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        maps = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:stages]:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W, D) -> (B, C, D', H', W'), Merlin's last feature map."""
         if x.ndim != 5 or x.shape[1] != 1:
             raise ValueError(f"encoder input: expected shape (B, 1, H, W, D), got {tuple(x.shape)}")
-        weight = self.conv1.weight
         with torch.no_grad():
-            x = x.to(device=weight.device, dtype=weight.dtype)
-            x = x.permute(0, 1, 4, 2, 3).repeat(1, 3, 1, 1, 1)
-            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x
+            return self.stage_maps(x)[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W, D) -> tokens (B, T, C) according to ``config.token_mode``."""

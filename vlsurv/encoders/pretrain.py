@@ -74,22 +74,10 @@ def report_labels(
     return labels
 
 
-def stage_maps(encoder: MerlinImageEncoder, volumes: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
-    """(B, 1, H, W, D) preprocessed CTs -> the outputs of the first ``stages`` ResNet stages
-    [(B, C_s, d_s, h_s, w_s)], with the autograd graph when grad is enabled."""
-    x = volumes.to(dtype=encoder.conv1.weight.dtype).permute(0, 1, 4, 2, 3).repeat(1, 3, 1, 1, 1)
-    x = encoder.maxpool(encoder.relu(encoder.bn1(encoder.conv1(x))))
-    maps = []
-    for stage in (encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4)[:stages]:
-        x = stage(x)
-        maps.append(x)
-    return maps
-
-
 @torch.no_grad()
 def stage3_maps(encoder: MerlinImageEncoder, volumes: torch.Tensor) -> torch.Tensor:
     """(B, 1, H, W, D) preprocessed CTs -> the frozen stem + stages 1-3 output (B, C3, D', H', W')."""
-    return stage_maps(encoder, volumes, stages=3)[-1]
+    return encoder.stage_maps(volumes, stages=3)[-1]
 
 
 def token_logits(encoder: MerlinImageEncoder, maps: torch.Tensor, num_labels: int) -> torch.Tensor:

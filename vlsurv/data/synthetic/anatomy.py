@@ -209,7 +209,7 @@ class RenderedScan:
 
     def mask(self, question_id: str) -> np.ndarray:
         """Boolean (X, Y, Z) mask of the finding behind a lung question id (not "vessels")."""
-        return np.isin(self.labels, _FINDING_TISSUES[question_id])
+        return np.isin(self.labels, FINDING_TISSUES[question_id])
 
 
 def _ellipsoid(coords, centre, semi) -> np.ndarray:
@@ -434,7 +434,8 @@ def _draw_findings(labels, grid, f: Findings, rng) -> None:
         _draw_bone_lesion(labels, grid, f, rng)
 
 
-_FINDING_TISSUES = {
+#: The lung question ids whose finding is drawn as tissue -> those tissues (vessel invasion is not).
+FINDING_TISSUES = {
     "tumor": (Tissue.TUMOR,),
     "lymph_nodes": (Tissue.NODE,),
     "pleura": (Tissue.EFFUSION,),
